@@ -1,0 +1,1 @@
+"""Conversion pipeline: GPTQ int4 quantization, ONNX export, accuracy gate, TensorRT build, bundle writing."""

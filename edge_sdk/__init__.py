@@ -1,0 +1,39 @@
+"""edge-sdk: DeepSeek language models on NVIDIA Jetson devices.
+
+Public API (heavy parts are imported only when called):
+
+- ``edge_sdk.plan(model, board=...)``: memory and speed of a model on a board.
+- ``edge_sdk.convert(model_dir, output, ...)``: GPTQ int4 -> ONNX -> release bundle.
+- ``edge_sdk.load(bundle, ...)``: a model that generates text on this machine or device.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .boards import Board, PowerMode, board_names, get_board  # noqa: E402
+from .errors import EdgeSDKError  # noqa: E402
+from .planner import Plan, QuantSpec, plan  # noqa: E402
+
+
+def convert(model_dir, output, **options):
+    """Convert a Hugging Face DeepSeek checkpoint into a release bundle (needs ``edge-sdk[convert]``)."""
+    from .errors import require
+
+    require("torch", "convert")
+    from .converters import convert as _convert
+
+    return _convert(model_dir, output, **options)
+
+
+def load(bundle, **options):
+    """Load a verified bundle for generation (needs ``edge-sdk[runtime]``)."""
+    from .errors import require
+
+    require("onnxruntime", "runtime")
+    from .runtime import load as _load
+
+    return _load(bundle, **options)
+
+
+__all__ = ["Board", "PowerMode", "EdgeSDKError", "Plan", "QuantSpec", "board_names", "convert", "get_board", "load", "plan", "__version__"]

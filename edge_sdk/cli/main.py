@@ -1,0 +1,73 @@
+"""The `edge-sdk` command: one parser, one subcommand module each, one error printer."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from .. import __version__
+from ..errors import EdgeSDKError
+
+# subcommand -> module in edge_sdk.cli that registers it (imports stay light: handlers import
+# heavy dependencies only when they run)
+COMMANDS = {
+    "convert": "convert",
+    "plan": "plan",
+    "verify": "verify",
+    "run": "run",
+    "bench": "run",
+    "serve": "serve",
+    "engine": "engine",
+    "doctor": "doctor",
+    "power": "power",
+    "emulate": "emulate",
+    "telemetry": "telemetry",
+    "device": "device",
+}
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """Options every device-side command takes: which board root to read and steer."""
+    p.add_argument("--emulate", metavar="BOARD", default=os.environ.get("EDGE_SDK_EMULATE"),
+                   help="run against an emulated board (agx-orin-64gb, agx-orin-32gb, orin-nx-16gb, orin-nano-8gb); env EDGE_SDK_EMULATE")
+    p.add_argument("--root", metavar="DIR", default=os.environ.get("EDGE_SDK_ROOT"),
+                   help="filesystem root holding /sys, /proc, /etc of the board (default /); env EDGE_SDK_ROOT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-sdk",
+        description="Take DeepSeek models to NVIDIA Jetson devices: convert, plan, run, serve, steer, report.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-sdk {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in dict.fromkeys(COMMANDS.values()):
+        importlib.import_module(f"edge_sdk.cli.{module}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except EdgeSDKError as exc:
+        if args.debug:
+            raise
+        print(f"edge-sdk {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"edge-sdk {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Sizing planner: will a DeepSeek model fit on a Jetson board, and how fast, at what power?
+
+Everything here is arithmetic over a model's config and a board profile; the same ``QuantSpec``
+describes what the converter writes, so planned and real bundle sizes agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .boards import Board, PowerMode, all_boards, get_board
+from .errors import ConfigError
+from .modelspec import (
+    ModelShape,
+    ParamCounts,
+    attention_linears,
+    count_params,
+    layer_norm_params,
+    load_config,
+    mlp_linears,
+    router_params,
+    shape_from_config,
+)
+
+DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+
+# Fixed costs on the device. [unverified] CUDA context + TensorRT/onnxruntime libraries on L4T r36,
+# and what a headless L4T image keeps for itself; correct them from `edge-sdk doctor` readings.
+RUNTIME_OVERHEAD_MB = 600
+OS_RESERVE_MB = 1024
+PREFILL_EFFICIENCY = 0.35  # fraction of dense FP16 tensor throughput reached by int4 weight-only prefill [unverified]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How weights are stored: decoder linears at `bits` with symmetric group scales."""
+
+    bits: int = 4
+    group_size: int = 128
+    scale_dtype: str = "fp16"
+    embed_dtype: str = "fp16"
+    lm_head_dtype: str = "int4"  # int4 uses the same group size as the decoder
+    other_dtype: str = "fp16"  # norms, biases, router
+    kv_dtype: str = "fp16"
+
+    def __post_init__(self):
+        if self.bits not in (4, 8, 16):
+            raise ConfigError(f"bits must be 4, 8 or 16, got {self.bits}")
+        if self.group_size <= 0 or self.group_size % 32:
+            raise ConfigError(f"group_size must be a positive multiple of 32, got {self.group_size}", hint="the default is 128")
+        for name in ("scale_dtype", "embed_dtype", "lm_head_dtype", "other_dtype", "kv_dtype"):
+            if getattr(self, name) not in DTYPE_BYTES:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {', '.join(DTYPE_BYTES)}")
+
+    def matrix_bytes(self, in_features: int, out_features: int, dtype: str | None = None) -> int:
+        """Bytes of one [out, in] weight: packed ints + one scale per group along `in`."""
+        bits = self.bits if dtype is None else {"int4": 4, "int8": 8}.get(dtype)
+        if bits is None or bits == 16:
+            return int(in_features * out_features * DTYPE_BYTES[dtype or "fp16"])
+        groups = -(-in_features // self.group_size)
+        packed = (in_features * out_features * bits + 7) // 8
+        return packed + groups * out_features * int(DTYPE_BYTES[self.scale_dtype])
+
+
+@dataclass
+class WeightBytes:
+    embeddings: int
+    attention: int
+    mlp: int
+    router: int
+    norms_and_biases: int
+    lm_head: int
+    per_layer: list[int]  # bytes of each decoder layer (what the paging executor streams)
+    read_per_token: int  # bytes of weights read to decode one token
+
+    @property
+    def total(self) -> int:
+        return self.embeddings + self.attention + self.mlp + self.router + self.norms_and_biases + self.lm_head
+
+
+def weight_bytes(s: ModelShape, q: QuantSpec) -> WeightBytes:
+    other = int(DTYPE_BYTES[q.other_dtype])
+    attn = mlp = router = norms = 0
+    per_layer: list[int] = []
+    read = 0
+    for i in range(s.num_layers):
+        a = sum(q.matrix_bytes(l.in_features, l.out_features) + (l.out_features * other if l.bias else 0) for l in attention_linears(s))
+        m_lin = mlp_linears(s, i)
+        m = sum(l.count * q.matrix_bytes(l.in_features, l.out_features) for l in m_lin)
+        m_active = sum(l.active * q.matrix_bytes(l.in_features, l.out_features) for l in m_lin)
+        r = router_params(s, i) * other
+        n = layer_norm_params(s) * other
+        attn, mlp, router, norms = attn + a, mlp + m, router + r, norms + n
+        per_layer.append(a + m + r + n)
+        read += a + m_active + r + n
+    norms += s.hidden_size * other  # final norm
+    embed = int(s.vocab_size * s.hidden_size * DTYPE_BYTES[q.embed_dtype]) if q.embed_dtype not in ("int4", "int8") else q.matrix_bytes(s.hidden_size, s.vocab_size, q.embed_dtype)
+    shares_embedding = s.tie_word_embeddings and q.lm_head_dtype == q.embed_dtype
+    lm_head = 0 if shares_embedding else q.matrix_bytes(s.hidden_size, s.vocab_size, q.lm_head_dtype)
+    lm_read = embed if shares_embedding else lm_head
+    embed_row = embed // s.vocab_size
+    read += s.hidden_size * other + lm_read + embed_row
+    return WeightBytes(embed, attn, mlp, router, norms, lm_head, per_layer, read)
+
+
+@dataclass
+class ModeEstimate:
+    mode_id: int
+    mode: str
+    budget_w: float
+    bandwidth_gbps: float
+    decode_tokens_per_s: float  # roofline upper bound, whole batch
+    prefill_tokens_per_s: float
+    joules_per_token: float  # at the mode's power budget (an upper bound)
+    paged_decode_tokens_per_s: float | None = None
+
+
+@dataclass
+class Plan:
+    model: str
+    architecture: str
+    board: str
+    board_title: str
+    context: int
+    batch: int
+    quant: dict
+    params: dict
+    weight_bytes: dict
+    kv_bytes_per_token: int
+    kv_bytes: int
+    workspace_bytes: int
+    runtime_overhead_bytes: int
+    total_bytes: int
+    usable_bytes: int
+    headroom_bytes: int
+    fits: bool
+    bytes_read_per_token: int
+    modes: list[ModeEstimate]
+    selected_mode: str
+    storage: str
+    paged: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def bundled_configs() -> list[str]:
+    root = resources.files("edge_sdk.data").joinpath("configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def resolve_model(model: str | Path | dict) -> tuple[dict, str]:
+    """A config dict from a dict, a model/bundle directory, a config.json, or a bundled config name."""
+    if isinstance(model, dict):
+        return model, model.get("_name_or_path", "config")
+    p = Path(model)
+    if not p.exists() and str(model) in bundled_configs():
+        text = resources.files("edge_sdk.data").joinpath("configs", f"{model}.json").read_text()
+        return json.loads(text), str(model)
+    if p.is_dir() and (p / "manifest.json").exists():
+        manifest = json.loads((p / "manifest.json").read_text())
+        cfg = manifest.get("source", {}).get("config")
+        if isinstance(cfg, dict):
+            return cfg, str(model)
+    if not p.exists():
+        raise ConfigError(
+            f"{model}: no such model directory, config.json or bundled config",
+            hint=f"bundled configs: {', '.join(bundled_configs())}",
+        )
+    cfg, path = load_config(p)
+    return cfg, str(path)
+
+
+def workspace_bytes(s: ModelShape, batch: int, prefill_chunk: int, act_bytes: int = 2) -> int:
+    """Activations of one prefill chunk: logits (fp32) for the last position of each sequence,
+    attention scores for the chunk against the context, MLP intermediates, a few hidden states."""
+    tokens = batch * prefill_chunk
+    inter = max(s.intermediate_size, s.moe_intermediate_size * max(1, s.num_experts_per_tok))
+    hidden_like = tokens * (4 * s.hidden_size + 3 * inter) * act_bytes
+    scores = batch * s.num_heads * prefill_chunk * prefill_chunk * 4
+    logits = batch * s.vocab_size * 4
+    return hidden_like + scores + logits
+
+
+def plan(
+    model: str | Path | dict,
+    board: str = "agx-orin-64gb",
+    *,
+    context: int = 4096,
+    batch: int = 1,
+    bits: int = 4,
+    group_size: int = 128,
+    mode: int | str | None = None,
+    storage: str | None = None,
+    quant: QuantSpec | None = None,
+    prefill_chunk: int = 512,
+) -> Plan:
+    """Size `model` on `board`: memory, verdict, decode/prefill speed bound per power mode."""
+    if context <= 0 or batch <= 0:
+        raise ConfigError(f"context and batch must be positive (got context={context}, batch={batch})")
+    cfg, name = resolve_model(model)
+    s = shape_from_config(cfg, name)
+    b = get_board(board)
+    q = quant or QuantSpec(bits=bits, group_size=group_size)
+    selected = b.mode(mode)
+    store = storage or b.default_storage
+    if store not in b.storage:
+        raise ConfigError(f"board {b.name} has no storage {store!r}", hint=f"choose one of: {', '.join(b.storage)}")
+
+    params = count_params(s)
+    wb = weight_bytes(s, q)
+    kv_per_token = int(s.kv_elements_per_token() * DTYPE_BYTES[q.kv_dtype])
+    kv = kv_per_token * context * batch
+    ws = workspace_bytes(s, batch, min(prefill_chunk, context))
+    overhead = RUNTIME_OVERHEAD_MB * 2**20
+    total = wb.total + kv + ws + overhead
+    usable = (b.mem_total_mb - OS_RESERVE_MB) * 2**20
+    fits = total <= usable
+    # decode reads the weights once per step and, per sequence, the KV cache at the full context
+    read_per_step = wb.read_per_token + kv_per_token * context * batch
+
+    paged = None
+    if not fits:
+        paged = paged_estimate(s, wb, b, store, usable - kv - ws - overhead)
+    modes = []
+    for m in b.power_modes:
+        bw = b.mode_bandwidth_gbps(m) * 1e9
+        decode = batch * bw / read_per_step
+        prefill = b.mode_fp16_tflops(m) * 1e12 * PREFILL_EFFICIENCY / (2 * params.active_per_token + 4 * s.num_layers * context * s.num_heads * s.head_dim // 2)
+        pd = None
+        if paged and paged["feasible"]:
+            pd = min(decode, batch * paged["storage_bytes_per_s"] / max(1, paged["bytes_paged_per_token"]))
+        shown = pd if (paged and pd is not None) else decode
+        modes.append(ModeEstimate(m.id, m.name, m.budget_w, round(bw / 1e9, 1), round(decode, 2), round(prefill, 1),
+                                  round(m.budget_w / shown, 3) if shown else float("inf"), round(pd, 3) if pd is not None else None))
+
+    notes = []
+    if s.spec.moe:
+        notes.append(f"MoE: {params.total/1e9:.1f}B parameters in total, {params.active_per_token/1e9:.2f}B read per token")
+    if context > s.max_position_embeddings:
+        notes.append(f"context {context} exceeds the model's max_position_embeddings {s.max_position_embeddings}")
+    if b.unverified:
+        notes.append(f"board figures marked unverified: {', '.join(b.unverified)}")
+    return Plan(
+        model=name, architecture=s.architecture, board=b.name, board_title=b.title, context=context, batch=batch,
+        quant=asdict(q), params=params.as_dict(),
+        weight_bytes={k: v for k, v in asdict(wb).items() if k != "per_layer"} | {"total": wb.total, "layer_max": max(wb.per_layer)},
+        kv_bytes_per_token=kv_per_token, kv_bytes=kv, workspace_bytes=ws, runtime_overhead_bytes=overhead,
+        total_bytes=total, usable_bytes=usable, headroom_bytes=usable - total, fits=fits,
+        bytes_read_per_token=read_per_step, modes=modes, selected_mode=selected.name, storage=store, paged=paged, notes=notes,
+    )
+
+
+def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budget_for_weights: int) -> dict:
+    """Layer streaming: non-layer weights resident, as many layers as fit resident, two layer
+    buffers for prefetch, the rest read from storage on every token."""
+    layer = max(wb.per_layer)
+    fixed = wb.embeddings + wb.lm_head + s.hidden_size * 2
+    room = budget_for_weights - fixed - 2 * layer
+    feasible = room >= 0
+    resident = max(0, min(s.num_layers, room // layer)) if feasible else 0
+    paged_bytes = sum(sorted(wb.per_layer)[: s.num_layers - resident]) if feasible else wb.total
+    bw = b.storage[storage].read_mbps * 1e6
+    return {
+        "feasible": feasible,
+        "storage": storage,
+        "storage_bytes_per_s": bw,
+        "resident_layers": int(resident),
+        "paged_layers": int(s.num_layers - resident),
+        "bytes_paged_per_token": int(paged_bytes),
+        "decode_tokens_per_s": round(bw / paged_bytes, 3) if feasible and paged_bytes else None,
+    }
+
+
+def recommend(model, *, context: int = 4096, batch: int = 1, bits: int = 4, group_size: int = 128) -> list[tuple[Plan, ModeEstimate]]:
+    """Boards and modes on which the model fits, fastest decode first."""
+    out = []
+    for b in all_boards():
+        p = plan(model, b.name, context=context, batch=batch, bits=bits, group_size=group_size)
+        if p.fits:
+            out += [(p, m) for m in p.modes]
+    return sorted(out, key=lambda pm: (-pm[1].decode_tokens_per_s, pm[1].budget_w))
+
+
+def render(p: Plan) -> str:
+    w, pc = p.weight_bytes, p.params
+    lines = [
+        f"{p.model} ({p.architecture}) on {p.board_title} [{p.board}]",
+        f"  parameters     {pc['total']:,}  (embeddings {pc['embeddings']:,}, attention {pc['attention']:,}, "
+        f"mlp {pc['mlp']:,}, router {pc['router']:,}, norms {pc['norms']:,}, lm_head {pc['lm_head']:,})",
+        f"  read per token {pc['active_per_token']:,} parameters",
+        f"  weights        {_gb(w['total'])} at int{p.quant['bits']} g{p.quant['group_size']} "
+        f"(embeddings {p.quant['embed_dtype']} {_gb(w['embeddings'])}, lm_head {p.quant['lm_head_dtype']} {_gb(w['lm_head'])})",
+        f"  KV cache       {p.kv_bytes_per_token:,} B/token x {p.context} tokens x batch {p.batch} = {_gb(p.kv_bytes)}",
+        f"  workspace      {_gb(p.workspace_bytes)} + runtime {_gb(p.runtime_overhead_bytes)}",
+        f"  total          {_gb(p.total_bytes)} of {_gb(p.usable_bytes)} usable -> "
+        + ("FITS" if p.fits else "DOES NOT FIT") + f" (headroom {_gb(p.headroom_bytes)})",
+        f"  bytes read per decode step {_gb(p.bytes_read_per_token)}",
+        "  mode            power  bandwidth   decode tok/s  prefill tok/s  J/token" + ("  paged tok/s" if p.paged else ""),
+    ]
+    for m in p.modes:
+        mark = "*" if m.mode == p.selected_mode else " "
+        row = f" {mark}{m.mode_id} {m.mode:<12} {m.budget_w:>4.0f} W {m.bandwidth_gbps:>7.1f} GB/s {m.decode_tokens_per_s:>10.1f} {m.prefill_tokens_per_s:>13.0f} {m.joules_per_token:>9.3f}"
+        if p.paged:
+            row += f" {m.paged_decode_tokens_per_s if m.paged_decode_tokens_per_s is not None else '-':>11}"
+        lines.append(row)
+    if p.paged:
+        pg = p.paged
+        if pg["feasible"]:
+            lines.append(f"  paged from {pg['storage']}: {pg['resident_layers']} layers resident, {pg['paged_layers']} streamed, "
+                         f"{_gb(pg['bytes_paged_per_token'])} read per token -> <= {pg['decode_tokens_per_s']} tok/s")
+        else:
+            lines.append("  paged: not feasible (embeddings + lm_head + KV + two layer buffers exceed the budget)")
+    lines += [f"  note: {n}" for n in p.notes]
+    return "\n".join(lines)
