@@ -276,7 +276,7 @@ def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budge
         "resident_layers": int(resident),
         "paged_layers": int(s.num_layers - resident),
         "bytes_paged_per_token": int(paged_bytes),
-        "decode_tokens_per_s": round(bw / paged_bytes, 3) if feasible and paged_bytes else None,
+        "decode_tokens_per_s": bw / paged_bytes if feasible and paged_bytes else None,
     }
 
 
@@ -316,7 +316,7 @@ def render(p: Plan) -> str:
         pg = p.paged
         if pg["feasible"]:
             lines.append(f"  paged from {pg['storage']}: {pg['resident_layers']} layers resident, {pg['paged_layers']} streamed, "
-                         f"{_gb(pg['bytes_paged_per_token'])} read per token -> <= {pg['decode_tokens_per_s']} tok/s")
+                         f"{_gb(pg['bytes_paged_per_token'])} read per token -> <= {pg['decode_tokens_per_s']:.3g} tok/s")
         else:
             lines.append("  paged: not feasible (embeddings + lm_head + KV + two layer buffers exceed the budget)")
     lines += [f"  note: {n}" for n in p.notes]
