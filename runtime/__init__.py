@@ -1,1 +1,27 @@
-"""Device runtime: backends, generation, memory, paging, platform layer, power, telemetry, daemon. Never imports torch or transformers."""
+"""Device runtime: backends, generation, memory, paging, platform layer, power, telemetry, daemon. Never imports torch or transformers.
+
+``load(bundle, **options)`` verifies a bundle and returns a ``Model``; see docs/runtime.md for the
+backend interface (``Backend.forward`` over ``KVCache``) that the daemon drives step by step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load(bundle, **options):
+    """Verify `bundle`, pick a backend, and return a Model (options: see RuntimeOptions)."""
+    from .loader import make_backend, open_bundle
+    from .model import Model
+    from .options import RuntimeOptions
+    from .tokenizer import Tokenizer
+
+    opts = RuntimeOptions.from_kwargs(**options)
+    root = Path(bundle)
+    manifest = open_bundle(root, opts)
+    tokenizer = Tokenizer(root, manifest.get("tokenizer"))
+    backend = make_backend(root, manifest, opts)
+    return Model(root, manifest, backend, tokenizer, opts)
+
+
+__all__ = ["load"]

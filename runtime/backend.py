@@ -1,0 +1,38 @@
+"""The one small interface every inference backend implements (onnxruntime, native TensorRT).
+
+A backend owns the session; callers own KV caches and drive it step by step (see docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .kv_cache import KVCache, ModelIO
+
+
+class Backend(Protocol):
+    io: ModelIO
+    provider: str  # what actually runs the graph, e.g. "CPUExecutionProvider" or "tensorrt"
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """Preallocated KV buffers for `batch` sequences of up to `capacity` tokens."""
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
+        """input_ids int64 [B, S] (new_mask [B, S]: 0 = left padding) -> logits float32 [B, S, V]; appends to cache."""
+
+    def describe(self) -> dict:
+        """Provider, threads, graph file, options: shown by `bench` and logged at load."""
+
+
+def check_step(input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one step's inputs; return (input_ids, new_mask) as contiguous int64."""
+    ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[0] != cache.batch or ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be [batch={cache.batch}, seq>=1], got {ids.shape}")
+    mask = np.ones_like(ids) if new_mask is None else np.ascontiguousarray(new_mask, dtype=np.int64)
+    if mask.shape != ids.shape:
+        raise ValueError(f"new_mask must match input_ids {ids.shape}, got {mask.shape}")
+    cache.check_room(ids.shape[1])
+    return ids, mask

@@ -1,0 +1,145 @@
+"""Prefill + decode loop over a Backend: sampling, EOS, stop strings, max tokens, streaming."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from edge_sdk.errors import ConfigError, MemoryBudgetError
+
+from .backend import Backend
+from .sampling import Sampler, SamplingParams
+from .stopping import StopMatcher
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None  # None = the tokenizer's
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        self.sampling(0)  # validates the sampling fields once, here
+
+    def sampling(self, row: int) -> SamplingParams:
+        # each row of a batch draws from its own stream: seed, seed+1, ...
+        seed = None if self.seed is None else self.seed + row
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty, seed)
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of one sequence. `text` may be empty while a character or stop string is incomplete."""
+
+    index: int  # row of the batch
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0  # time to first token (prefill + first sampling)
+    decode_s: float = 0.0  # forward passes after the first token
+    decode_steps: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class _Row:
+    sampler: Sampler
+    history: list[int]
+    decoder: IncrementalDecoder
+    stop: StopMatcher
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Generator:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, max_seq_len: int | None = None):
+        self.backend, self.tokenizer = backend, tokenizer
+        self.max_seq_len = max_seq_len or backend.io.max_positions
+        self.timings = Timings()
+
+    def stream(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[Chunk]:
+        """Generate for a batch of tokenized prompts; yields chunks in step order, row by row."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt must have at least one token", hint="pass non-empty text")
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        capacity = longest + cfg.max_new_tokens
+        if capacity > self.max_seq_len:
+            raise MemoryBudgetError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+                                    f"context of {self.max_seq_len} tokens", hint="shorten the prompt or lower max_new_tokens")
+        eos = set(self.tokenizer.eos_token_ids if cfg.eos_token_ids is None else cfg.eos_token_ids)
+        if cfg.ignore_eos:
+            eos = set()
+        pad = self.tokenizer.pad_token_id
+        ids = np.full((batch, longest), pad, np.int64)
+        mask = np.zeros((batch, longest), np.int64)
+        for r, p in enumerate(prompts):
+            ids[r, longest - len(p):] = p  # left padding
+            mask[r, longest - len(p):] = 1
+        rows = [_Row(Sampler(cfg.sampling(r)), list(p), IncrementalDecoder(self.tokenizer), StopMatcher(cfg.stop))
+                for r, p in enumerate(prompts)]
+        t = self.timings = Timings(prompt_tokens=int(mask.sum()))
+        cache = self.backend.new_cache(batch, capacity)
+        start = time.perf_counter()
+        logits = self.backend.forward(ids, cache, mask)[:, -1, :]
+        t.prefill_s = time.perf_counter() - start
+        for step in range(cfg.max_new_tokens):
+            feed = np.full((batch, 1), pad, np.int64)
+            for r, row in enumerate(rows):
+                if row.finish_reason:
+                    continue
+                tok = row.sampler(logits[r], np.asarray(row.history, np.int64))
+                feed[r, 0] = tok
+                yield from self._emit(r, row, tok, eos, last=step == cfg.max_new_tokens - 1)
+            if step == 0:
+                t.first_token_s = time.perf_counter() - start
+            t.generated_tokens += sum(1 for row in rows if row.generated and len(row.generated) == step + 1)
+            if all(row.finish_reason for row in rows):
+                break
+            s = time.perf_counter()
+            logits = self.backend.forward(feed, cache)[:, -1, :]
+            t.decode_s += time.perf_counter() - s
+            t.decode_steps += 1
+
+    def _emit(self, r: int, row: _Row, tok: int, eos: set[int], last: bool) -> Iterator[Chunk]:
+        row.history.append(tok)
+        row.generated.append(tok)
+        if tok in eos:
+            row.finish_reason = "stop"
+            yield Chunk(r, tok, row.stop.feed(row.decoder.flush()) + row.stop.flush(), "stop")
+            return
+        text = row.stop.feed(row.decoder.push(tok))
+        if row.stop.stopped:
+            row.finish_reason = "stop"
+        elif last:
+            row.finish_reason = "length"
+            text += row.stop.feed(row.decoder.flush()) + row.stop.flush()
+        yield Chunk(r, tok, text, row.finish_reason)

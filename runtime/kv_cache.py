@@ -1,0 +1,141 @@
+"""KV cache in preallocated buffers: two fixed buffers per layer and kind that swap roles each step.
+
+The graph concatenates past and new keys into `present`; binding `present` to the second buffer
+means it lands straight where the next step's `past` is read from. No buffer grows or is
+allocated per token. Rows share one length (`length`, left padding included); `mask` says which
+positions of each row are real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_sdk.errors import ConfigError, MemoryBudgetError
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """What a backend needs to know about the graph (from the manifest's `io` and `architecture`)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    kv_dtype: str = "float32"  # numpy name
+    past_name: str = "past_key_values.{i}.{kind}"
+    present_name: str = "present.{i}.{kind}"
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, kv_dtype: str = "float32") -> "ModelIO":
+        kv = manifest["io"]["kv"]
+        arch = manifest["architecture"]
+        if kv.get("layout", "BHSD") != "BHSD":
+            raise ConfigError(f"KV layout {kv.get('layout')!r} is not supported", hint="this runtime reads BHSD bundles")
+        return cls(int(kv["num_layers"]), int(kv["num_kv_heads"]), int(kv["head_dim"]), int(arch["vocab_size"]),
+                   int(arch.get("max_position_embeddings") or 1 << 30), kv_dtype,
+                   kv.get("past", cls.past_name), kv.get("present", cls.present_name))
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
+
+
+@dataclass
+class KVCache:
+    io: ModelIO
+    batch: int
+    capacity: int
+    # buffers[layer][kind] = (flat buffer A, flat buffer B); kind 0 = key, 1 = value
+    buffers: list = field(repr=False, default=None)
+    mask: np.ndarray = field(repr=False, default=None)  # int64 [B, length]
+    current: int = 0  # which of the two buffers holds `past`
+
+    def __post_init__(self):
+        if self.batch < 1 or self.capacity < 1:
+            raise ConfigError(f"a KV cache needs batch >= 1 and capacity >= 1, got {self.batch}, {self.capacity}")
+        if self.buffers is None:
+            n = self.batch * self.io.num_kv_heads * self.capacity * self.io.head_dim
+            dt = np.dtype(self.io.kv_dtype)
+            self.buffers = [[(np.zeros(n, dt), np.zeros(n, dt)) for _ in range(2)] for _ in range(self.io.num_layers)]
+        if self.mask is None:
+            self.mask = np.zeros((self.batch, 0), np.int64)
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for layer in self.buffers for pair in layer for b in pair)
+
+    def _view(self, flat: np.ndarray, length: int) -> np.ndarray:
+        h, d = self.io.num_kv_heads, self.io.head_dim
+        return flat[: self.batch * h * length * d].reshape(self.batch, h, length, d)
+
+    def past(self, layer: int, kind: int) -> np.ndarray:
+        """[B, H, length, D] view of the buffer holding the cache now."""
+        return self._view(self.buffers[layer][kind][self.current], self.length)
+
+    def present_target(self, layer: int, kind: int, new: int) -> np.ndarray:
+        """[B, H, length + new, D] view the graph writes the updated cache into."""
+        return self._view(self.buffers[layer][kind][1 - self.current], self.length + new)
+
+    def check_room(self, new: int) -> None:
+        if self.length + new > self.capacity:
+            raise MemoryBudgetError(f"the KV cache holds {self.capacity} tokens; {self.length} used, {new} more asked",
+                                    hint="raise max_seq_len when loading, or shorten the prompt / max_new_tokens")
+
+    def advance(self, new_mask: np.ndarray) -> None:
+        """After a step wrote `present`: swap buffers and extend the mask by new_mask [B, S]."""
+        self.current = 1 - self.current
+        self.mask = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
+
+    def step_inputs(self, new_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """attention_mask [B, length + S] and position_ids [B, S] for the next S tokens."""
+        attn = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
+        pos = np.cumsum(attn, axis=1) - 1
+        return attn, np.maximum(pos[:, self.length:], 0).astype(np.int64)
+
+    def positions(self) -> np.ndarray:
+        """Next position of every row."""
+        return self.mask.sum(axis=1)
+
+    def row_lengths(self) -> np.ndarray:
+        return self.positions()
+
+    # --- continuous batching -----------------------------------------------------------------
+
+    def select(self, rows) -> "KVCache":
+        """A new cache holding only `rows` (e.g. drop finished sequences); trims common left padding."""
+        rows = list(rows)
+        mask = self.mask[rows]
+        start = int(np.argmax(mask.any(axis=0))) if mask.any() else mask.shape[1]
+        return self._gather([(self, r, start) for r in rows], self.capacity)
+
+    @staticmethod
+    def merge(caches: list["KVCache"], capacity: int | None = None) -> "KVCache":
+        """Stack the rows of several caches into one, right aligned (shorter rows get left padding)."""
+        if not caches:
+            raise ConfigError("merge needs at least one cache")
+        capacity = capacity or max(c.capacity for c in caches)
+        return caches[0]._gather([(c, r, 0) for c in caches for r in range(c.batch)], capacity)
+
+    def _gather(self, parts: list[tuple["KVCache", int, int]], capacity: int) -> "KVCache":
+        length = max(c.length - start for c, _, start in parts)
+        out = KVCache(self.io, len(parts), capacity)
+        out.check_room(length)
+        mask = np.zeros((len(parts), length), np.int64)
+        for row, (c, r, start) in enumerate(parts):
+            n = c.length - start
+            mask[row, length - n:] = c.mask[r, start:]
+        out.mask = mask
+        for layer in range(self.io.num_layers):
+            for kind in range(2):
+                dst = out.past(layer, kind)
+                dst[...] = 0
+                for row, (c, r, start) in enumerate(parts):
+                    n = c.length - start
+                    dst[row, :, length - n:] = c.past(layer, kind)[r, :, start:]
+        return out

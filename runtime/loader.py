@@ -1,0 +1,97 @@
+"""Open a bundle: verify before anything is mapped, check it fits this device, build the backend."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edge_sdk.bundle import verify_bundle
+from edge_sdk.errors import BundleError, ConfigError, NotBuiltError, require
+
+from . import providers as prov
+from .engine_cache import EngineKey, bundle_hash
+from .kv_cache import ModelIO
+from .options import RuntimeOptions
+
+log = logging.getLogger("edge_sdk.runtime")
+
+FORMAT = "edge-sdk-bundle"
+REQUIRED_KEYS = ("architecture", "graphs", "io", "tokenizer")
+
+
+def open_bundle(bundle: str | Path, options: RuntimeOptions) -> dict:
+    """Verify hashes (and signature with a trusted key), then the manifest's content; return it."""
+    root = Path(bundle)
+    manifest = verify_bundle(root, options.public_key, require_signature=options.public_key is not None)
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{root}: manifest format is {manifest.get('format')!r}, not {FORMAT!r}",
+                          hint="this directory was not written by `edge-sdk convert`")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{root}: manifest lacks {', '.join(missing)}", hint="re-convert the model with this edge-sdk version")
+    check_board(manifest, options)
+    return manifest
+
+
+def check_board(manifest: dict, options: RuntimeOptions) -> None:
+    """A bundle planned for named boards refuses others; an unknown board name is an error."""
+    board = options.target_board
+    if board is None:
+        return
+    from edge_sdk.boards import get_board
+
+    get_board(board)  # raises UnknownBoardError naming the valid boards
+    targets = manifest.get("boards") or manifest.get("target", {}).get("boards")
+    if targets and board not in targets:
+        raise ConfigError(f"this bundle was built for {', '.join(targets)}, not {board}",
+                          hint=f"convert it again with --board {board}, or run it on one of those boards")
+
+
+def graph_file(manifest: dict, kind: str, root: Path) -> Path:
+    graphs = manifest["graphs"]
+    entry = graphs.get(kind) or graphs.get("fp32")
+    if not entry:
+        raise BundleError(f"{root}: manifest lists no {kind} or fp32 graph", hint="re-convert the model")
+    return root / entry["file"]
+
+
+def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
+    io = ModelIO.from_manifest(manifest)
+    if options.provider == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend.from_cache(root, io, options)
+    ort = require("onnxruntime", "runtime")
+    providers = prov.choose(options.provider, ort.get_available_providers())
+    ep_options = {}
+    if prov.TRT_EP in providers:
+        key = EngineKey(options.target_board or "local", _trt_version(), bundle_hash(root))
+        ep_options[prov.TRT_EP] = prov.trt_ep_options(options.engine_root(root), key)
+    path = graph_file(manifest, prov.graph_kind(providers), root)
+    from .ort_backend import OrtBackend
+
+    backend = OrtBackend(path, io, providers=prov.with_options(providers, ep_options), threads=options.num_threads,
+                         accuracy_level=options.accuracy_level)
+    if options.log_provider:
+        log.info("runtime: %s on %s (%d threads, MatMulNBits accuracy level %d)", path.name,
+                 " > ".join(backend.session.get_providers()), options.num_threads, options.accuracy_level)
+    return backend
+
+
+def _trt_version() -> str:
+    try:
+        import tensorrt
+
+        return tensorrt.__version__
+    except ImportError:
+        return "ep"  # the TensorRT EP's own library; its engines are still keyed by board and bundle
+
+
+def require_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise NotBuiltError("TensorRT is not installed on this machine",
+                            hint="on Jetson it comes with JetPack (`apt install nvidia-tensorrt`, python3-libnvinfer); "
+                                 "elsewhere use provider='cpu' or 'cuda'") from exc
+    return tensorrt
