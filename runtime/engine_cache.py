@@ -67,6 +67,21 @@ def lookup(root: Path, key: EngineKey) -> Path | None:
     return engine
 
 
+def lookup_bundle(root: Path, board: str, tensorrt_version: str, bundle_hash: str) -> Path | None:
+    """The newest valid engine for this board, TensorRT and bundle, whatever settings it was built with."""
+    parent = EngineKey(board, tensorrt_version, bundle_hash).directory(root).parent
+    found = []
+    for meta_path in parent.glob(f"{bundle_hash[:16]}*/{METADATA}"):
+        try:
+            key = EngineKey(**json.loads(meta_path.read_text())["key"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        engine = lookup(root, key) if key.bundle_hash == bundle_hash else None
+        if engine:
+            found.append(engine)
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def write_entry(root: Path, key: EngineKey, engine_bytes: bytes, metadata: dict) -> Path:
     """Write engine + metadata into a temporary sibling directory, fsync, then rename into place."""
     d = key.directory(root)

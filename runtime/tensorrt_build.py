@@ -1,0 +1,144 @@
+"""Native TensorRT engine build on the target: `edge-sdk engine build BUNDLE`.
+
+Written against TensorRT 10's Python API (`tensorrt.Builder`, `OnnxParser`, STRONGLY_TYPED
+networks, `IOptimizationProfile`, `ITimingCache`, `IBuilderConfig.set_memory_pool_limit`,
+`build_serialized_network`, `IProgressMonitor`). The `trt` module is passed in, so everything
+around the calls is tested here without TensorRT; the calls themselves run only on a device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from edge_sdk.errors import ConfigError, RuntimeBackendError
+
+from . import engine_cache as ec
+from .kv_cache import ModelIO
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EngineBuildSettings:
+    max_batch: int = 1
+    max_prompt: int = 512  # longest prefill chunk
+    max_seq_len: int = 2048  # KV capacity: past + new tokens
+    opt_batch: int = 1
+    opt_prompt: int = 128
+    opt_past: int = 512
+    workspace_mb: int = 1024  # builder scratch memory (from the memory plan)
+    optimization_level: int = 3  # IBuilderConfig.builder_optimization_level, 0-5
+    graph: str = "fp16"  # which bundle graph: fp16 activations for the GPU
+
+    def __post_init__(self):
+        if not (1 <= self.opt_batch <= self.max_batch):
+            raise ConfigError(f"need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch})")
+        if not (1 <= self.opt_prompt <= self.max_prompt <= self.max_seq_len):
+            raise ConfigError(f"need 1 <= opt_prompt ({self.opt_prompt}) <= max_prompt ({self.max_prompt}) <= max_seq_len ({self.max_seq_len})",
+                              hint="lower --max-prompt or raise --max-seq-len")
+        if not (0 <= self.opt_past < self.max_seq_len):
+            raise ConfigError(f"opt_past ({self.opt_past}) must be below max_seq_len ({self.max_seq_len})")
+        if self.workspace_mb < 16:
+            raise ConfigError(f"workspace_mb must be >= 16, got {self.workspace_mb}")
+        if not 0 <= self.optimization_level <= 5:
+            raise ConfigError(f"optimization_level must be 0-5, got {self.optimization_level}")
+        if self.graph not in ("fp16", "fp32"):
+            raise ConfigError(f"graph must be fp16 or fp32, got {self.graph!r}")
+
+
+def profiles(s: EngineBuildSettings, io: ModelIO) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """Two optimization profiles: prefill (seq 1..max_prompt, empty past) and decode (seq 1, past 0..max-1).
+
+    Values are (min, opt, max) shapes per input; profile 0 = prefill, 1 = decode.
+    """
+    h, d, b = io.num_kv_heads, io.head_dim, (1, s.opt_batch, s.max_batch)
+    top = s.max_seq_len
+
+    def phase(seq: Shape, past: Shape) -> dict:
+        shapes = {
+            "input_ids": tuple((b[i], seq[i]) for i in range(3)),
+            "position_ids": tuple((b[i], seq[i]) for i in range(3)),
+            "attention_mask": tuple((b[i], past[i] + seq[i]) for i in range(3)),
+        }
+        for layer in range(io.num_layers):
+            for kind in ("key", "value"):
+                shapes[io.past_name.format(i=layer, kind=kind)] = tuple((b[i], h, past[i], d) for i in range(3))
+        return shapes
+
+    return [phase((1, s.opt_prompt, s.max_prompt), (0, 0, 0)),
+            phase((1, 1, 1), (0, s.opt_past, top - 1))]
+
+
+def engine_key(board: str, trt_version: str, bundle: Path, s: EngineBuildSettings) -> ec.EngineKey:
+    return ec.EngineKey(board, trt_version, ec.bundle_hash(bundle), ec.settings_hash(asdict(s)))
+
+
+def _progress_monitor(trt, report: Callable[[str], None]):
+    class Progress(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            report(f"{'  ' if parent_phase else ''}{phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step):
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Progress()
+
+
+def build_engine(bundle: str | Path, manifest: dict, board: str, trt, *, settings: EngineBuildSettings | None = None,
+                 cache_root: Path, force: bool = False, report: Callable[[str], None] = print) -> tuple[Path, bool]:
+    """Build (or find) the engine for this bundle, board and TensorRT; return (engine path, built now?)."""
+    s = settings or EngineBuildSettings()
+    root = Path(bundle)
+    io = ModelIO.from_manifest(manifest)
+    key = engine_key(board, trt.__version__, root, s)
+    cached = ec.lookup(cache_root, key)
+    if cached and not force:
+        report(f"engine up to date: {cached}")
+        return cached, False
+    graph = root / manifest["graphs"].get(s.graph, manifest["graphs"]["fp32"])["file"]
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # strongly typed: precision comes from the graph (fp16 activations, INT4 DequantizeLinear weights)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    report(f"parsing {graph.name}")
+    if not parser.parse_from_file(str(graph)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeBackendError(f"TensorRT could not parse {graph.name}: {errors}",
+                                  hint="the TensorRT on this device may be too old for opset-21 INT4 DequantizeLinear (needs 10.x)")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_mb << 20)
+    config.builder_optimization_level = s.optimization_level
+    for prof in profiles(s, io):
+        p = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in prof.items():
+            p.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(p)
+    timing_path = key.timing_cache(cache_root)
+    timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.exists() else b"")
+    config.set_timing_cache(timing, ignore_mismatch=False)
+    monitor = _progress_monitor(trt, report)  # must outlive the build
+    config.progress_monitor = monitor
+    report(f"building engine for {board} with TensorRT {trt.__version__} (this takes minutes)")
+    start = time.monotonic()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeBackendError("TensorRT failed to build the engine (see the TensorRT log above)",
+                                  hint="lower --max-seq-len / --max-batch or raise --workspace-mb")
+    ec.write_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
+    meta = {"tensorrt_version": trt.__version__, "board": board, "bundle": str(root.absolute()),
+            "bundle_hash": key.bundle_hash, "settings": asdict(s), "graph": graph.name,
+            "profiles": [{n: [list(x) for x in v] for n, v in p.items()} for p in profiles(s, io)],
+            "build_seconds": round(time.monotonic() - start, 1)}
+    path = ec.write_entry(cache_root, key, bytes(serialized), meta)
+    report(f"engine written: {path} ({meta['build_seconds']} s)")
+    return path, True
