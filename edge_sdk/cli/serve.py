@@ -1,11 +1,66 @@
-"""`edge-sdk serve --bundle BUNDLE`."""
+"""`edge-sdk serve --bundle BUNDLE`: the OpenAI-compatible device daemon."""
 
 from __future__ import annotations
 
-from ._common import not_built
+import os
+
+from .main import add_device_options
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible local API daemon (not built yet)")
-    p.add_argument("rest", nargs="*", help="arguments of the command")
-    p.set_defaults(func=not_built("edge-sdk serve", "the daemon (edge_sdk.runtime.server) is not part of this build"))
+    p = sub.add_parser("serve", help="OpenAI-compatible local API daemon (chat, completions, streaming, /metrics)",
+                       description="Serve a bundle over an OpenAI-compatible HTTP API. SIGTERM drains, SIGHUP reloads the config.")
+    p.add_argument("--bundle", help="bundle directory (or `bundle` in the config file)")
+    p.add_argument("--config", default=os.environ.get("EDGE_SDK_CONFIG"),
+                   help="TOML config file (default: built-in defaults; the device uses /etc/edge-sdk/edge-sdk.toml); env EDGE_SDK_CONFIG")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this device only)")
+    p.add_argument("--port", type=int, help="TCP port (default 8080; 0 picks a free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or server.api_key / api_key_file in the config)")
+    p.add_argument("--max-batch", type=int, help="sequences decoded together (scheduler.max_batch)")
+    p.add_argument("--context", type=int, help="tokens per sequence (server.context_length; default: the model's)")
+    p.add_argument("--when-full", choices=("wait", "reject"), help="a request that does not fit now waits or gets 503")
+    p.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
+    add_device_options(p)
+    p.set_defaults(func=run)
+
+
+def overrides(args) -> dict:
+    return {"bundle": args.bundle, "emulate": args.emulate, "root": args.root, "server_host": args.host,
+            "server_port": args.port, "server_api_key": args.api_key, "scheduler_max_batch": args.max_batch,
+            "server_context_length": args.context, "scheduler_when_full": args.when_full}
+
+
+def run(args) -> int:
+    from edge_sdk.runtime.server.config import load_config
+    from edge_sdk.runtime.server.daemon import Daemon, build_service, setup_logging
+
+    argv = overrides(args)
+    config = load_config(args.config).with_overrides(**argv)
+    if args.print_config:
+        from ._common import print_json
+
+        print_json(config.as_dict())
+        return 0
+    setup_logging("debug" if args.debug else config.server.log_level)
+    service = build_service(config)
+    lay = service.state.memory.layout
+    import logging
+
+    logging.getLogger("edge_sdk.serve").info(
+        "memory: budget %d MiB (%s), reserve %d, weights %d, workspace %d, KV pool %d blocks x %d tokens (%d MiB)",
+        lay.budget_bytes >> 20, service.budget_source, lay.reserve_bytes >> 20, lay.weights_bytes >> 20,
+        lay.workspace_bytes >> 20, lay.kv_blocks, lay.kv_block_tokens, lay.kv_pool_bytes >> 20)
+    if config.server.host not in ("127.0.0.1", "::1", "localhost") and not service.state.api_key:
+        logging.getLogger("edge_sdk.serve").warning("listening on %s without an API key: anyone on the network can use the model", config.server.host)
+    return Daemon(service, args.config, argv_overrides=argv, telemetry=telemetry_uplink(config)).run()
+
+
+def telemetry_uplink(config):
+    """The telemetry uplink when configured and this build has it; None otherwise."""
+    if not config.telemetry.port_url:
+        return None
+    try:
+        from edge_sdk.runtime.server.telemetry_link import open_uplink
+    except ImportError:
+        return None
+    return open_uplink(config)

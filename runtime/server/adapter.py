@@ -1,0 +1,108 @@
+"""A loaded bundle (`edge_sdk.load`) driven step by step for the scheduler (the StepModel protocol).
+
+Each new request is prefilled alone into its own KV cache. Running sequences share one batched
+cache; it is rebuilt (KVCache.select + KVCache.merge, one copy of the KV) only when a sequence joins
+or leaves, and every decode step is one `backend.forward(tokens[B, 1], cache)` for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class BundleStepModel:
+    def __init__(self, model, *, max_batch: int = 8):
+        self.model = model
+        self.backend = model.backend
+        self.tokenizer = model.tokenizer
+        io = self.backend.io
+        self.model_id = model.name
+        self.context_length = int(model.generator.max_seq_len)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self.vocab_size = io.vocab_size
+        # two buffers per cache (past/present swap): what a reserved token really costs
+        self.kv_bytes_per_token = 2 * io.kv_bytes_per_token()
+        self.weights_bytes = graph_bytes(model.bundle, model.manifest, self.backend)
+        # prefill logits [S, V] fp32 for a full-context prompt, plus one transient copy of the batch KV on merge
+        self.workspace_bytes = self.context_length * io.vocab_size * 4 + max_batch * self.context_length * io.kv_bytes_per_token()
+        self._batch = None  # KVCache of the running rows, in self._rows order
+        self._rows: list[str] = []
+        self._pending: dict[str, object] = {}  # prefilled alone, not merged yet
+        self._left: dict[str, int] = {}  # tokens each sequence may still append
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.model.encode_chat(messages)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def prefill(self, seq_id: str, tokens: Sequence[int], max_new_tokens: int) -> np.ndarray:
+        ids = np.asarray([tokens], np.int64)
+        cache = self.backend.new_cache(1, len(tokens))
+        logits = self.backend.forward(ids, cache)  # [1, S, V]
+        self._pending[seq_id] = cache
+        self._left[seq_id] = max_new_tokens
+        return logits[0, -1]
+
+    def step(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
+        if self._pending or set(seq_ids) != set(self._rows):
+            self._rebuild(seq_ids)
+        feed = dict(zip(seq_ids, tokens))
+        ids = np.asarray([[feed[r]] for r in self._rows], np.int64)
+        logits = self.backend.forward(ids, self._batch)[:, -1]  # [B, V]
+        for r in self._rows:
+            self._left[r] -= 1
+        order = {r: i for i, r in enumerate(self._rows)}
+        return logits[[order[s] for s in seq_ids]]
+
+    def _rebuild(self, seq_ids: Sequence[str]) -> None:
+        from ..kv_cache import KVCache
+
+        wanted = set(seq_ids)
+        keep = [i for i, r in enumerate(self._rows) if r in wanted]
+        parts, rows = [], []
+        if keep and self._batch is not None:
+            parts.append(self._batch.select(keep))
+            rows += [self._rows[i] for i in keep]
+        for r in list(self._pending):
+            if r in wanted:
+                parts.append(self._pending.pop(r))
+                rows.append(r)
+        assert set(rows) == wanted, "step() asked for sequences that were never prefilled"
+        length = max(p.length for p in parts)
+        # every row may still append up to its remaining tokens; rows stay right aligned
+        capacity = length + max(self._left[r] for r in rows) + 1
+        self._batch = parts[0] if len(parts) == 1 and parts[0].capacity >= capacity else KVCache.merge(parts, capacity=capacity)
+        self._rows = rows
+
+    def release(self, seq_id: str) -> None:
+        self._pending.pop(seq_id, None)
+        self._left.pop(seq_id, None)
+        if seq_id in self._rows:
+            keep = [i for i, r in enumerate(self._rows) if r != seq_id]
+            if not keep:
+                self._batch, self._rows = None, []
+            # other rows are dropped lazily at the next step's rebuild
+
+
+def graph_bytes(bundle: Path, manifest: dict, backend) -> int:
+    """Bytes of the graph files the backend runs (the .onnx and its external weights)."""
+    files = manifest.get("files", {})
+    graph = getattr(backend, "graph_path", None)
+    stem = Path(graph).name if graph else None
+    total = 0
+    for name, entry in files.items():
+        if stem and not name.startswith(stem.split(".onnx")[0]):
+            continue
+        if ".onnx" in name or name.endswith((".data", ".bin")):
+            total += int(entry.get("size", 0))
+    return total

@@ -1,0 +1,257 @@
+"""OpenAI-compatible HTTP API (Starlette): /v1/models, /v1/completions, /v1/chat/completions,
+/health, /metrics. Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ...errors import EdgeSDKError
+from .engine import SamplingParams, StepModel
+from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError, process_rss_bytes
+from .metrics import Metrics
+from .requests import BadRequest, parse_chat, parse_completion
+from .scheduler import Event, Request, Scheduler
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers read; the daemon swaps `api_key` and limits on SIGHUP."""
+
+    model: StepModel
+    scheduler: Scheduler
+    memory: MemoryManager
+    metrics: Metrics
+    model_id: str
+    api_key: str = ""
+    max_request_bytes: int = 1_048_576
+    max_tokens_default: int = 256
+    power_mode: Callable[[], str | None] = lambda: None
+    extra_gauges: Callable[[], dict] = dict
+    started: float = field(default_factory=time.time)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def api_error_from(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BadRequest):
+        return APIError(400, str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, RequestTooLargeError):
+        code = "context_length_exceeded" if "context" in exc.message else "request_too_large"
+        return APIError(413, str(exc), code=code)
+    if isinstance(exc, MemoryBusyError):
+        return APIError(503, str(exc), "server_error", "overloaded", headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+    if isinstance(exc, EdgeSDKError):
+        return APIError(500, str(exc), "server_error", "internal_error")
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
+
+
+def create_app(state: ServerState) -> Starlette:
+    def authorize(request: HTTPRequest) -> None:
+        if not state.api_key:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided. Pass the daemon's key as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    async def read_json(request: HTTPRequest) -> dict:
+        limit = state.max_request_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise APIError(413, f"request body is larger than {limit} bytes (server.max_request_bytes)", code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"request body is larger than {limit} bytes (server.max_request_bytes)", code="request_too_large")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object")
+        model = data.get("model")
+        if model not in (None, "", state.model_id):
+            raise APIError(404, f"model {model!r} is not served here; this daemon serves {state.model_id!r}",
+                           code="model_not_found", param="model")
+        return data
+
+    def endpoint(name: str, handler):
+        async def wrapped(request: HTTPRequest) -> Response:
+            try:
+                response = await handler(request)
+            except Exception as exc:  # every failure leaves in OpenAI's error shape
+                err = api_error_from(exc)
+                state.metrics.count_request(name, err.status)
+                if err.status in (413, 503):
+                    state.metrics.rejected += 1
+                return err.response()
+            state.metrics.count_request(name, response.status_code)
+            return response
+        return wrapped
+
+    async def models(request: HTTPRequest) -> Response:
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": state.model_id, "object": "model", "created": int(state.started), "owned_by": "edge-sdk"}]})
+
+    async def completions(request: HTTPRequest) -> Response:
+        authorize(request)
+        data = await read_json(request)
+        prompt, params, stream, include_usage = parse_completion(data, state.max_tokens_default)
+        ids = prompt if isinstance(prompt, list) else state.model.encode(prompt)
+        return await generate(request, ids, params, stream, include_usage, chat=False)
+
+    async def chat(request: HTTPRequest) -> Response:
+        authorize(request)
+        data = await read_json(request)
+        messages, params, stream, include_usage = parse_chat(data, state.max_tokens_default)
+        ids = state.model.encode_chat(messages)
+        return await generate(request, ids, params, stream, include_usage, chat=True)
+
+    async def generate(request: HTTPRequest, ids: list[int], params: SamplingParams, stream: bool, include_usage: bool, chat: bool) -> Response:
+        req = state.scheduler.submit(ids, params, asyncio.get_running_loop())
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if stream:
+            return StreamingResponse(sse(req, rid, created, chat, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, reason = await collect(request, req)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(req.completion_ids), "total_tokens": len(ids) + len(req.completion_ids)}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_id,
+                                 "choices": [choice], "usage": usage})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.model_id,
+                             "choices": [choice], "usage": usage})
+
+    async def collect(request: HTTPRequest, req: Request) -> tuple[str, str]:
+        """Wait for the whole generation; a client that hangs up cancels it."""
+        async def until_disconnect():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(until_disconnect())
+        parts = []
+        try:
+            while True:
+                getter = asyncio.ensure_future(req.events.get())
+                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    req.cancel()
+                    raise APIError(499, "client closed the request", code="client_closed")
+                ev: Event = getter.result()
+                if ev.kind == "error":
+                    raise ev.error
+                if ev.kind == "done":
+                    return "".join(parts), ev.finish_reason
+                parts.append(ev.text)
+        finally:
+            watcher.cancel()
+            if req.finish_reason is None:
+                req.cancel()
+
+    async def sse(req: Request, rid: str, created: int, chat: bool, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta_text: str | None, reason: str | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if delta_text is None else {"content": delta_text})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason}
+            body = {"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            while True:
+                ev: Event = await req.events.get()
+                if ev.kind == "text":
+                    yield chunk(ev.text, None)
+                elif ev.kind == "done":
+                    yield chunk(None, ev.finish_reason)
+                    break
+                else:
+                    yield f"data: {json.dumps(api_error_from(ev.error).body())}\n\n"
+                    break
+            if include_usage:
+                n_in, n_out = len(req.prompt_ids), len(req.completion_ids)
+                usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+                yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': state.model_id, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if req.finish_reason is None:
+                req.cancel()  # the client went away mid-stream
+
+    async def health(request: HTTPRequest) -> Response:
+        draining = state.scheduler.draining
+        mem = state.memory.stats()
+        body = {"status": "draining" if draining else "ok", "model": state.model_id,
+                "running": state.scheduler.running(), "waiting": state.scheduler.queue_depth(),
+                "kv_blocks_used": mem["kv_blocks_used"], "kv_blocks_total": mem["kv_blocks_total"],
+                "uptime_s": round(time.time() - state.started, 1)}
+        return JSONResponse(body, status_code=503 if draining else 200)
+
+    async def metrics(request: HTTPRequest) -> Response:
+        mem = state.memory.stats()
+        gauges = {
+            "queue_depth": ("Requests waiting for admission.", state.scheduler.queue_depth()),
+            "running_requests": ("Requests being generated.", state.scheduler.running()),
+            "kv_blocks_total": ("KV cache blocks in the pool.", mem["kv_blocks_total"]),
+            "kv_blocks_used": ("KV cache blocks reserved by requests or idle caches.", mem["kv_blocks_used"]),
+            "kv_usage_ratio": ("Fraction of the KV pool in use.", round(mem["kv_blocks_used"] / max(1, mem["kv_blocks_total"]), 4)),
+            "memory_budget_bytes": ("Allocatable unified memory the daemon plans with.", mem["budget_bytes"]),
+            "memory_reserve_bytes": ("Part of the budget kept free.", mem["reserve_bytes"]),
+            "memory_weights_bytes": ("Model weights.", mem["weights_bytes"]),
+            "memory_accounted_bytes": ("Weights + workspace + reserved KV blocks.", mem["accounted_bytes"]),
+            "process_resident_bytes": ("Resident set size of the daemon process.", process_rss_bytes()),
+        } | state.extra_gauges()
+        mode = state.power_mode()
+        labelled = {"power_mode_info": ("Current nvpmodel power mode.", {"mode": mode}, 1)} if mode else {}
+        return PlainTextResponse(state.metrics.render(gauges, labelled), media_type="text/plain; version=0.0.4")
+
+    async def not_found(request: HTTPRequest, exc) -> Response:
+        return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
+
+    async def not_allowed(request: HTTPRequest, exc) -> Response:
+        return APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed").response()
+
+    routes = [
+        Route("/v1/models", endpoint("models", models), methods=["GET"]),
+        Route("/v1/completions", endpoint("completions", completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint("chat", chat), methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})

@@ -1,0 +1,110 @@
+"""What the scheduler needs from a model, and token sampling.
+
+The scheduler drives a model one step at a time: `prefill` one new sequence, then `step` every
+running sequence together (one batched decode call), then `release` finished ones. A model backend
+(edge_sdk.load) is adapted to this protocol in `adapter.py`; tests may pass any object with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class StepModel(Protocol):
+    model_id: str
+    context_length: int  # tokens per sequence, prompt + generated
+    eos_token_ids: frozenset[int]
+    weights_bytes: int  # resident weights (memory accounting)
+    kv_bytes_per_token: int  # all layers, K and V
+    workspace_bytes: int  # activations at max batch (memory accounting)
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def prefill(self, seq_id: str, tokens: Sequence[int], max_new_tokens: int) -> np.ndarray:
+        """Run the prompt, keep its KV under seq_id (room for max_new_tokens more); logits of the last position: [vocab]."""
+
+    def step(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
+        """Append one token to each sequence; logits: [len(seq_ids), vocab]."""
+
+    def release(self, seq_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class Sampler:
+    """Per-request sampler: greedy at temperature 0, else temperature + nucleus (top_p) sampling."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float64)
+        if p.temperature <= 1e-5:
+            return int(np.argmax(logits))
+        z = logits / p.temperature
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]  # smallest prefix with mass >= top_p
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
+        return int(self.rng.choice(probs.shape[0], p=probs))
+
+
+class TextStream:
+    """Incremental detokenization with stop strings: emits only text that is final.
+
+    Text that could still become the start of a stop string, or an incomplete UTF-8 character
+    (decoded as U+FFFD), is held back until the next token decides it.
+    """
+
+    def __init__(self, decode, stop: tuple[str, ...]):
+        self._decode = decode
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the final text already handed out
+        self.text = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (new final text, hit a stop string)."""
+        self.ids.append(token)
+        self.text = self._decode(self.ids)
+        for s in self.stop:
+            i = self.text.find(s)
+            if i >= 0:
+                self.text = self.text[:i]
+                return self._take(len(self.text)), True
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        end = len(self.text) - hold
+        while end > self.emitted and self.text[end - 1] == "\ufffd":
+            end -= 1
+        return self._take(end), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out

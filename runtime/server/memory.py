@@ -1,0 +1,233 @@
+"""Unified-memory manager: one budget, a KV block pool, admission by reservation.
+
+On Jetson the GPU allocates from the same LPDDR as the CPU, so the daemon keeps a single budget
+(the platform's allocatable bytes minus a reserve) and splits it between weights, workspace and a
+pool of fixed-size KV blocks. A request reserves every block it can ever need (prompt + max_tokens)
+when it is admitted, so a running request never runs out of memory half-way; one that can never fit
+is refused (413), one that cannot fit now waits or is refused with a retry hint (503). Idle state
+(caches nobody is using) is released before a request is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from ...errors import MemoryBudgetError
+
+MIB = 2**20
+
+
+class NoFreeBlocksError(MemoryBudgetError):
+    """The KV block pool has fewer free blocks than asked for."""
+
+
+class RequestTooLargeError(MemoryBudgetError):
+    """A request that can never fit: longer than the context, or more KV than the whole pool."""
+
+    http_status = 413
+
+
+class MemoryBusyError(MemoryBudgetError):
+    """A request that fits the pool but not what is free right now."""
+
+    http_status = 503
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after_s: float = 1.0):
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
+
+
+class BlockAllocator:
+    """Fixed pool of KV block ids; allocate/free are O(n) in the blocks moved, never in the pool."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 0:
+            raise ValueError("num_blocks must be >= 0")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # stack: lowest id handed out first
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def allocate(self, n: int) -> list[int]:
+        if n < 0:
+            raise ValueError("cannot allocate a negative number of blocks")
+        if n > len(self._free):
+            raise NoFreeBlocksError(f"asked for {n} KV blocks, {len(self._free)} of {self.num_blocks} free")
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            assert b in self._used, f"KV block {b} freed twice or never allocated"
+            self._used.remove(b)
+            self._free.append(b)
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """How the budget is split (bytes). kv_blocks * kv_block_bytes is the KV pool."""
+
+    budget_bytes: int  # allocatable unified memory reported by the platform (or the emulated board)
+    reserve_bytes: int  # kept free for the OS, other processes and allocator slack
+    weights_bytes: int
+    workspace_bytes: int
+    kv_block_tokens: int
+    kv_block_bytes: int
+    kv_blocks: int
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.budget_bytes - self.reserve_bytes
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.kv_blocks * self.kv_block_bytes
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {
+            "usable_bytes": self.usable_bytes, "kv_pool_bytes": self.kv_pool_bytes}
+
+
+def plan_layout(*, budget_bytes: int, reserve_bytes: int, weights_bytes: int, workspace_bytes: int,
+                kv_bytes_per_token: int, kv_block_tokens: int, context_length: int,
+                kv_pool_max_bytes: int | None = None) -> MemoryLayout:
+    """Split the budget; refuse a model that cannot hold even one full-context sequence."""
+    if kv_block_tokens <= 0 or kv_bytes_per_token <= 0:
+        raise MemoryBudgetError(f"kv_block_tokens ({kv_block_tokens}) and KV bytes per token ({kv_bytes_per_token}) must be positive")
+    block_bytes = kv_block_tokens * kv_bytes_per_token
+    free_for_kv = budget_bytes - reserve_bytes - weights_bytes - workspace_bytes
+    if kv_pool_max_bytes is not None:
+        free_for_kv = min(free_for_kv, kv_pool_max_bytes)
+    blocks = max(0, free_for_kv // block_bytes)
+    one_sequence = -(-context_length // kv_block_tokens)
+    if blocks < one_sequence:
+        need = weights_bytes + workspace_bytes + one_sequence * block_bytes + reserve_bytes
+        raise MemoryBudgetError(
+            f"the model needs {need / MIB:.0f} MiB (weights {weights_bytes / MIB:.0f}, workspace {workspace_bytes / MIB:.0f}, "
+            f"KV for one {context_length}-token sequence {one_sequence * block_bytes / MIB:.0f}, reserve {reserve_bytes / MIB:.0f}) "
+            f"but the budget is {budget_bytes / MIB:.0f} MiB",
+            hint="lower memory.reserve_mb or server.context_length, raise memory.kv_pool_max_mb, or use a smaller model / bigger board",
+        )
+    return MemoryLayout(budget_bytes, reserve_bytes, weights_bytes, workspace_bytes, kv_block_tokens, block_bytes, int(blocks))
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    tokens: int
+    blocks: list[int]
+
+
+@dataclass
+class _Idle:
+    blocks: list[int]
+    release: Callable[[], None]
+
+
+class MemoryManager:
+    """Admission control over a MemoryLayout. Thread-safe: HTTP handlers ask, the scheduler frees."""
+
+    def __init__(self, layout: MemoryLayout, *, context_length: int):
+        self.layout = layout
+        self.context_length = context_length
+        self.pool = BlockAllocator(layout.kv_blocks)
+        self._reservations: dict[str, Reservation] = {}
+        self._idle: OrderedDict[str, _Idle] = OrderedDict()  # least recently parked first
+        self._lock = threading.Lock()
+        self.idle_released = 0
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.layout.kv_block_tokens)
+
+    def check(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Tokens the request needs; raises RequestTooLargeError if it can never be served."""
+        total = prompt_tokens + max_new_tokens
+        if total > self.context_length:
+            raise RequestTooLargeError(
+                f"this request needs {total} tokens ({prompt_tokens} in the prompt + {max_new_tokens} to generate) "
+                f"but the model's context is {self.context_length} tokens",
+                hint="shorten the prompt or lower max_tokens")
+        if self.blocks_for(total) > self.pool.num_blocks:
+            raise RequestTooLargeError(
+                f"this request needs {self.blocks_for(total)} KV blocks but the pool holds {self.pool.num_blocks}",
+                hint="lower max_tokens or raise the memory budget")
+        return total
+
+    def reserve(self, request_id: str, prompt_tokens: int, max_new_tokens: int) -> Reservation:
+        tokens = self.check(prompt_tokens, max_new_tokens)
+        n = self.blocks_for(tokens)
+        with self._lock:
+            assert request_id not in self._reservations, f"request {request_id} reserved twice"
+            while self.pool.num_free < n and self._idle:
+                self._release_oldest_idle()
+            if self.pool.num_free < n:
+                raise MemoryBusyError(
+                    f"the KV pool has {self.pool.num_free} of {self.pool.num_blocks} blocks free and this request needs {n}",
+                    hint="retry when running requests finish")
+            r = Reservation(request_id, tokens, self.pool.allocate(n))
+            self._reservations[request_id] = r
+            return r
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            r = self._reservations.pop(request_id, None)
+            if r is not None:
+                self.pool.free(r.blocks)
+
+    def park_idle(self, key: str, blocks: int, release: Callable[[], None]) -> bool:
+        """Account idle state (a cache kept for reuse) in the pool; it is released first under pressure.
+        Returns False (and keeps nothing) when the blocks are not free."""
+        with self._lock:
+            if key in self._idle or blocks > self.pool.num_free:
+                return False
+            self._idle[key] = _Idle(self.pool.allocate(blocks), release)
+            return True
+
+    def take_idle(self, key: str) -> bool:
+        """Drop an idle entry because its owner reused or freed it (no release callback)."""
+        with self._lock:
+            idle = self._idle.pop(key, None)
+            if idle is not None:
+                self.pool.free(idle.blocks)
+            return idle is not None
+
+    def _release_oldest_idle(self) -> None:
+        _, idle = self._idle.popitem(last=False)
+        self.pool.free(idle.blocks)
+        self.idle_released += 1
+        idle.release()
+
+    @property
+    def running(self) -> int:
+        return len(self._reservations)
+
+    def stats(self) -> dict:
+        with self._lock:
+            lay = self.layout
+            used = self.pool.num_used
+            return {
+                "budget_bytes": lay.budget_bytes, "reserve_bytes": lay.reserve_bytes, "weights_bytes": lay.weights_bytes,
+                "workspace_bytes": lay.workspace_bytes, "kv_blocks_total": lay.kv_blocks, "kv_blocks_used": used,
+                "kv_blocks_idle": sum(len(i.blocks) for i in self._idle.values()),
+                "kv_used_bytes": used * lay.kv_block_bytes, "kv_pool_bytes": lay.kv_pool_bytes,
+                "accounted_bytes": lay.weights_bytes + lay.workspace_bytes + used * lay.kv_block_bytes,
+                "reservations": len(self._reservations), "idle_released": self.idle_released,
+            }
+
+
+def process_rss_bytes(pid: int | None = None) -> int:
+    """Resident set size from /proc (no psutil on the device)."""
+    with open(f"/proc/{pid or 'self'}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,110 @@
+"""Validation of OpenAI request bodies into SamplingParams; every problem names the field."""
+
+from __future__ import annotations
+
+from ...errors import ConfigError
+from .engine import SamplingParams
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class BadRequest(ConfigError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _number(data: dict, key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    v = data.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise BadRequest(f"'{key}' must be a number, got {v!r}", key)
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise BadRequest(f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", key)
+    return float(v)
+
+
+def _int(data: dict, key: str, default: int | None, lo: int) -> int | None:
+    v = data.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"'{key}' must be an integer, got {v!r}", key)
+    if v < lo:
+        raise BadRequest(f"'{key}' must be >= {lo}, got {v}", key)
+    return v
+
+
+def _common(data: dict, max_tokens_default: int) -> tuple[SamplingParams, bool, bool]:
+    max_tokens = _int(data, "max_completion_tokens", None, 1) or _int(data, "max_tokens", max_tokens_default, 1)
+    stop = data.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        stop = tuple(stop)
+    else:
+        raise BadRequest(f"'stop' must be a string or a list of up to 4 strings, got {stop!r}", "stop")
+    if _int(data, "n", 1, 1) != 1:
+        raise BadRequest("only n=1 is supported", "n")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
+    opts = data.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(data, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        seed=seed,
+        stop=stop,
+    )
+    return params, stream, bool(stream and opts.get("include_usage"))
+
+
+def parse_completion(data: dict, max_tokens_default: int):
+    """(prompt text or token ids, params, stream, include_usage)."""
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+            raise BadRequest("'prompt' must be a string, a list with one string, or a non-empty list of token ids", "prompt")
+    elif not isinstance(prompt, str) or not prompt:
+        raise BadRequest("'prompt' is required: a non-empty string (batches of prompts are not supported; send them as separate requests)", "prompt")
+    return (prompt, *_common(data, max_tokens_default))
+
+
+def _content(msg: dict, i: int) -> str:
+    content = msg.get("content")
+    if content is None and msg.get("role") == "assistant":
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+
+
+def parse_chat(data: dict, max_tokens_default: int):
+    """(messages as [{"role", "content"}], params, stream, include_usage)."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' is required: a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}] must be an object whose role is one of {', '.join(ROLES)}", f"messages[{i}].role")
+        out.append({"role": msg["role"], "content": _content(msg, i)})
+    return (out, *_common(data, max_tokens_default))

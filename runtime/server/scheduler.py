@@ -1,0 +1,299 @@
+"""Request queue and batched decode.
+
+One scheduler thread owns the model. Each loop: drop cancelled requests, admit waiting requests in
+arrival order (a request that does not fit blocks the ones behind it: first come, first served),
+prefill the newly admitted ones, then decode one token for every running sequence in a single
+batched `step`. HTTP handlers talk to it through `submit` / `Request.cancel` and read events from
+an asyncio queue fed thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ...errors import EdgeSDKError, MemoryBudgetError
+from .engine import Sampler, SamplingParams, StepModel, TextStream
+from .memory import MemoryBusyError, MemoryManager
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class ServiceBusyError(MemoryBusyError):
+    """The queue is full, the wait timed out, or the daemon is shutting down: retry later."""
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    error: EdgeSDKError | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop | None = None
+    id: str = ""
+    events: asyncio.Queue | None = None
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    completion_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    reserved: bool = False
+    _cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Called from any thread (client gone); the scheduler frees everything on its next loop."""
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def emit(self, event: Event) -> None:
+        if self.loop is None:
+            self.events.put_nowait(event)
+        else:
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # the handler's loop is closed: nobody listens any more
+                self._cancelled = True
+
+
+class _Running:
+    __slots__ = ("req", "sampler", "text", "last")
+
+    def __init__(self, req: Request, model: StepModel):
+        self.req = req
+        self.sampler = Sampler(req.params)
+        self.text = TextStream(model.decode, req.params.stop)
+        self.last = -1
+
+
+class Scheduler:
+    def __init__(self, model: StepModel, memory: MemoryManager, *, max_batch: int = 8, max_queue: int = 64,
+                 when_full: str = "wait", queue_timeout_s: float = 30.0, retry_after_s: int = 2,
+                 metrics: Metrics | None = None):
+        self.model = model
+        self.memory = memory
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.when_full = when_full
+        self.queue_timeout_s = queue_timeout_s
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics or Metrics()
+        self._waiting: deque[Request] = deque()
+        self._running: dict[str, _Running] = {}
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stop = False
+        self._draining = False
+        self._thread: threading.Thread | None = None
+        self.heartbeat = time.monotonic()
+
+    # --- called from HTTP handlers -----------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None) -> Request:
+        """Queue a request or raise: RequestTooLargeError (never fits) / MemoryBusyError (not now)."""
+        req = Request(list(prompt_ids), params, loop, events=asyncio.Queue())
+        self.memory.check(len(req.prompt_ids), params.max_tokens)
+        with self._cv:
+            req.id = f"req-{next(self._ids)}"
+            if self._draining or self._stop:
+                raise ServiceBusyError("the daemon is shutting down and admits no new requests", hint="retry against the restarted service",
+                                       retry_after_s=self.retry_after_s)
+            if len(self._waiting) >= self.max_queue:
+                raise ServiceBusyError(f"{len(self._waiting)} requests are already waiting (scheduler.max_queue)",
+                                       hint="retry later", retry_after_s=self.retry_after_s)
+            if self.when_full == "reject":
+                self._reserve(req)
+            self._waiting.append(req)
+            self.metrics.queue_depth = len(self._waiting)
+            self._cv.notify()
+        return req
+
+    def _reserve(self, req: Request) -> None:
+        try:
+            self.memory.reserve(req.id, len(req.prompt_ids), req.params.max_tokens)
+        except MemoryBusyError as exc:
+            raise MemoryBusyError(exc.message, hint=exc.hint, retry_after_s=self.retry_after_s) from None
+        req.reserved = True
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="edge-sdk-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel everything and end the thread."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def begin_drain(self) -> None:
+        with self._cv:
+            self._draining = True
+
+    def drain(self, timeout_s: float) -> bool:
+        """Stop admitting; wait up to timeout_s for in-flight requests; cancel the rest (finish "abort").
+        Returns True when everything finished on its own."""
+        self.begin_drain()
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while (self._waiting or self._running) and time.monotonic() < deadline:
+                self._cv.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            clean = not (self._waiting or self._running)
+            for r in list(self._waiting) + [run.req for run in self._running.values()]:
+                r.cancel()
+            self._cv.notify()
+            while self._waiting or self._running:
+                self._cv.wait(timeout=0.1)
+        return clean
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def running(self) -> int:
+        return len(self._running)
+
+    # --- the loop (scheduler thread) -----------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stop or self._waiting or self._running):
+                    self.heartbeat = time.monotonic()
+                    self._cv.wait(timeout=1.0)
+                if self._stop:
+                    break
+                self.heartbeat = time.monotonic()
+                self._drop_cancelled()
+                admitted = self._admit()
+                self.metrics.queue_depth = len(self._waiting)
+            for req in admitted:
+                run = _Running(req, self.model)
+                self._running[req.id] = run
+                self._guard([run], self._prefill, run)
+            self._guard(list(self._running.values()), self._decode_step)
+            with self._cv:
+                self._cv.notify_all()
+        with self._cv:
+            for req in list(self._waiting):
+                self._abort_waiting(req)
+            for run in list(self._running.values()):
+                self._finish(run, "abort")
+            self._cv.notify_all()
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for req in list(self._waiting):
+            if req.cancelled:
+                self._abort_waiting(req)
+            elif not req.reserved and now - req.created > self.queue_timeout_s:
+                self._waiting.remove(req)
+                self.metrics.rejected += 1
+                req.emit(Event("error", error=ServiceBusyError(
+                    f"waited {self.queue_timeout_s:.0f} s for memory or a batch slot", hint="retry later",
+                    retry_after_s=self.retry_after_s)))
+        for run in list(self._running.values()):
+            if run.req.cancelled:
+                self._finish(run, "abort")
+
+    def _abort_waiting(self, req: Request) -> None:
+        self._waiting.remove(req)
+        if req.reserved:
+            self.memory.release(req.id)
+        req.finish_reason = "abort"
+        req.emit(Event("done", finish_reason="abort"))
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+            req = self._waiting[0]
+            if not req.reserved:
+                try:
+                    self.memory.reserve(req.id, len(req.prompt_ids), req.params.max_tokens)
+                except MemoryBudgetError:
+                    break  # first come, first served: the ones behind it wait too
+                req.reserved = True
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _guard(self, runs: list[_Running], fn, *args) -> None:
+        """Run a model call; if it fails, fail the requests it served (the daemon keeps going)."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.exception("model call failed")
+            err = exc if isinstance(exc, EdgeSDKError) else EdgeSDKError(f"the model failed: {exc}")
+            for run in runs:
+                if run.req.id in self._running:
+                    self._finish(run, None, error=err)
+
+    def _prefill(self, run: _Running) -> None:
+        req = run.req
+        logits = self.model.prefill(req.id, req.prompt_ids, req.params.max_tokens)
+        self.metrics.prompt_tokens += len(req.prompt_ids)
+        self._accept(run, run.sampler(logits))
+
+    def _decode_step(self) -> None:
+        runs = [r for r in self._running.values() if r.req.finish_reason is None]
+        if not runs:
+            return
+        t0 = time.monotonic()
+        logits = self.model.step([r.req.id for r in runs], [r.last for r in runs])
+        self.metrics.record_step(len(runs), time.monotonic() - t0)
+        for run, row in zip(runs, logits):
+            self._accept(run, run.sampler(row))
+
+    def _accept(self, run: _Running, token: int) -> None:
+        req = run.req
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+            self.metrics.ttft.observe(req.first_token_at - req.created)
+        self.metrics.generation_tokens += 1
+        if token in self.model.eos_token_ids:
+            return self._finish(run, "stop")
+        req.completion_ids.append(token)
+        run.last = token
+        text, hit_stop = run.text.push(token)
+        if text:
+            req.emit(Event("text", text=text))
+        if hit_stop:
+            return self._finish(run, "stop")
+        if len(req.completion_ids) >= req.params.max_tokens:
+            return self._finish(run, "length")
+
+    def _finish(self, run: _Running, reason: str | None, error: EdgeSDKError | None = None) -> None:
+        req = run.req
+        self._running.pop(req.id, None)
+        try:
+            self.model.release(req.id)
+        finally:
+            self.memory.release(req.id)
+        req.finish_reason = reason or "error"
+        self.metrics.finished[req.finish_reason] = self.metrics.finished.get(req.finish_reason, 0) + 1
+        if error is not None:
+            req.emit(Event("error", error=error))
+            return
+        rest = run.text.flush()
+        if rest:
+            req.emit(Event("text", text=rest))
+        req.emit(Event("done", finish_reason=reason))
