@@ -1,12 +1,120 @@
-"""`edge-sdk run BUNDLE --prompt TEXT` and `edge-sdk bench BUNDLE`."""
+"""`edge-sdk run BUNDLE --prompt TEXT` (streams to the terminal) and `edge-sdk bench BUNDLE [--json]`."""
 
 from __future__ import annotations
 
-from ._common import not_built
+import sys
+
+from ._common import print_json
+
+
+def _load_options(p) -> None:
+    from .main import add_device_options
+
+    p.add_argument("bundle", help="bundle directory written by `edge-sdk convert`")
+    p.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"),
+                   help="auto: TensorRT EP > CUDA EP > CPU by availability; tensorrt: native engine from `edge-sdk engine build`")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--accuracy-level", type=int, default=4, help="int4 MatMul activations: 1 exact fp32 ... 4 int8 (fastest)")
+    p.add_argument("--max-seq-len", type=int, help="KV capacity per sequence (tokens)")
+    p.add_argument("--key", help="trusted ed25519 public key: the bundle's signature must verify")
+    p.add_argument("--board", help="board the bundle runs on (checked against the bundle)")
+    add_device_options(p)
 
 
 def register(sub) -> None:
-    for name, help_ in (("run", "generate text from a bundle"), ("bench", "measure prefill/decode speed of a bundle")):
-        p = sub.add_parser(name, help=f"{help_} (not built yet)")
-        p.add_argument("rest", nargs="*", help="arguments of the command")
-        p.set_defaults(func=not_built(f"edge-sdk {name}", "the runtime (edge_sdk.runtime generation) is not part of this build"))
+    p = sub.add_parser("run", help="generate text from a bundle, streamed to the terminal")
+    _load_options(p)
+    p.add_argument("--prompt", required=True, help="prompt text (with --chat: the user message)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template (DeepSeek-R1)")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--hide-reasoning", action="store_true", help="with --chat: do not print the <think> part")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.set_defaults(func=run)
+
+    b = sub.add_parser("bench", help="measure prefill/decode speed, time to first token, memory, roofline ratio")
+    _load_options(b)
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=bench)
+
+
+def _load(args, max_batch: int = 1):
+    from edge_sdk.runtime import load
+
+    return load(args.bundle, provider=args.provider, threads=args.threads, accuracy_level=args.accuracy_level,
+                max_seq_len=args.max_seq_len, public_key=args.key, board=args.board,
+                emulate=None if args.board else args.emulate, root=args.root, max_batch=max_batch)
+
+
+def run(args) -> int:
+    model = _load(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    kw = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    if args.json:
+        c = model.generate(prompt, **kw)
+        t = c.timings
+        print_json({"text": c.text, "reasoning": c.reasoning, "finish_reason": c.finish_reason, "token_ids": c.token_ids,
+                    "prompt_tokens": c.prompt_tokens, "provider": model.backend.provider,
+                    "time_to_first_token_s": t.first_token_s, "decode_tokens_per_s": t.decode_tokens_per_s})
+        return 0
+    in_reasoning = False
+    for chunk in model.generate(prompt, stream=True, **kw):
+        reasoning = getattr(chunk, "reasoning", False)
+        if reasoning and args.hide_reasoning:
+            continue
+        if reasoning != in_reasoning and sys.stdout.isatty():
+            sys.stdout.write("\033[2m" if reasoning else "\033[0m")
+        in_reasoning = reasoning
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    if in_reasoning and sys.stdout.isatty():
+        sys.stdout.write("\033[0m")
+    sys.stdout.write("\n")
+    t = model.last_timings
+    print(f"[{model.backend.provider}: {t.generated_tokens} tokens, first after {t.first_token_s * 1000:.0f} ms, "
+          f"decode {t.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def bench(args) -> int:
+    from edge_sdk.runtime.bench import bench as run_bench
+    from edge_sdk.runtime.bench import board_roofline
+
+    model = _load(args, max_batch=args.batch)
+    result = run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats)
+    board = args.board or args.emulate
+    if board:
+        result["board_roofline"] = board_roofline(model.manifest, board, args.prompt_tokens + args.new_tokens)
+    if args.json:
+        print_json(result)
+        return 0
+    d = result["backend"]
+    print(f"provider          {d['provider']} ({d.get('providers', [d['provider']])}, threads {d.get('threads')}, "
+          f"accuracy level {d.get('accuracy_level')})")
+    print(f"prompt/new/batch  {args.prompt_tokens}/{args.new_tokens}/{args.batch}, median of {args.repeats}")
+    print(f"prefill           {result['prefill_tokens_per_s']:.1f} tokens/s")
+    print(f"decode            {result['decode_tokens_per_s']:.1f} tokens/s")
+    print(f"first token       {result['time_to_first_token_s'] * 1000:.0f} ms")
+    print(f"peak memory       {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"read per token    {result['bytes_read_per_token'] / 2**20:.1f} MiB")
+    print(f"roofline          {result['roofline_tokens_per_s']:.1f} tokens/s at {result['read_bandwidth_gbps']:.1f} GB/s "
+          f"-> {100 * (result['roofline_ratio'] or 0):.0f}% reached")
+    if "board_roofline" in result:
+        r = result["board_roofline"]
+        modes = ", ".join(f"{k} {v}" for k, v in r["modes"].items())
+        print(f"board roofline    {r['board']}: {modes} tokens/s (planner)")
+    print(f"load average      {' '.join(f'{x:.2f}' for x in result['load_average'])}")
+    return 0
