@@ -170,8 +170,10 @@ class MemoryManager:
         n = self.blocks_for(tokens)
         with self._lock:
             assert request_id not in self._reservations, f"request {request_id} reserved twice"
-            while self.pool.num_free < n and self._idle:
-                self._release_oldest_idle()
+            idle = sum(len(i.blocks) for i in self._idle.values())
+            if self.pool.num_free + idle >= n:  # evict only when it makes the request fit
+                while self.pool.num_free < n:
+                    self._release_oldest_idle()
             if self.pool.num_free < n:
                 raise MemoryBusyError(
                     f"the KV pool has {self.pool.num_free} of {self.pool.num_blocks} blocks free and this request needs {n}",

@@ -1,0 +1,142 @@
+"""Memory manager: block pool invariants (parametrized over sizes), layout, admission, idle release."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from edge_sdk.errors import MemoryBudgetError
+from edge_sdk.runtime.server.memory import (
+    BlockAllocator, MemoryBusyError, MemoryLayout, MemoryManager, NoFreeBlocksError, RequestTooLargeError, plan_layout,
+    process_rss_bytes,
+)
+
+MIB = 2**20
+
+
+@pytest.mark.parametrize("num_blocks", [0, 1, 7, 64, 1000])
+def test_allocator_invariants_under_random_traffic(num_blocks):
+    pool = BlockAllocator(num_blocks)
+    rng = random.Random(num_blocks)
+    held: list[list[int]] = []
+    for _ in range(500):
+        if held and rng.random() < 0.45:
+            pool.free(held.pop(rng.randrange(len(held))))
+        else:
+            n = rng.randint(0, max(1, num_blocks // 4))
+            if n > pool.num_free:
+                with pytest.raises(NoFreeBlocksError):
+                    pool.allocate(n)
+            else:
+                held.append(pool.allocate(n))
+        flat = [b for blocks in held for b in blocks]
+        assert len(flat) == len(set(flat)) == pool.num_used  # no block handed out twice
+        assert pool.num_used + pool.num_free == num_blocks
+        assert all(0 <= b < num_blocks for b in flat)
+    for blocks in held:
+        pool.free(blocks)
+    assert pool.num_free == num_blocks
+
+
+def test_double_free_is_an_invariant_violation():
+    pool = BlockAllocator(4)
+    blocks = pool.allocate(2)
+    pool.free(blocks)
+    with pytest.raises(AssertionError):
+        pool.free(blocks)
+
+
+@pytest.mark.parametrize("board_mb,weights_mb,expect_blocks", [
+    # budget - reserve - weights - workspace, in 16-token blocks of 16 KiB/token (256 KiB per block)
+    (62841, 1000, (62841 - 1024 - 1000 - 100) * 4),
+    (7620, 4000, (7620 - 1024 - 4000 - 100) * 4),
+])
+def test_layout_splits_the_budget(board_mb, weights_mb, expect_blocks):
+    lay = plan_layout(budget_bytes=board_mb * MIB, reserve_bytes=1024 * MIB, weights_bytes=weights_mb * MIB,
+                      workspace_bytes=100 * MIB, kv_bytes_per_token=16384, kv_block_tokens=16, context_length=4096)
+    assert lay.kv_blocks == expect_blocks and lay.kv_block_bytes == 16 * 16384
+    assert lay.weights_bytes + lay.workspace_bytes + lay.kv_pool_bytes <= lay.usable_bytes
+    assert lay.usable_bytes - (lay.weights_bytes + lay.workspace_bytes + lay.kv_pool_bytes) < lay.kv_block_bytes
+
+
+def test_layout_respects_pool_cap_and_refuses_a_model_that_cannot_hold_one_sequence():
+    lay = plan_layout(budget_bytes=8000 * MIB, reserve_bytes=0, weights_bytes=0, workspace_bytes=0, kv_bytes_per_token=1024,
+                      kv_block_tokens=16, context_length=64, kv_pool_max_bytes=10 * 16 * 1024)
+    assert lay.kv_blocks == 10
+    with pytest.raises(MemoryBudgetError, match="needs .* MiB .* budget is 7620 MiB"):
+        plan_layout(budget_bytes=7620 * MIB, reserve_bytes=1024 * MIB, weights_bytes=6500 * MIB, workspace_bytes=100 * MIB,
+                    kv_bytes_per_token=57344, kv_block_tokens=16, context_length=4096)
+
+
+def manager(blocks=10, block_tokens=16, context=1024):
+    lay = MemoryLayout(budget_bytes=1 << 30, reserve_bytes=0, weights_bytes=100, workspace_bytes=10,
+                       kv_block_tokens=block_tokens, kv_block_bytes=block_tokens * 8, kv_blocks=blocks)
+    return MemoryManager(lay, context_length=context)
+
+
+def test_admission_reserves_whole_requests_and_frees_them():
+    m = manager()
+    m.reserve("a", 20, 40)  # 60 tokens -> 4 blocks
+    m.reserve("b", 1, 15)  # 16 tokens -> 1 block
+    assert m.stats()["kv_blocks_used"] == 5
+    assert m.stats()["accounted_bytes"] == 110 + 5 * 16 * 8
+    with pytest.raises(MemoryBusyError, match="5 of 10 blocks free"):
+        m.reserve("c", 50, 50)  # 7 blocks
+    m.release("a")
+    m.reserve("c", 50, 50)
+    m.release("b")
+    m.release("c")
+    m.release("c")  # releasing twice is harmless
+    assert m.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("prompt,new,kind", [(1000, 25, "context"), (100, 100, "blocks")])
+def test_requests_that_can_never_fit_are_too_large(prompt, new, kind):
+    m = manager(blocks=10, context=1024)  # the pool holds 160 tokens, less than the context
+    with pytest.raises(RequestTooLargeError, match=kind):
+        m.reserve("x", prompt, new)
+    assert m.stats()["kv_blocks_used"] == 0
+
+
+def test_idle_state_is_released_before_a_request_is_refused():
+    m = manager(blocks=10)
+    released = []
+    assert m.park_idle("cache-1", 3, lambda: released.append(1))
+    assert m.park_idle("cache-2", 3, lambda: released.append(2))
+    assert not m.park_idle("cache-3", 5, lambda: released.append(3))  # does not fit: nothing parked
+    m.reserve("a", 30, 34)  # 4 blocks: fits beside the idle caches
+    assert released == []
+    m.reserve("b", 10, 22)  # 2 blocks: still fits (4 + 6 idle = 10)
+    m.release("b")
+    m.reserve("c", 40, 40)  # 5 blocks: needs both idle caches gone, oldest first
+    assert released == [1, 2] and m.idle_released == 2
+    assert m.stats()["kv_blocks_idle"] == 0
+    assert m.take_idle("cache-1") is False
+
+
+def test_idle_entry_taken_back_by_its_owner_is_not_released():
+    m = manager(blocks=4)
+    released = []
+    m.park_idle("k", 2, lambda: released.append("k"))
+    assert m.take_idle("k")
+    m.reserve("a", 60, 4)
+    assert released == [] and m.stats()["kv_blocks_used"] == 4
+
+
+def test_idle_state_is_kept_when_releasing_it_would_not_be_enough():
+    m = manager(blocks=4)
+    released = []
+    m.park_idle("k", 1, lambda: released.append("k"))
+    m.reserve("a", 40, 8)  # 3 blocks: the pool is full (3 reserved + 1 idle)
+    with pytest.raises(MemoryBusyError):
+        m.reserve("b", 20, 12)  # 2 blocks > 0 free + 1 idle
+    assert released == [] and m.stats()["kv_blocks_idle"] == 1
+    m.reserve("c", 10, 6)  # 1 block: fits once the idle cache goes
+    assert released == ["k"]
+
+
+def test_process_rss_matches_psutil():
+    psutil = pytest.importorskip("psutil")
+    ours, theirs = process_rss_bytes(), psutil.Process().memory_info().rss
+    assert abs(ours - theirs) < 8 * MIB
