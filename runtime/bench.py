@@ -64,7 +64,7 @@ def bench(model, *, prompt_tokens: int = 128, new_tokens: int = 128, batch: int 
     cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
     runs = []
     for _ in range(repeats):
-        prompts = [rng.integers(100, vocab, prompt_tokens).tolist() for _ in range(batch)]
+        prompts = [rng.integers(min(100, vocab - 1), vocab, prompt_tokens).tolist() for _ in range(batch)]
         for _ in model.generator.stream(prompts, cfg):
             pass
         runs.append(model.generator.timings)
@@ -88,7 +88,7 @@ def bench(model, *, prompt_tokens: int = 128, new_tokens: int = 128, batch: int 
         "weight_bytes_per_step": weights, "kv_bytes_per_step": kv,
         "read_bandwidth_gbps": round(bw, 2),
         "roofline_tokens_per_s": round(roofline, 2),
-        "roofline_ratio": round(decode_tps / roofline, 3) if roofline else None,
+        "roofline_ratio": round(decode_tps / roofline, 6) if roofline else None,
         "load_average": list(os.getloadavg()),
     }
     return out

