@@ -1,0 +1,135 @@
+"""Converted tiny Qwen2 / Llama bundles: the runtime's greedy tokens equal PyTorch's greedy tokens
+on the same dequantized int4 weights (the bundle's weights are read back, dequantized with numpy
+and loaded into the Hugging Face model), for prompt lengths 1 and > 1 and batches 1 and 2."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+
+import edge_sdk  # noqa: E402
+
+ARCHS = ["qwen2", "llama"]
+PROMPTS = [[7], [5, 17, 42, 7, 99, 3, 64]]
+NEW = 8
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request):
+    """(runtime model, PyTorch model with the bundle's dequantized weights) for one architecture."""
+    try:
+        make_bundle, make_model_dir = request.getfixturevalue("tiny_bundle"), request.getfixturevalue("tiny_model_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("the tiny_bundle / tiny_model_dir fixtures (tests/conftest.py) are not available")
+    bundle, hf_dir = make_bundle(request.param), make_model_dir(request.param)
+    model = edge_sdk.load(bundle, provider="cpu", accuracy_level=1, threads=1)
+    return model, reference_model(hf_dir, bundle)
+
+
+def dequantized_initializers(graph_path) -> dict[str, np.ndarray]:
+    """{initializer name: float32 array}; DequantizeLinear outputs stored under their weight's name."""
+    m = onnx.load(str(graph_path), load_external_data=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    out = {k: v.astype(np.float32) for k, v in inits.items() if v.dtype.kind == "f"}
+    for node in m.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        q = inits[node.input[0]].astype(np.float32)
+        scale = _through_casts(m, node.input[1], inits).astype(np.float32)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+        zp = inits[node.input[2]].astype(np.float32) if len(node.input) > 2 and node.input[2] else 0.0
+        if block:
+            scale = np.repeat(scale, block, axis=axis)[tuple(slice(0, n) for n in q.shape)]
+            zp = np.repeat(zp, block, axis=axis)[tuple(slice(0, n) for n in q.shape)] if np.ndim(zp) else zp
+        out[node.input[0]] = (q - zp) * scale
+    return out
+
+
+def _through_casts(m, name, inits):
+    if name in inits:
+        return inits[name]
+    for node in m.graph.node:
+        if node.output and node.output[0] == name and node.op_type == "Cast":
+            return _through_casts(m, node.input[0], inits)
+    raise KeyError(name)
+
+
+def reference_model(hf_dir, bundle):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    weights = dequantized_initializers(bundle / manifest["graphs"]["fp32"]["file"])
+    state = hf.state_dict()
+    loaded = set()
+    for name, w in weights.items():
+        key = name[: -len(".qweight")] + ".weight" if name.endswith(".qweight") else name
+        if key not in state:
+            continue
+        t = torch.from_numpy(np.ascontiguousarray(w))
+        if t.shape != state[key].shape and t.T.shape == state[key].shape:
+            t = t.T
+        assert t.shape == state[key].shape, (name, t.shape, state[key].shape)
+        state[key].copy_(t)
+        loaded.add(key)
+    quantized = {k for k in state if k.endswith("proj.weight")}
+    assert quantized <= loaded, f"no int4 weights found in the bundle for {sorted(quantized - loaded)[:3]}"
+    if hf.config.tie_word_embeddings:
+        hf.tie_weights()
+    return hf
+
+
+def torch_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def runtime_greedy(model, prompts, n):
+    from edge_sdk.runtime.generation import GenerationConfig
+
+    tokens = [[] for _ in prompts]
+    for c in model.generator.stream(prompts, GenerationConfig(max_new_tokens=n, ignore_eos=True)):
+        tokens[c.index].append(c.token_id)
+    return tokens
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["len1", "len7"])
+def test_greedy_batch1_equals_torch(pair, prompt):
+    model, hf = pair
+    assert runtime_greedy(model, [prompt], NEW)[0] == torch_greedy(hf, prompt, NEW)
+
+
+def test_greedy_batch2_left_padded_equals_torch(pair):
+    model, hf = pair
+    got = runtime_greedy(model, PROMPTS, NEW)
+    assert got == [torch_greedy(hf, p, NEW) for p in PROMPTS]
+
+
+def test_prefill_logits_close_to_torch(pair):
+    import torch
+
+    model, hf = pair
+    prompt = PROMPTS[1]
+    cache = model.backend.new_cache(1, 16)
+    logits = model.backend.forward(np.array([prompt]), cache)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits.numpy()
+    np.testing.assert_allclose(logits, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_streaming_equals_non_streaming_on_real_tokenizer(pair):
+    model, _ = pair
+    c = model.generate("Hello world", max_new_tokens=10, ignore_eos=True)
+    assert "".join(x.text for x in model.generate("Hello world", max_new_tokens=10, ignore_eos=True, stream=True)) == c.text
+    assert c.text == model.tokenizer.decode(c.token_ids)
