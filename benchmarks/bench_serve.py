@@ -1,0 +1,129 @@
+"""Serving throughput: total decode tokens/s with 1, 2, 4 concurrent streams, and TTFT p50/p95.
+
+Starts the real daemon (`edge-sdk serve`, emulated board) on an ephemeral port, drives it with the
+official openai client from N threads, and reports per concurrency:
+  decode_tokens_per_s  sum over streams of (tokens - 1) / (last token time - first token time),
+                       averaged over rounds: what batched decode delivers once streams are running
+  throughput_tokens_per_s  all generated tokens / wall time of the round (prefill included)
+  ttft_p50_s / ttft_p95_s  request sent -> first token
+
+    python benchmarks/bench_serve.py --bundle BUNDLE [--streams 1,2,4] [--max-tokens 64] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+
+def start_daemon(bundle: str, board: str, max_batch: int, context: int | None) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "edge_sdk.cli.main", "serve", "--bundle", bundle, "--port", "0", "--emulate", board,
+           "--max-batch", str(max_batch)]
+    if context:
+        cmd += ["--context", str(context)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        sys.stderr.write("  daemon: " + line)
+        m = re.search(r"listening on (\S+)", line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, m.group(1)
+    raise SystemExit(f"the daemon exited with {proc.wait()} before listening")
+
+
+def one_stream(client, model: str, prompt: str, max_tokens: int, out: list) -> None:
+    t0 = time.perf_counter()
+    stamps = []
+    tokens = 0
+    for ch in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}):
+        if ch.choices and ch.choices[0].text:
+            stamps.append(time.perf_counter())
+        if ch.usage:
+            tokens = ch.usage.completion_tokens
+    out.append({"ttft": stamps[0] - t0 if stamps else float("nan"), "first": stamps[0] if stamps else t0,
+                "last": stamps[-1] if stamps else t0, "tokens": tokens})
+
+
+def round_of(client, model: str, n: int, prompts: list[str], max_tokens: int) -> dict:
+    out: list = []
+    threads = [threading.Thread(target=one_stream, args=(client, model, prompts[i % len(prompts)], max_tokens, out)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    decode = sum((r["tokens"] - 1) / (r["last"] - r["first"]) for r in out if r["tokens"] > 1 and r["last"] > r["first"])
+    return {"decode_tokens_per_s": decode, "throughput_tokens_per_s": sum(r["tokens"] for r in out) / wall,
+            "ttfts": [r["ttft"] for r in out], "tokens": sum(r["tokens"] for r in out)}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def main(argv=None) -> int:
+    import openai
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--board", default="agx-orin-64gb", help="emulated board")
+    ap.add_argument("--streams", default="1,2,4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--context", type=int, help="tokens per sequence (default: the bundle's, at most 4096)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    streams = [int(s) for s in args.streams.split(",")]
+    prompts = ["Explain how a Jetson shares memory between CPU and GPU.", "Write a haiku about edge computing.",
+               "List three uses of a language model on a robot.", "What limits decode speed on a small device?"]
+
+    proc, url = start_daemon(args.bundle, args.board, max(streams), args.context)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+        model = client.models.list().data[0].id
+        round_of(client, model, 1, prompts, 8)  # warm-up
+        rows = []
+        for n in streams:
+            rs = [round_of(client, model, n, prompts, args.max_tokens) for _ in range(args.rounds)]
+            ttfts = [t for r in rs for t in r["ttfts"]]
+            rows.append({"streams": n, "decode_tokens_per_s": round(statistics.mean(r["decode_tokens_per_s"] for r in rs), 2),
+                         "throughput_tokens_per_s": round(statistics.mean(r["throughput_tokens_per_s"] for r in rs), 2),
+                         "ttft_p50_s": round(percentile(ttfts, 0.5), 4), "ttft_p95_s": round(percentile(ttfts, 0.95), 4),
+                         "tokens": sum(r["tokens"] for r in rs)})
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            batch_lines = [l for l in r.read().decode().splitlines() if l.startswith("edge_sdk_decode_batch_size_")]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    base = rows[0]["decode_tokens_per_s"] or float("nan")
+    for row in rows:
+        row["speedup_vs_1"] = round(row["decode_tokens_per_s"] / base, 2)
+    report = {"bundle": args.bundle, "board": args.board, "max_tokens": args.max_tokens, "rounds": args.rounds,
+              "load_avg": os.getloadavg(), "cpus": os.cpu_count(), "daemon_exit": code, "rows": rows,
+              "batch_histogram": batch_lines}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.bundle} on emulated {args.board}, {args.max_tokens} tokens/stream, {args.rounds} rounds, "
+              f"load {report['load_avg'][0]:.2f} on {report['cpus']} CPUs")
+        print("streams  decode tok/s  speedup  throughput tok/s  TTFT p50   TTFT p95")
+        for r in rows:
+            print(f"{r['streams']:>7} {r['decode_tokens_per_s']:>13.1f} {r['speedup_vs_1']:>8.2f} {r['throughput_tokens_per_s']:>17.1f}"
+                  f" {r['ttft_p50_s']:>8.3f} s {r['ttft_p95_s']:>8.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
