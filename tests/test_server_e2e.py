@@ -38,7 +38,7 @@ def bundle(request, tmp_path_factory) -> Path:
     """The converted tiny DeepSeek-architecture bundle when the converter fixture exists, else the
     runtime's reference-graph bundle (also a real bundle run by onnxruntime)."""
     try:
-        return Path(request.getfixturevalue("tiny_bundle"))
+        return Path(request.getfixturevalue("tiny_bundle")("qwen2"))
     except pytest.FixtureLookupError:
         from test_runtime_loader import make_toy_bundle
 

@@ -42,20 +42,14 @@ def allocatable_bytes(meminfo: dict[str, int]) -> int:
 
 
 def memory_budget_bytes(root: str | None, emulate: str | None) -> tuple[int, str]:
-    """(bytes, where the number came from). Emulated: the board's memory; otherwise /proc/meminfo under root."""
+    """(bytes, where the number came from): the platform layer's allocatable GPU memory when this
+    build has it; otherwise the emulated board's MemTotal, or NVIDIA's formula over ROOT/proc/meminfo."""
+    platform = _platform(root, emulate)
+    if platform is not None:
+        return int(platform.allocatable_gpu_bytes()), "platform allocatable GPU memory"
     if emulate and not root:
         board = get_board(emulate)
         return board.mem_total_mb * 2**20, f"emulated {board.name} MemTotal"
-    try:
-        from ..platform import Platform  # the platform layer, when this build has it
-
-        platform = Platform(root or "/")
-        for attr in ("allocatable_bytes", "allocatable_memory_bytes"):
-            fn = getattr(platform, attr, None)
-            if callable(fn):
-                return int(fn()), "platform allocatable memory"
-    except ImportError:
-        pass
     path = Path(root or "/") / "proc" / "meminfo"
     try:
         info = parse_meminfo(path.read_text())
@@ -64,6 +58,16 @@ def memory_budget_bytes(root: str | None, emulate: str | None) -> tuple[int, str
     if "MemTotal" not in info or "MemFree" not in info:
         raise PlatformError(f"{path} has no MemTotal/MemFree", hint="pass --root with the board root or --emulate BOARD")
     return allocatable_bytes(info), f"allocatable per {path}"
+
+
+def _platform(root: str | None, emulate: str | None):
+    try:
+        from ..platform import Platform
+    except ImportError:
+        return None
+    if not hasattr(Platform, "from_options"):
+        return None
+    return Platform.from_options(emulate=emulate, root=root)
 
 
 def power_mode_reader(root: str | None, emulate: str | None):
