@@ -1,0 +1,181 @@
+"""convert(): checkpoint -> int4 weights -> ONNX graphs + weights file -> checked, signed bundle."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from edge_sdk import __version__
+from edge_sdk.bundle import staged_directory, write_manifest
+from edge_sdk.errors import AccuracyGateError
+
+from . import accuracy, calibration, onnx_export
+from .archs import linear_names
+from .checkpoint import TOKENIZER_FILES, open_checkpoint
+from .options import ConvertOptions
+from .weights_file import write_weights
+
+log = logging.getLogger(__name__)
+GRAPH_FILES = {"fp32": ("model.onnx", "float32"), "fp16": ("model.fp16.onnx", "float16")}
+
+
+class Stages:
+    """Wall time per stage and peak RSS, for the summary."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        log.info("%s ...", name)
+        yield
+        self.seconds[name] = round(time.perf_counter() - t, 3)
+
+    @staticmethod
+    def peak_rss_bytes() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def architecture_section(cfg: dict, shape) -> dict:
+    rope = cfg.get("rope_parameters") or {}
+    return {
+        "name": cfg["architectures"][0], "hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
+        "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+        "vocab_size": shape.vocab_size, "intermediate_size": shape.intermediate_size, "rms_norm_eps": shape.rms_norm_eps,
+        "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
+        "rope_theta": float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        "rope_scaling": cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None),
+        "tie_word_embeddings": shape.tie_word_embeddings,
+    }
+
+
+def tokenizer_section(ck) -> dict:
+    import json
+
+    tc = json.loads((ck.path / "tokenizer_config.json").read_text())
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ck.path / "tokenizer.json"))
+
+    def tid(v):
+        v = v.get("content") if isinstance(v, dict) else v
+        return tok.token_to_id(v) if isinstance(v, str) else None
+
+    eos = ck.config.get("eos_token_id")
+    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), *([tid(tc.get("eos_token"))] if tid(tc.get("eos_token")) is not None else [])})
+    return {
+        "files": list(TOKENIZER_FILES), "chat_template": tc.get("chat_template"),
+        "bos_token_id": tid(tc.get("bos_token")) if tc.get("bos_token") else ck.config.get("bos_token_id"),
+        "eos_token_ids": eos_ids,
+        "pad_token_id": tid(tc.get("pad_token")) if tc.get("pad_token") else ck.config.get("pad_token_id"),
+        "add_bos_token": bool(tc.get("add_bos_token", True)),
+    }
+
+
+def convert(model_dir, output, **options) -> dict:
+    """Convert a Hugging Face checkpoint directory into a release bundle at `output`; return the summary."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from .decoder import Decoder, DecoderShape, rope_tables
+    from .quantize import quantize_checkpoint
+
+    opts = options if isinstance(options, ConvertOptions) else ConvertOptions(**options)
+    stages = Stages()
+    torch.manual_seed(opts.seed)
+    with stages("load"):
+        ck = open_checkpoint(model_dir)
+        shape = DecoderShape.from_config(ck.config, ck.arch)
+        tok = Tokenizer.from_file(str(ck.path / "tokenizer.json"))
+        tk = tokenizer_section(ck)
+        text = calibration.read_text(opts.calib) if opts.calib else calibration.default_text()
+        tokens = calibration.tokenize(tok, text)
+        eval_tokens = calibration.tokenize(tok, calibration.read_text(opts.eval_text)) if opts.eval_text else None
+        if not opts.calib and eval_tokens is None:
+            tokens, eval_tokens = calibration.split_default(tokens)
+        elif eval_tokens is None:
+            eval_tokens = calibration.split_default(calibration.tokenize(tok, calibration.default_text()))[1]
+        bos = tk["bos_token_id"] if tk["add_bos_token"] else None
+        calib = calibration.windows(tokens, opts.nsamples, opts.seqlen, bos)
+        inv_freq, rope_scale = rope_tables(ck.config, ck.arch)
+    with stages("quantize"):
+        qr = quantize_checkpoint(ck, shape, calib, opts)
+    weights, quantized = qr.weights, qr.quantized
+    deq = dict(weights)
+    for name, ql in quantized.items():
+        deq[f"{name}.weight"] = ql.dequantize()
+    quantized_weights = {f"{m}.weight" for m in quantized}
+    for name in [k for k in deq if k.endswith((".weight", ".bias")) and k not in quantized_weights]:
+        deq[name] = deq[name].half().float()  # what the bundle stores for non-quantized tensors
+    reference = Decoder(shape, deq, ck.arch, inv_freq, rope_scale).eval()
+    summary: dict = {"source": str(ck.path), "output": str(Path(output).absolute())}
+    with staged_directory(output, overwrite=opts.overwrite) as tmp:
+        with stages("export"):
+            tensors, fp16_names = onnx_export.stored_tensors(weights, quantized, ck.arch, shape.num_layers)
+            wsec = write_weights(tmp / "model.weights", tensors)
+            graphs = {}
+            for g in opts.graphs:
+                fname, act = GRAPH_FILES[g]
+                dec = reference if g == "fp32" else Decoder(shape, deq, ck.arch, inv_freq, rope_scale, dtype=torch.float16).eval()
+                model = onnx_export.trace(dec, shape.num_layers)
+                onnx_export.rewrite(model, quantized, fp16_names, act, wsec, "model.weights")
+                onnx_export.save(model, tmp / fname)
+                graphs[g] = {"file": fname, "activation_dtype": act}
+            for f in TOKENIZER_FILES:
+                (tmp / f).write_bytes((ck.path / f).read_bytes())
+        report: dict = {}
+        if opts.verify:
+            with stages("verify"):
+                report["onnx_vs_torch"] = accuracy.check_onnx(tmp / "model.onnx", reference, shape, calib.ids, seed=opts.seed)
+        with stages("accuracy"):
+            float_model = Decoder(shape, weights, ck.arch, inv_freq, rope_scale).eval()
+            report |= accuracy.report(float_model, reference, eval_tokens[: opts.eval_tokens], bos)
+        gate = opts.max_ppl_increase
+        report["max_ppl_increase_percent"] = gate
+        if gate is not None and report["ppl_increase_percent"] > gate:
+            raise AccuracyGateError(
+                f"perplexity rose {report['ppl_increase_percent']:.2f}% (float {report['ppl_float']:.3f} -> int4 {report['ppl_quant']:.3f}), "
+                f"above --max-ppl-increase {gate}%",
+                hint="use more or more representative calibration data (--calib, --nsamples), a smaller --group-size, or --lm-head-dtype fp16")
+        with stages("package"):
+            manifest = {
+                "format": "edge-sdk-bundle",
+                "created_by": f"edge-sdk {__version__}",
+                "source": {"name": ck.name, "config": ck.config, "files": ck.files},
+                "architecture": architecture_section(ck.config, shape),
+                "quantization": qr.section | {"lm_head_dtype": opts.lm_head_dtype if "lm_head" in quantized else "fp16",
+                                              "embed_dtype": opts.embed_dtype, "scale_dtype": "fp16", "other_dtype": "fp16",
+                                              "scales_in_file": "float16; the fp32 graph casts them to float32",
+                                              "layout": "qweight int4 [in, out], scales [in / group_size, out], DequantizeLinear axis 0"},
+                "graphs": graphs,
+                "weights": wsec,
+                "io": io_section(shape),
+                "tokenizer": tk,
+                "accuracy": report,
+                "opset": onnx_export.OPSET,
+                "ir_version": onnx_export.IR_VERSION,
+            }
+            manifest = write_manifest(tmp, manifest, sign_key=opts.sign_key)
+    summary |= {
+        "files": {k: v["size"] for k, v in manifest["files"].items()},
+        "weight_bytes": sum(t["nbytes"] for t in wsec["tensors"].values()),
+        "seconds": stages.seconds,
+        "peak_rss_bytes": stages.peak_rss_bytes(),
+        "accuracy": report,
+        "quantization": manifest["quantization"],
+        "signed": opts.sign_key is not None,
+    }
+    return summary
+
+
+def io_section(shape) -> dict:
+    inputs, outputs = onnx_export.io_names(shape.num_layers)
+    return {
+        "inputs": inputs, "outputs": outputs,
+        "kv": {"num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+               "layout": "BHSD", "past": "past_key_values.{i}.{kind}", "present": "present.{i}.{kind}"},
+    }

@@ -1,0 +1,48 @@
+"""Choose how the decoder linears become int4: GPTQ, round-to-nearest, or import of a GPTQ checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .archs import linear_names
+from .quant import QuantizedLinear, check_group, rtn
+
+
+@dataclass
+class QuantResult:
+    weights: dict[str, torch.Tensor]  # float tensors of the source (for imports: the dequantized checkpoint)
+    quantized: dict[str, QuantizedLinear]  # {HF module name: int4 weights}
+    section: dict  # the manifest's quantization fields
+
+
+def quantize_checkpoint(ck, shape, calib, opts) -> QuantResult:
+    from .checkpoint import load_weights
+
+    if ck.quantization_config is not None:
+        from .gptq_import import import_gptq
+
+        return import_gptq(ck, shape, opts)
+    weights = load_weights(ck)
+    names = linear_names(shape.num_layers, ck.arch)
+    for n in names:
+        check_group(weights[f"{n}.weight"].shape[1], opts.group_size, n)
+    if opts.method == "gptq":
+        from .gptq import gptq_quantize
+
+        quantized, method_info = gptq_quantize(ck, calib, opts, names)
+    else:
+        quantized = {n: rtn(weights[f"{n}.weight"], opts.group_size) for n in names}
+        method_info = {"method": "rtn"}
+    if opts.lm_head_dtype == "int4":
+        check_group(weights[ck.arch.lm_head].shape[1], opts.group_size, "lm_head")
+        quantized["lm_head"] = rtn(weights[ck.arch.lm_head], opts.group_size)
+    section = {
+        "method": "gptq", "bits": opts.bits, "group_size": opts.group_size, "symmetric": True,
+        "act_order": opts.act_order, "damp_percent": opts.damp_percent, "seed": opts.seed,
+        "calibration": {"sha256": calib.sha256, "nsamples": calib.nsamples, "seqlen": len(calib.ids[0])},
+        "lm_head_method": "rtn" if "lm_head" in quantized else None,
+        "imported": False,
+    } | method_info
+    return QuantResult(weights, quantized, section)

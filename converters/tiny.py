@@ -1,0 +1,112 @@
+"""Tiny DeepSeek-architecture checkpoints (random or trained weights) with a small real tokenizer.
+
+Used by the test fixtures, the tiny-model training script and the conversion benchmark: a model
+directory exactly like one from the Hugging Face Hub (config.json, safetensors, tokenizer.json,
+tokenizer_config.json), built locally in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+
+# DeepSeek-R1's chat template (system prompt first, <｜User｜>/<｜Assistant｜> turns, the reasoning
+# part of earlier assistant turns dropped, generation opened with "<think>\n").
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+TINY_CONFIGS = {
+    # hidden sizes are multiples of 128 so every linear has whole int4 groups of 128
+    "qwen2": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 2, "attention_dropout": 0.0,
+    },
+    "llama": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 256},
+    },
+}
+
+
+def default_calibration_text() -> str:
+    root = resources.files("edge_sdk.data").joinpath("calib")
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(root.iterdir(), key=lambda p: p.name) if p.name.endswith(".txt"))
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained on `texts`, with DeepSeek's special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def write_tokenizer(tok, directory: Path) -> None:
+    tok.save(str(directory / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 16384, "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False, "legacy": True,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides) -> dict:
+    if arch not in TINY_CONFIGS:
+        raise KeyError(f"tiny architecture {arch!r}: choose one of {', '.join(TINY_CONFIGS)}")
+    cfg = dict(TINY_CONFIGS[arch], vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2, torch_dtype="float32")
+    cfg.update(overrides)
+    return cfg
+
+
+def build_model_dir(directory: str | Path, arch: str = "qwen2", *, seed: int = 0, config: dict | None = None,
+                    tokenizer=None, texts: list[str] | None = None, init_std: float = 0.02) -> Path:
+    """Write a random-weight checkpoint of `arch` (or of `config`) with a tokenizer into `directory`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer or build_tokenizer(texts or [default_calibration_text()])
+    cfg = config or tiny_config(arch, tok.get_vocab_size())
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"}, architectures=cfg["architectures"])
+    hf_cfg.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    with torch.no_grad():  # HF initialises biases to 0 and norms to 1; real checkpoints have neither
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, init_std)
+            elif "norm" in name:
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(d, safe_serialization=True)
+    write_tokenizer(tok, d)
+    return d
