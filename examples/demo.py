@@ -1,0 +1,103 @@
+"""The whole path in one command: convert the built-in tiny DeepSeek-architecture model, serve it on
+an emulated Jetson AGX Orin, ask it a chat question with the official openai client, shut down.
+
+    python examples/demo.py                 # prints each step, the reply, and the daemon's exit status
+    python examples/demo.py --keep DIR      # keep the model, bundle and daemon log in DIR
+
+The tiny model has random weights, so its reply is gibberish; everything around it (GPTQ int4
+conversion, signed-format bundle, onnxruntime with KV cache, batching daemon, SSE) is the real thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def convert(work: Path, arch: str, method: str) -> Path:
+    import edge_sdk
+    from edge_sdk.converters.tiny import build_model_dir
+
+    step(f"building the tiny {arch} DeepSeek-architecture checkpoint")
+    model_dir = build_model_dir(work / f"tiny-{arch}", arch)
+    step(f"converting it ({method} int4 -> ONNX -> bundle)")
+    t0 = time.perf_counter()
+    edge_sdk.convert(model_dir, work / "bundle", method=method, overwrite=True)
+    print(f"bundle written to {work / 'bundle'} in {time.perf_counter() - t0:.1f} s")
+    return work / "bundle"
+
+
+def serve(bundle: Path, board: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    step(f"starting `edge-sdk serve` on an emulated {board}")
+    cmd = [sys.executable, "-m", "edge_sdk.cli.main", "serve", "--bundle", str(bundle), "--emulate", board, "--port", "0"]
+    print("$ " + " ".join(["edge-sdk", *cmd[3:]]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    log = open(log_path, "w")
+    for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        m = re.search(r"listening on (\S+)", line)
+        if m:
+            threading.Thread(target=lambda: [log.write(l) or log.flush() for l in proc.stdout], daemon=True).start()
+            return proc, m.group(1)
+    raise SystemExit(f"the daemon exited with status {proc.wait()}; its log is in {log_path}")
+
+
+def ask(url: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="demo", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    step(f"chat request to {url}/v1/chat/completions (model {model})")
+    r = client.chat.completions.create(model=model, messages=question, max_tokens=32, temperature=0)
+    print(f"reply ({r.choices[0].finish_reason}, {r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} generated tokens):")
+    print("  " + repr(r.choices[0].message.content))
+    step("the same request, streamed")
+    parts = []
+    for chunk in client.chat.completions.create(model=model, messages=question, max_tokens=32, temperature=0, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    print(f"  {len(parts)} chunks, identical to the reply: {''.join(parts) == r.choices[0].message.content}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary directory)")
+    ap.add_argument("--arch", default="qwen2", choices=("qwen2", "llama"), help="R1-Distill-Qwen or -Llama architecture")
+    ap.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
+    ap.add_argument("--board", default="agx-orin-64gb")
+    args = ap.parse_args(argv)
+    work = Path(args.keep or tempfile.mkdtemp(prefix="edge-sdk-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    proc = None
+    try:
+        bundle = convert(work, args.arch, args.method)
+        proc, url = serve(bundle, args.board, work / "daemon.log")
+        ask(url)
+        step("stopping the daemon (SIGTERM: drain, flush, exit)")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        print(f"daemon exited with status {code}")
+        return code
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
