@@ -19,7 +19,7 @@ import pytest
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
-TINY_CONVERT = dict(method="rtn", nsamples=8, seqlen=128, eval_tokens=256, progress=False)
+TINY_CONVERT = dict(nsamples=8, seqlen=128, eval_tokens=256, progress=False)
 
 
 @pytest.fixture(scope="session")
