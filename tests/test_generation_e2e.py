@@ -69,12 +69,13 @@ def reference_model(hf_dir, bundle):
     state = hf.state_dict()
     loaded = set()
     for name, w in weights.items():
-        key = name[: -len(".qweight")] + ".weight" if name.endswith(".qweight") else name
+        quantized = name.endswith(".qweight")
+        key = name[: -len(".qweight")] + ".weight" if quantized else name
         if key not in state:
             continue
         t = torch.from_numpy(np.ascontiguousarray(w))
-        if t.shape != state[key].shape and t.T.shape == state[key].shape:
-            t = t.T
+        if quantized:
+            t = t.T  # int4 weights are stored [in, out] for MatMul; torch Linear holds [out, in]
         assert t.shape == state[key].shape, (name, t.shape, state[key].shape)
         state[key].copy_(t)
         loaded.add(key)
@@ -133,3 +134,21 @@ def test_streaming_equals_non_streaming_on_real_tokenizer(pair):
     c = model.generate("Hello world", max_new_tokens=10, ignore_eos=True)
     assert "".join(x.text for x in model.generate("Hello world", max_new_tokens=10, ignore_eos=True, stream=True)) == c.text
     assert c.text == model.tokenizer.decode(c.token_ids)
+
+
+@pytest.mark.parametrize("level", [1, 4])
+def test_int4_matmuls_fused_to_matmulnbits(pair, tmp_path, level):
+    """onnxruntime turns every DequantizeLinear -> MatMul pair into MatMulNBits at the chosen accuracy level."""
+    from edge_sdk.runtime.ort_backend import OrtBackend
+
+    model, _ = pair
+    opt = tmp_path / "optimized.onnx"
+    OrtBackend(model.backend.graph_path, model.backend.io, providers=["CPUExecutionProvider"], threads=1,
+               accuracy_level=level, optimized_model_path=opt)
+    src = onnx.load(str(model.backend.graph_path), load_external_data=False)
+    fused = onnx.load(str(opt), load_external_data=False)
+    n_dq = sum(n.op_type == "DequantizeLinear" for n in src.graph.node)
+    nbits = [n for n in fused.graph.node if n.op_type == "MatMulNBits"]
+    assert n_dq > 0 and len(nbits) == n_dq
+    assert not any(n.op_type == "DequantizeLinear" for n in fused.graph.node)
+    assert all(onnx.helper.get_attribute_value(a) == level for n in nbits for a in n.attribute if a.name == "accuracy_level")
