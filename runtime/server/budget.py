@@ -61,13 +61,15 @@ def memory_budget_bytes(root: str | None, emulate: str | None) -> tuple[int, str
 
 
 def _platform(root: str | None, emulate: str | None):
+    """The platform layer's Platform for these options, or None where this build lacks it."""
     try:
         from ..platform import Platform
-    except ImportError:
+
+        platform = Platform.from_options(emulate=emulate, root=root)
+    except (ImportError, AttributeError) as exc:
+        log.debug("platform layer unavailable (%s): reading the budget directly", exc)
         return None
-    if not hasattr(Platform, "from_options"):
-        return None
-    return Platform.from_options(emulate=emulate, root=root)
+    return platform if hasattr(platform, "allocatable_gpu_bytes") else None
 
 
 def power_mode_reader(root: str | None, emulate: str | None):
