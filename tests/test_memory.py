@@ -173,3 +173,18 @@ def test_budget_under_a_board_root(tmp_path):
         assert budget.memory_budget_bytes(str(tmp_path), None)[0] == (64349340 - 2764608) * 1024
     with pytest.raises(Exception, match="meminfo"):
         budget.memory_budget_bytes(str(tmp_path / "empty"), None)
+
+
+def test_power_mode_is_read_from_nvpmodel_status_under_the_root(tmp_path):
+    from edge_sdk.runtime.server.budget import power_mode_reader
+
+    (tmp_path / "proc" / "device-tree").mkdir(parents=True)
+    (tmp_path / "proc" / "device-tree" / "model").write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\0")
+    status = tmp_path / "var" / "lib" / "nvpmodel" / "status"
+    status.parent.mkdir(parents=True)
+    status.write_text("pmode:0003\n")
+    read = power_mode_reader(str(tmp_path), None)
+    assert read() == "MODE_50W"
+    status.write_text("pmode:0001\n")
+    assert read() == "MODE_15W"
+    assert power_mode_reader(str(tmp_path / "elsewhere"), None)() is None

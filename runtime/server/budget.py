@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from ...boards import get_board
-from ...errors import PlatformError
+from ...errors import EdgeSDKError, PlatformError
 
 log = logging.getLogger(__name__)
 KIB = 1024
@@ -73,7 +73,11 @@ def _platform(root: str | None, emulate: str | None):
 
 
 def power_mode_reader(root: str | None, emulate: str | None):
-    """A callable returning the current nvpmodel mode name (or None when unknown)."""
+    """A callable returning the current nvpmodel mode name (or None when unknown); it reads
+    nvpmodel's status file under the board root (the emulated root under --emulate)."""
+    platform = _platform(root, emulate)
+    if platform is not None:
+        root = str(platform.root)
     board_name = emulate
     if not board_name:
         model = Path(root or "/") / "proc" / "device-tree" / "model"
@@ -93,7 +97,7 @@ def power_mode_reader(root: str | None, emulate: str | None):
         try:
             text = status.read_text().strip()  # "pmode:0002"
             return board.mode(int(text.partition(":")[2])).name
-        except (OSError, ValueError, Exception):
+        except (OSError, ValueError, EdgeSDKError):
             return board.default_mode.name if emulate and not root else None
 
     return read
