@@ -81,8 +81,10 @@ class _Row:
 
 
 class Generator:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, max_seq_len: int | None = None):
-        self.backend, self.tokenizer = backend, tokenizer
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, max_seq_len: int | None = None, prefill_chunk: int = 512):
+        if prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.backend, self.tokenizer, self.prefill_chunk = backend, tokenizer, prefill_chunk
         self.max_seq_len = max_seq_len or backend.io.max_positions
         self.timings = Timings()
 
@@ -109,7 +111,7 @@ class Generator:
         t = self.timings = Timings(prompt_tokens=int(mask.sum()))
         cache = self.backend.new_cache(batch, capacity)
         start = time.perf_counter()
-        logits = self.backend.forward(ids, cache, mask)[:, -1, :]
+        logits = self.prefill(ids, mask, cache)
         t.prefill_s = time.perf_counter() - start
         for step in range(cfg.max_new_tokens):
             feed = np.full((batch, 1), pad, np.int64)
@@ -128,6 +130,13 @@ class Generator:
             logits = self.backend.forward(feed, cache)[:, -1, :]
             t.decode_s += time.perf_counter() - s
             t.decode_steps += 1
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, cache) -> np.ndarray:
+        """Run the prompt in chunks (bounds the [B, chunk, V] logits and activations); last logits [B, V]."""
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            end = start + self.prefill_chunk
+            logits = self.backend.forward(ids[:, start:end], cache, mask[:, start:end])
+        return logits[:, -1, :]
 
     def _emit(self, r: int, row: _Row, tok: int, eos: set[int], last: bool) -> Iterator[Chunk]:
         row.history.append(tok)

@@ -96,11 +96,12 @@ def torch_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def runtime_greedy(model, prompts, n):
-    from edge_sdk.runtime.generation import GenerationConfig
+def runtime_greedy(model, prompts, n, prefill_chunk=512):
+    from edge_sdk.runtime.generation import GenerationConfig, Generator
 
+    gen = Generator(model.backend, model.tokenizer, max_seq_len=64, prefill_chunk=prefill_chunk)
     tokens = [[] for _ in prompts]
-    for c in model.generator.stream(prompts, GenerationConfig(max_new_tokens=n, ignore_eos=True)):
+    for c in gen.stream(prompts, GenerationConfig(max_new_tokens=n, ignore_eos=True)):
         tokens[c.index].append(c.token_id)
     return tokens
 
@@ -111,9 +112,10 @@ def test_greedy_batch1_equals_torch(pair, prompt):
     assert runtime_greedy(model, [prompt], NEW)[0] == torch_greedy(hf, prompt, NEW)
 
 
-def test_greedy_batch2_left_padded_equals_torch(pair):
+@pytest.mark.parametrize("chunk", [512, 3], ids=["whole-prefill", "chunked-prefill"])
+def test_greedy_batch2_left_padded_equals_torch(pair, chunk):
     model, hf = pair
-    got = runtime_greedy(model, PROMPTS, NEW)
+    got = runtime_greedy(model, PROMPTS, NEW, prefill_chunk=chunk)
     assert got == [torch_greedy(hf, p, NEW) for p in PROMPTS]
 
 

@@ -79,6 +79,18 @@ def test_batch_with_left_padding_equals_single(model, toy_bundle):
         assert c.token_ids == toy_bundle[1].greedy(model.tokenizer.encode(prompt), 6)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_chunked_prefill_gives_same_tokens(model, toy_bundle, chunk):
+    from edge_sdk.runtime.generation import Generator
+
+    gen = Generator(model.backend, model.tokenizer, max_seq_len=MAXPOS, prefill_chunk=chunk)
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    tokens = [[], []]
+    for c in gen.stream(prompts, GenerationConfig(max_new_tokens=4, ignore_eos=True)):
+        tokens[c.index].append(c.token_id)
+    assert tokens == [toy_bundle[1].greedy(p, 4) for p in prompts]
+
+
 def test_streaming_text_equals_non_streaming(model):
     c = model.generate("Hello", max_new_tokens=12, ignore_eos=True)
     chunks = list(model.generate("Hello", max_new_tokens=12, ignore_eos=True, stream=True))
