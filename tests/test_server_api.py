@@ -240,3 +240,31 @@ def test_metrics_expose_tokens_ttft_queue_kv_memory_power(server):
     assert samples['edge_sdk_power_mode_info{mode="MODE_30W"}'] == "1"
     assert float(samples["edge_sdk_decode_tokens_per_second"]) > 0
     assert int(samples["edge_sdk_process_resident_bytes"]) > 10 << 20
+
+
+def test_stream_that_times_out_in_the_queue_gets_a_real_503():
+    model = FakeStepModel(context_length=256, step_delay_s=0.01)
+    with ServerThread(make_state(model, kv_blocks_tokens=256, queue_timeout_s=0.3)) as s:
+        c = client(s.url)
+        first = c.completions.create(model="fake-tiny", prompt="hold", max_tokens=200, temperature=0, stream=True)
+        next(iter(first))
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="fake-tiny", prompt="late", max_tokens=200, stream=True)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "3"
+        assert "waited" in e.value.body["message"]
+        first.close()
+        assert s.state.metrics.rejected == 1
+
+
+def test_non_streaming_client_that_hangs_up_cancels_its_request():
+    model = FakeStepModel(step_delay_s=0.02)
+    with ServerThread(make_state(model)) as s:
+        req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps({"prompt": "slow", "max_tokens": 400}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with pytest.raises(OSError):  # socket.timeout / URLError: the client gives up
+            urllib.request.urlopen(req, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while s.state.metrics.finished.get("abort") != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.state.metrics.finished.get("abort") == 1
+        assert s.state.memory.stats()["kv_blocks_used"] == 0 and model.seqs == {}

@@ -138,10 +138,25 @@ def create_app(state: ServerState) -> Starlette:
         req = state.scheduler.submit(ids, params, asyncio.get_running_loop())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        if stream:
-            return StreamingResponse(sse(req, rid, created, chat, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, reason = await collect(request, req)
+        watcher = asyncio.ensure_future(until_disconnect(request))
+        handed_over = False
+        try:
+            if stream:
+                # headers wait for admission and the first token: a request that times out in the
+                # queue still gets a real 503, not a 200 with an error inside
+                first = await next_event(req, watcher)
+                watcher.cancel()
+                handed_over = True
+                return StreamingResponse(sse(req, first, rid, created, chat, include_usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            parts = []
+            while (ev := await next_event(req, watcher)).kind == "text":
+                parts.append(ev.text)
+            text, reason = "".join(parts), ev.finish_reason
+        finally:
+            watcher.cancel()
+            if not handed_over and req.finish_reason is None:
+                req.cancel()
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(req.completion_ids), "total_tokens": len(ids) + len(req.completion_ids)}
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
@@ -151,34 +166,24 @@ def create_app(state: ServerState) -> Starlette:
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.model_id,
                              "choices": [choice], "usage": usage})
 
-    async def collect(request: HTTPRequest, req: Request) -> tuple[str, str]:
-        """Wait for the whole generation; a client that hangs up cancels it."""
-        async def until_disconnect():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
+    async def until_disconnect(request: HTTPRequest) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-        watcher = asyncio.ensure_future(until_disconnect())
-        parts = []
-        try:
-            while True:
-                getter = asyncio.ensure_future(req.events.get())
-                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    req.cancel()
-                    raise APIError(499, "client closed the request", code="client_closed")
-                ev: Event = getter.result()
-                if ev.kind == "error":
-                    raise ev.error
-                if ev.kind == "done":
-                    return "".join(parts), ev.finish_reason
-                parts.append(ev.text)
-        finally:
-            watcher.cancel()
-            if req.finish_reason is None:
-                req.cancel()
+    async def next_event(req: Request, watcher: asyncio.Future) -> Event:
+        """The request's next event; raises its error, or cancels it when the client hangs up first."""
+        getter = asyncio.ensure_future(req.events.get())
+        done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if getter not in done:
+            getter.cancel()
+            req.cancel()
+            raise APIError(499, "client closed the request", code="client_closed")
+        ev: Event = getter.result()
+        if ev.kind == "error":
+            raise ev.error
+        return ev
 
-    async def sse(req: Request, rid: str, created: int, chat: bool, include_usage: bool):
+    async def sse(req: Request, first: Event, rid: str, created: int, chat: bool, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta_text: str | None, reason: str | None, role: bool = False) -> str:
@@ -195,8 +200,8 @@ def create_app(state: ServerState) -> Starlette:
         try:
             if chat:
                 yield chunk(None, None, role=True)
+            ev = first
             while True:
-                ev: Event = await req.events.get()
                 if ev.kind == "text":
                     yield chunk(ev.text, None)
                 elif ev.kind == "done":
@@ -205,6 +210,7 @@ def create_app(state: ServerState) -> Starlette:
                 else:
                     yield f"data: {json.dumps(api_error_from(ev.error).body())}\n\n"
                     break
+                ev = await req.events.get()
             if include_usage:
                 n_in, n_out = len(req.prompt_ids), len(req.completion_ids)
                 usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}

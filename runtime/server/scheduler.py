@@ -208,7 +208,6 @@ class Scheduler:
                 self._abort_waiting(req)
             elif not req.reserved and now - req.created > self.queue_timeout_s:
                 self._waiting.remove(req)
-                self.metrics.rejected += 1
                 req.emit(Event("error", error=ServiceBusyError(
                     f"waited {self.queue_timeout_s:.0f} s for memory or a batch slot", hint="retry later",
                     retry_after_s=self.retry_after_s)))
