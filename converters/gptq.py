@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 
 import torch
@@ -19,6 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def gptq_quantize(ck, calib, opts, names: list[str]) -> tuple[dict, dict]:
+    # GPTQModel prints banners, configs and logs on stdout; keep stdout for the CLI's --json
+    with contextlib.redirect_stdout(sys.stderr):
+        return _gptq_quantize(ck, calib, opts, names)
+
+
+def _gptq_quantize(ck, calib, opts, names: list[str]) -> tuple[dict, dict]:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     gm = require("gptqmodel", "convert")
     from safetensors.torch import load_file
@@ -31,7 +38,7 @@ def gptq_quantize(ck, calib, opts, names: list[str]) -> tuple[dict, dict]:
     data = [{"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)} for ids in calib.ids]
     with tempfile.TemporaryDirectory(prefix="edge-sdk-gptq-") as scratch:
         try:
-            model = gm.GPTQModel.load(str(ck.path), qc, device="cpu")
+            model = gm.GPTQModel.load(str(ck.path), qc, device="cpu", dtype=torch.float32)
             model.quantize(data, batch_size=1, calibration_sort=None)
             model.save(scratch)
         except (ValueError, RuntimeError) as exc:
