@@ -159,7 +159,7 @@ class Scheduler:
             for r in list(self._waiting) + [run.req for run in self._running.values()]:
                 r.cancel()
             self._cv.notify()
-            while self._waiting or self._running:
+            while (self._waiting or self._running) and self._thread is not None and self._thread.is_alive():
                 self._cv.wait(timeout=0.1)
         return clean
 
