@@ -1,0 +1,224 @@
+"""Ground side of the link: verify, acknowledge, drop duplicates, write records, report gaps.
+
+Frames are accepted in order only (the device resends from the acknowledgement, go-back-N), so a
+record is new exactly when its sequence number is above the stream's acknowledgement. Records
+are written and fsynced before the acknowledgement that covers them leaves, and the state (the
+acknowledgement and the schemas of each stream) is rebuilt from the output file on restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_sdk.errors import TelemetryError
+
+from . import commands, wire
+from .link import ACK_GAP, now_ms, open_port
+from .records import KINDS, SCHEMA_KIND, decode_batch, decode_record, decode_values, put_varint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamState:
+    ack: int = 0
+    schemas: dict = field(default_factory=dict)  # schema id -> field names
+    records: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    skipped: int = 0  # sequence numbers the device dropped before sending (full queue)
+    device_dropped: int = 0  # the device's own drop counter, as last reported
+
+
+@dataclass
+class GroundStats:
+    frames: int = 0
+    crc_errors: int = 0
+    auth_failures: int = 0
+    bad_frames: int = 0
+    undecodable: int = 0
+
+
+class GroundStation:
+    """Receives one or more device streams on a port; optionally sends downlink commands."""
+
+    def __init__(self, url: str, key: bytes, out: str | os.PathLike | None = None, *, ack_data: bool = True,
+                 counter_file: str | os.PathLike | None = None, port_factory=open_port, on_record=None):
+        self.url, self.key, self.ack_data = url, key, ack_data
+        self.streams: dict[int, StreamState] = {}
+        self.stats = GroundStats()
+        self.on_record = on_record
+        self._port = port_factory(url)
+        self._deframer = wire.Deframer()
+        self._write_lock = threading.Lock()
+        self._results: dict[int, commands.CommandResult] = {}
+        self._results_cv = threading.Condition()
+        self._counter_file = Path(counter_file) if counter_file else None
+        self._out = None
+        if out is not None:
+            self._load(Path(out))
+            self._out = open(out, "a", encoding="utf-8")
+
+    # ---- state --------------------------------------------------------------------------------
+    def _load(self, path: Path) -> None:
+        if not path.exists():
+            return
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                    state = self.streams.setdefault(int(row["stream"], 16), StreamState())
+                except (ValueError, KeyError):
+                    continue  # a line cut short by a crash
+                state.ack = max(state.ack, row["seq"])
+                if row.get("kind") == "schema":
+                    state.schemas[row["schema"]] = tuple(row["fields"])
+
+    def summary(self) -> dict:
+        return {"frames": asdict(self.stats),
+                "streams": {f"{sid:08x}": {k: v for k, v in asdict(s).items() if k != "schemas"}
+                            for sid, s in self.streams.items()}}
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.poll()
+
+    def poll(self) -> None:
+        data = self._port.read(max(1, self._port.in_waiting))
+        if data:
+            self.handle_bytes(data)
+
+    def handle_bytes(self, data: bytes) -> None:
+        for raw in self._deframer.feed(data):
+            try:
+                frame = wire.decode(raw, self.key)
+            except wire.CrcError:
+                self.stats.crc_errors += 1
+                continue
+            except wire.AuthError:
+                self.stats.auth_failures += 1
+                log.warning("frame rejected: its MAC does not verify with this key (%d so far)", self.stats.auth_failures)
+                continue
+            except wire.FrameError:
+                self.stats.bad_frames += 1
+                continue
+            self.stats.frames += 1
+            if frame.type == wire.FrameType.DATA:
+                self._on_data(frame)
+            elif frame.type == wire.FrameType.RESULT:
+                self._on_result(frame)
+            else:
+                self.stats.bad_frames += 1
+
+    def _on_data(self, frame: wire.Frame) -> None:
+        state = self.streams.setdefault(frame.stream, StreamState())
+        if not self.ack_data:
+            return
+        try:
+            batch = decode_batch(frame.payload, frame.time_ms)
+        except TelemetryError:
+            self.stats.bad_frames += 1
+            return
+        state.device_dropped = batch.dropped
+        state.ack = max(state.ack, batch.floor)
+        if batch.after > state.ack:
+            state.gaps += 1
+            log.info("stream %08x: gap after %d (frame starts after %d); asking to resend",
+                     frame.stream, state.ack, batch.after)
+            self._send_ack(frame.stream, state.ack, ACK_GAP)
+            return
+        rows = []
+        for record in batch.records:
+            if record.seq <= state.ack:
+                state.duplicates += 1
+                continue
+            state.skipped += record.seq - state.ack - 1
+            rows.append(self._row(frame.stream, state, record))
+            state.ack = record.seq
+            state.records += 1
+        if rows and self._out is not None:
+            self._out.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+            self._out.flush()
+            os.fsync(self._out.fileno())
+        if self.on_record is not None:
+            for row in rows:
+                self.on_record(row)
+        self._send_ack(frame.stream, state.ack, 0)
+
+    def _row(self, stream: int, state: StreamState, record) -> dict:
+        row = {"stream": f"{stream:08x}", "seq": record.seq, "time_ms": record.time_ms,
+               "kind": KINDS.get(record.kind, str(record.kind)), "priority": record.priority}
+        try:
+            if record.kind == SCHEMA_KIND:
+                schema_id, *fields = decode_values(record.body)
+                state.schemas[schema_id] = tuple(fields)
+                row.update(schema=schema_id, fields=fields)
+            else:
+                row["data"] = decode_record(record.body, state.schemas)
+        except TelemetryError as exc:
+            self.stats.undecodable += 1
+            row.update(error=str(exc), body=record.body.hex())
+        return row
+
+    def _send_ack(self, stream: int, ack: int, flags: int) -> None:
+        payload = bytearray()
+        put_varint(payload, flags)
+        self._write(wire.Frame(wire.FrameType.ACK, stream, ack, now_ms(), bytes(payload)))
+
+    def _write(self, frame: wire.Frame) -> None:
+        with self._write_lock:
+            self._port.write(wire.encode(frame, self.key))
+
+    # ---- downlink commands --------------------------------------------------------------------
+    def _next_counter(self) -> int:
+        # monotonic across restarts of the ground: persisted, and never below the clock in seconds
+        last = int(self._counter_file.read_text()) if self._counter_file and self._counter_file.exists() else 0
+        counter = max(last + 1, int(time.time()))
+        if self._counter_file:
+            tmp = self._counter_file.with_suffix(".tmp")
+            tmp.write_text(str(counter))
+            os.replace(tmp, self._counter_file)
+        return counter
+
+    def command_frame(self, stream: int, name: str, *args, counter: int | None = None) -> wire.Frame:
+        counter = self._next_counter() if counter is None else counter
+        return wire.Frame(wire.FrameType.COMMAND, stream, counter, now_ms(), commands.encode_command(name, args))
+
+    def send_command(self, stream: int, name: str, *args, timeout: float = 10.0, retry: float = 1.0,
+                     frame: wire.Frame | None = None) -> commands.CommandResult:
+        """Send a command (or a prepared frame) and wait for its result, resending every ``retry`` s.
+        The caller must keep ``poll()`` running (or ``run()`` on a thread)."""
+        frame = frame or self.command_frame(stream, name, *args)
+        deadline = time.monotonic() + timeout
+        with self._results_cv:
+            self._results.pop(frame.seq, None)
+        while time.monotonic() < deadline:
+            self._write(frame)
+            with self._results_cv:
+                self._results_cv.wait_for(lambda: frame.seq in self._results, min(retry, deadline - time.monotonic()))
+                if frame.seq in self._results:
+                    return self._results.pop(frame.seq)
+        raise TelemetryError(f"no result for command {name!r} within {timeout:.0f} s",
+                             hint="check that the uplink runs on the other end and uses the same key")
+
+    def _on_result(self, frame: wire.Frame) -> None:
+        try:
+            result = commands.decode_result(frame.seq, frame.payload)
+        except TelemetryError:
+            self.stats.bad_frames += 1
+            return
+        with self._results_cv:
+            self._results[frame.seq] = result
+            self._results_cv.notify_all()
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        self._port.close()
