@@ -16,7 +16,7 @@ DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    done = subprocess.run([sys.executable, str(DEMO), "--keep", str(tmp_path / "demo"), "--method", "rtn"],
+    done = subprocess.run([sys.executable, str(DEMO), "--keep", str(tmp_path / "demo")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
