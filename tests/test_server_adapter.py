@@ -53,4 +53,5 @@ def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle):  # noqa: F8
     assert got == want
     assert step_model._rows == [] and step_model._batch is None and step_model._pending == {}
     assert step_model.kv_bytes_per_token == 2 * model.backend.io.kv_bytes_per_token()
-    assert step_model.weights_bytes > 0
+    files = model.manifest["files"]
+    assert step_model.weights_bytes == files["model.onnx"]["size"] + files[model.manifest["weights"]["file"]]["size"]

@@ -263,3 +263,19 @@ def test_sighup_reloads_the_api_key(bundle, tmp_path):
         d.stop()
     log = "".join(d.lines)
     assert "needs a restart: memory.reserve_mb" in log and "config not reloaded" in log
+
+
+def test_metrics_account_the_bundle(server, bundle):
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        samples = dict(l.rsplit(" ", 1) for l in r.read().decode().splitlines() if l and not l.startswith("#"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    files = manifest["files"]
+    on_disk = files[manifest["graphs"]["fp32"]["file"]]["size"] + files[manifest["weights"]["file"]]["size"]
+    loaded = int(samples["edge_sdk_model_load_resident_bytes"])
+    # weights are accounted as the larger of the files the backend maps and what loading really took
+    assert int(samples["edge_sdk_memory_weights_bytes"]) == max(on_disk, loaded)
+    assert int(samples["edge_sdk_memory_budget_bytes"]) > 32 << 30  # the emulated 64 GB board, not this machine
+    assert loaded > 0
+    assert samples['edge_sdk_power_mode_info{mode="MODE_30W"}'] == "1"

@@ -95,14 +95,12 @@ class BundleStepModel:
 
 
 def graph_bytes(bundle: Path, manifest: dict, backend) -> int:
-    """Bytes of the graph files the backend runs (the .onnx and its external weights)."""
+    """Bytes of what the backend maps: its graph file and the bundle's external weights file."""
     files = manifest.get("files", {})
     graph = getattr(backend, "graph_path", None)
-    stem = Path(graph).name if graph else None
-    total = 0
-    for name, entry in files.items():
-        if stem and not name.startswith(stem.split(".onnx")[0]):
-            continue
-        if ".onnx" in name or name.endswith((".data", ".bin")):
-            total += int(entry.get("size", 0))
-    return total
+    names = {Path(graph).name} if graph else {g["file"] for g in manifest.get("graphs", {}).values() if "file" in g}
+    weights = manifest.get("weights", {}).get("file")
+    if weights:
+        names.add(weights)
+    names |= {f"{n}.data" for n in names}  # onnx external data next to a graph
+    return sum(int(files[n].get("size", 0)) for n in names if n in files)

@@ -21,7 +21,7 @@ from pathlib import Path
 from ...errors import ConfigError
 from .api import ServerState, create_app
 from .config import ServeConfig, load_config, reload_changes
-from .memory import MemoryManager, plan_layout
+from .memory import MemoryManager, plan_layout, process_rss_bytes
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .systemd import Notifier
@@ -42,13 +42,20 @@ def build_service(config: ServeConfig, model=None) -> Service:
     """Load the bundle (unless a StepModel is given), split the memory budget, create the scheduler."""
     from .budget import memory_budget_bytes, power_mode_reader
 
+    load_rss = 0
     if model is None:
+        before = process_rss_bytes()
         model = load_bundle_model(config)
+        load_rss = process_rss_bytes() - before
+        log.info("model loaded: resident memory grew %d MiB; accounted weights %d MiB, KV %d B/token",
+                 load_rss >> 20, model.weights_bytes >> 20, model.kv_bytes_per_token)
     s, q, m = config.server, config.scheduler, config.memory
+    # what loading really cost counts when it exceeds the files (e.g. tensors widened at load)
+    weights = max(model.weights_bytes, load_rss)
     context = min(s.context_length or model.context_length, model.context_length)
     budget, source = memory_budget_bytes(config.root or None, config.emulate or None)
     layout = plan_layout(
-        budget_bytes=budget, reserve_bytes=m.reserve_mb * 2**20, weights_bytes=model.weights_bytes,
+        budget_bytes=budget, reserve_bytes=m.reserve_mb * 2**20, weights_bytes=weights,
         workspace_bytes=m.workspace_mb * 2**20 if m.workspace_mb else model.workspace_bytes,
         kv_bytes_per_token=model.kv_bytes_per_token, kv_block_tokens=m.kv_block_tokens, context_length=context,
         kv_pool_max_bytes=m.kv_pool_max_mb * 2**20 if m.kv_pool_max_mb else None)
@@ -59,7 +66,8 @@ def build_service(config: ServeConfig, model=None) -> Service:
     state = ServerState(model=model, scheduler=scheduler, memory=memory, metrics=metrics,
                         model_id=s.model_name or model.model_id, api_key=config.api_key(),
                         max_request_bytes=s.max_request_bytes, max_tokens_default=s.max_tokens_default,
-                        power_mode=power_mode_reader(config.root or None, config.emulate or None))
+                        power_mode=power_mode_reader(config.root or None, config.emulate or None),
+                        extra_gauges=lambda: {"model_load_resident_bytes": ("Resident memory the process gained loading the model.", load_rss)})
     return Service(config, state, source)
 
 
