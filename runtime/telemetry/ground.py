@@ -104,7 +104,9 @@ class GroundStation:
                 continue
             except wire.AuthError:
                 self.stats.auth_failures += 1
-                log.warning("frame rejected: its MAC does not verify with this key (%d so far)", self.stats.auth_failures)
+                if self.stats.auth_failures in (1, 10) or self.stats.auth_failures % 1000 == 0:
+                    log.warning("frame rejected: its MAC does not verify with this key (%d so far)",
+                                self.stats.auth_failures)
                 continue
             except wire.FrameError:
                 self.stats.bad_frames += 1

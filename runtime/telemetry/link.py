@@ -99,8 +99,8 @@ class Sender:
             raise ConfigError(f"window {window} must be at least 1")
         self.url, self.key, self.queue = url, key, queue
         self.window, self.max_frame = window, max_frame
-        # wire size of a full frame: COBS adds one byte per 254 and the delimiter one
-        self.bucket = TokenBucket(budget, max_frame + wire.MIN_FRAME + max_frame // 254 + 2)
+        # wire size of a full frame: COBS adds one byte per 254, the delimiters two
+        self.bucket = TokenBucket(budget, max_frame + wire.MIN_FRAME + max_frame // 254 + 3)
         # the retransmission timeout must outlast a whole window on a budgeted line
         self.base_rto = rto + (window * self.bucket.capacity / budget if budget else 0.0)
         self.max_rto = max(max_rto, self.base_rto)

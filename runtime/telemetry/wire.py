@@ -2,7 +2,9 @@
 
 One frame on the line (see docs/telemetry-wire-format.md):
 
-    COBS( header(16) | payload | mac(8) | crc(4) ) 0x00
+    0x00 COBS( header(16) | payload | mac(8) | crc(4) ) 0x00
+
+The leading delimiter ends any garbage the line picked up while idle, so noise costs no frame.
 
 header = version u8 | type u8 | stream u32 | seq u32 | time_ms u48, all big-endian.
 mac = HMAC-SHA256(key, header | payload)[:8]; crc = CRC-32C(header | payload | mac).
@@ -103,12 +105,12 @@ def cobs_decode(data: bytes) -> bytes:
 
 
 def encode(frame: Frame, key: bytes) -> bytes:
-    """The frame's bytes on the line, delimiter included."""
+    """The frame's bytes on the line, both delimiters included."""
     body = HEADER.pack(VERSION, int(frame.type), frame.stream & 0xFFFFFFFF, frame.seq & 0xFFFFFFFF,
                        (frame.time_ms & 0xFFFFFFFFFFFF).to_bytes(6, "big")) + frame.payload
     body += mac(key, body)
     body += struct.pack(">I", crc32c(body))
-    return cobs_encode(body) + b"\x00"
+    return b"\x00" + cobs_encode(body) + b"\x00"
 
 
 def decode(raw: bytes, key: bytes) -> Frame:
