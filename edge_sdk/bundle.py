@@ -199,3 +199,18 @@ def staged_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- what the bundle stores, for the planner ---------------------------------------------------
+
+
+def bundle_quant_fields(model) -> dict | None:
+    """QuantSpec fields recorded in a bundle's manifest (None when `model` is not a bundle directory),
+    so that `edge-sdk plan BUNDLE` sizes exactly what the converter wrote."""
+    root = Path(str(model)) if isinstance(model, (str, Path)) else None
+    if root is None or not (root / MANIFEST).is_file():
+        return None
+    q = read_manifest(root).get("quantization") or {}
+    fields = {"bits": q.get("bits"), "group_size": q.get("group_size"), "scale_dtype": q.get("scale_dtype"),
+              "embed_dtype": q.get("embed_dtype"), "lm_head_dtype": q.get("lm_head_dtype"), "other_dtype": q.get("other_dtype")}
+    return {k: v for k, v in fields.items() if v is not None}
