@@ -75,11 +75,7 @@ class PowerManager:
         raise PowerModeError(f"no power mode {key!r} on this board", hint=f"valid modes: {valid}")
 
     def current(self) -> PowerMode:
-        out = self.platform.run(["nvpmodel", "-q"]).stdout
-        m = re.search(r"NV Power Mode: (\S+)\s*\n\s*(\d+)", out)
-        if not m:
-            raise PowerModeError(f"cannot read the power mode from 'nvpmodel -q': {out.strip()[:120]!r}")
-        return self.mode(int(m[2]))
+        return self.mode(parse_query(self.platform.run(["nvpmodel", "-q"]).stdout)[1])
 
     def needs_reboot(self, new: PowerMode, old: PowerMode | None = None) -> bool:
         """Board data (boards.json reboot_rule, unverified): a change of online cores or TPC mask."""
@@ -128,6 +124,19 @@ class PowerManager:
             return None
         target, reason = decision
         return self.set(target, allow_reboot=allow_reboot, reason=f"{policy.name}: {reason}")
+
+
+def parse_query(out: str) -> tuple[str, int]:
+    """(name, id) from `nvpmodel -q [--verbose]` output (NVPM WARN/VERB lines may come first)."""
+    m = re.search(r"^NV Power Mode: (\S+)\s*\n\s*(\d+)\s*$", out, re.M)
+    if not m:
+        raise PowerModeError(f"cannot read the power mode from 'nvpmodel -q': {out.strip()[:120]!r}")
+    return m[1], int(m[2])
+
+
+def parse_power_models(out: str) -> list[tuple[int, str]]:
+    """[(id, name)] from `nvpmodel -p --verbose` output."""
+    return [(int(i), n) for i, n in re.findall(r"NVPM VERB: POWER_MODEL: ID=(\d+) NAME=(\S+)", out)]
 
 
 def integrate_energy(samples: list[tuple[float, float]]) -> float:
