@@ -82,7 +82,11 @@ def platform_readings(emulate: str | None = None, root: str | None = None) -> Re
         if emulate:
             log.warning("platform layer not installed: --emulate %s falls back to /proc readings", emulate)
         return proc_readings(root or "/")
-    plat = Platform.from_options(emulate=emulate, root=root)
+    try:
+        plat = Platform.from_options(emulate=emulate, root=root)
+    except EdgeSDKError as exc:
+        log.warning("platform layer unavailable (%s): reporting /proc readings", exc)
+        return proc_readings(root or "/")
 
     def read() -> dict:
         snap = plat.snapshot()
