@@ -279,3 +279,44 @@ def test_metrics_account_the_bundle(server, bundle):
     assert int(samples["edge_sdk_memory_budget_bytes"]) > 32 << 30  # the emulated 64 GB board, not this machine
     assert loaded > 0
     assert samples['edge_sdk_power_mode_info{mode="MODE_30W"}'] == "1"
+
+
+def test_telemetry_uplink_carries_daemon_metrics_and_is_flushed_on_sigterm(bundle, tmp_path):
+    pytest.importorskip("serial")
+    pytest.importorskip("edge_sdk.runtime.telemetry.uplink")
+    from edge_sdk.runtime.telemetry.ground import GroundStation
+    from edge_sdk.runtime.telemetry.linesim import PtyLine
+    from edge_sdk.runtime.telemetry.uplink import generate_key, load_key
+
+    key_file = generate_key(tmp_path / "telemetry.key")
+    rows: list[dict] = []
+    with PtyLine() as line:
+        ground = GroundStation(line.b, load_key(key_file), tmp_path / "ground.jsonl", on_record=rows.append)
+        stop = threading.Event()
+        listener = threading.Thread(target=ground.run, args=(stop,), daemon=True)
+        listener.start()
+        d = Daemon(bundle, tmp_path, f'[telemetry]\nport_url = "{line.a}"\nkey_file = "{key_file}"\n'
+                                     f'state_dir = "{tmp_path / "state"}"\ninterval_s = 0.5\n')
+        try:
+            c = client(d.url)
+            r = c.completions.create(model=c.models.list().data[0].id, prompt="telemetry", max_tokens=7, temperature=0)
+            import urllib.request
+
+            with urllib.request.urlopen(d.url + "/metrics", timeout=30) as m:
+                generated = next(int(l.split()[1]) for l in m.read().decode().splitlines()
+                                 if l.startswith("edge_sdk_generation_tokens_total "))
+            assert generated >= r.usage.completion_tokens > 0
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.proc.wait(30) == 0
+        finally:
+            d.stop()
+            stop.set()
+            listener.join(5)
+            ground.close()
+    data = [r["data"] for r in rows if r["kind"] != "schema"]
+    events = [x["event"] for x in data if "event" in x]
+    assert events[:1] == ["serve_start"] and "serve_stop" in events
+    last = [x for x in data if "metric.generation_tokens_total" in x][-1]  # the sample taken at shutdown
+    assert last["metric.generation_tokens_total"] == generated
+    assert last["metric.power_mode"] == "MODE_30W"
+    assert "flushed: every record acknowledged" in "".join(d.lines)

@@ -56,11 +56,7 @@ def run(args) -> int:
 
 
 def telemetry_uplink(config):
-    """The telemetry uplink when configured and this build has it; None otherwise."""
-    if not config.telemetry.port_url:
-        return None
-    try:
-        from edge_sdk.runtime.server.telemetry_link import open_uplink
-    except ImportError:
-        return None
+    """The telemetry uplink when the config names a port; None otherwise."""
+    from edge_sdk.runtime.server.telemetry_link import open_uplink
+
     return open_uplink(config)

@@ -49,7 +49,8 @@ class MemorySection:
 @dataclass(frozen=True)
 class TelemetrySection:
     port_url: str = ""  # empty: no uplink; e.g. /dev/ttyTHS0, socket://host:port
-    key_file: str = ""
+    key_file: str = ""  # pre-shared key (hex), from `edge-sdk telemetry keygen FILE`
+    state_dir: str = ""  # persistent queue; empty: /var/lib/edge-sdk for the service
     interval_s: float = 5.0
 
 

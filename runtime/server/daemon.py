@@ -153,6 +153,7 @@ class Daemon:
             url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
             print(f"edge-sdk serve: listening on {url} (model {self.service.state.model_id})", flush=True)
             self.notifier.ready(f"serving {self.service.state.model_id} on {url}")
+            self._telemetry_event("serve_start", model=self.service.state.model_id, url=url)
         watchdog = asyncio.create_task(self._watchdog())
         telemetry = asyncio.create_task(self._telemetry()) if self.telemetry is not None else None
         try:
@@ -172,6 +173,7 @@ class Daemon:
         if self._stopping is None:
             log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.service.config.server.drain_timeout_s)
             self.notifier.stopping("draining")
+            self._telemetry_event("serve_stop", signal=signal.Signals(sig).name)
             self._stopping = asyncio.create_task(self._drain(self.service.config.server.drain_timeout_s))
         else:
             log.info("second %s: cancelling in-flight requests now", signal.Signals(sig).name)
@@ -211,27 +213,36 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _telemetry(self) -> None:
-        interval = self.service.config.telemetry.interval_s
+        """Keep the uplink's view of the daemon current; the uplink samples it every telemetry.interval_s."""
         while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.telemetry.record, self.snapshot())
-            except Exception as exc:  # the uplink must never take the API down
-                log.warning("telemetry sample failed: %s", exc)
+            for name, value in self.snapshot().items():
+                self.telemetry.telemetry.record_metric(name, value)
+            await asyncio.sleep(min(1.0, self.service.config.telemetry.interval_s))
+
+    def _telemetry_event(self, kind: str, **fields) -> None:
+        if self.telemetry is None:
+            return
+        try:
+            self.telemetry.telemetry.event(kind, **fields)
+        except Exception as exc:  # the uplink must never take the API down
+            log.warning("telemetry event %s not stored: %s", kind, exc)
 
     def snapshot(self) -> dict:
         st = self.service.state
         mem = st.memory.stats()
         return {"decode_tokens_per_s": round(st.metrics.decode_tokens_per_s(), 3), "queue_depth": st.scheduler.queue_depth(),
-                "running": st.scheduler.running(), "kv_blocks_used": mem["kv_blocks_used"],
-                "generation_tokens_total": st.metrics.generation_tokens, "power_mode": st.power_mode()}
+                "running": st.scheduler.running(), "kv_usage": round(mem["kv_blocks_used"] / max(1, mem["kv_blocks_total"]), 4),
+                "generation_tokens_total": st.metrics.generation_tokens, "requests_rejected_total": st.metrics.rejected,
+                "ttft_count": st.metrics.ttft.count, "ttft_sum_s": round(st.metrics.ttft.sum, 4), "power_mode": st.power_mode()}
 
     async def _flush_telemetry(self) -> None:
         if self.telemetry is None:
             return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.to_thread(self.telemetry.flush), timeout=10)
-            log.info("telemetry flushed")
+        for name, value in self.snapshot().items():
+            self.telemetry.telemetry.record_metric(name, value)
+        self.telemetry.telemetry.sample()
+        flushed = await asyncio.to_thread(self.telemetry.stop, 5.0)
+        log.info("telemetry %s", "flushed: every record acknowledged" if flushed else "stopped with records left in its queue (sent after restart)")
 
 
 class _Server:
