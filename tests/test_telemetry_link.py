@@ -220,3 +220,28 @@ def test_forged_command_is_ignored_and_counted(tmp_path):
                 forger.send_command(q.stream_id, "set-interval", 0.5, timeout=1.5, retry=0.5)
         forger.close()
     assert sender.stats.auth_failures >= 2 and handler.executed == 0 and tel.interval == 1.0
+
+
+def test_power_mode_command_on_an_emulated_board(tmp_path):
+    from edge_sdk.runtime.platform import emulated_root
+    from edge_sdk.runtime.telemetry.uplink import Uplink, UplinkSettings
+
+    root = emulated_root("orin-nx-16gb", tmp_path / "root")
+    with PtyLine() as line:
+        settings = UplinkSettings(line.a, KEY, tmp_path / "state", interval=60)
+        uplink = Uplink.from_options(settings, root=str(root)).start()
+        ground = GroundStation(line.b, KEY, tmp_path / "out.jsonl")
+        with running((ground.run, {})):
+            stream = uplink.queue.stream_id
+            res = ground.send_command(stream, "set-power-mode", "MODE_10W", timeout=10)
+            assert (res.status, res.value) == (Status.OK, "MODE_10W")
+            refused = ground.send_command(stream, "set-power-mode", "MAXN", timeout=10)
+            assert refused.status == Status.FAILED and "reboot" in refused.message
+            assert ground.send_command(stream, "snapshot", timeout=10).status == Status.OK
+            assert uplink.stop(flush_timeout=10)
+        ground.close()
+    rows = read_out(tmp_path / "out.jsonl")
+    (change,) = [r["data"] for r in rows if r["kind"] == "event"]
+    assert (change["event"], change["old"], change["new"], change["reason"]) == ("power_mode", "MODE_15W", "MODE_10W", "downlink command")
+    samples = [r["data"] for r in rows if r["kind"] == "sample"]
+    assert samples[-1]["nvpmodel_mode"] == "MODE_10W" and "rails.VDD_IN.mw" in samples[-1]

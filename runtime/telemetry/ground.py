@@ -60,6 +60,7 @@ class GroundStation:
         self._results: dict[int, commands.CommandResult] = {}
         self._results_cv = threading.Condition()
         self._counter_file = Path(counter_file) if counter_file else None
+        self._last_counter = 0
         self._out = None
         if out is not None:
             self._load(Path(out))
@@ -182,7 +183,8 @@ class GroundStation:
     def _next_counter(self) -> int:
         # monotonic across restarts of the ground: persisted, and never below the clock in seconds
         last = int(self._counter_file.read_text()) if self._counter_file and self._counter_file.exists() else 0
-        counter = max(last + 1, int(time.time()))
+        counter = max(last + 1, self._last_counter + 1, int(time.time()))
+        self._last_counter = counter
         if self._counter_file:
             tmp = self._counter_file.with_suffix(".tmp")
             tmp.write_text(str(counter))

@@ -86,8 +86,15 @@ class Uplink:
     def __init__(self, settings: UplinkSettings, readings: Readings | None = None, power=None):
         self.settings = settings
         self.queue = TelemetryQueue(settings.state_dir / "telemetry.sqlite", settings.queue_bytes)
-        self.telemetry = Telemetry(self.queue, readings, settings.interval)
-        self.power = power  # a PowerManager, for set-power-mode
+        self.power = power  # a platform PowerManager: set-power-mode, and the mode in every sample
+        self._mode = None
+        if power is not None:
+            try:
+                self._mode = power.current().name
+            except PlatformError as exc:
+                log.warning("cannot read the power mode: %s", exc)
+            power.subscribe(self._on_mode_change)
+        self.telemetry = Telemetry(self.queue, self._with_mode(readings), settings.interval)
         self.commands = CommandHandler(self.queue, {
             "set-interval": self.telemetry.set_interval,
             "snapshot": lambda: self.telemetry.sample(priority=EVENT),
@@ -110,14 +117,20 @@ class Uplink:
             log.warning("power modes unavailable to downlink commands: %s", exc)
         return cls(settings, platform_readings(emulate, root), power)
 
+    def _with_mode(self, readings: Readings | None) -> Readings | None:
+        if self.power is None:
+            return readings
+        return lambda: {**(readings() if readings else {}), "nvpmodel_mode": self._mode}
+
+    def _on_mode_change(self, change) -> None:
+        self._mode = change.new
+        self.telemetry.event("power_mode", ALERT, **change.to_dict())
+
     def _set_power_mode(self, mode: str):
         if self.power is None:
-            raise PlatformError("no platform layer on this device", hint="install edge-sdk[runtime] on the board")
-        old = self.power.current()
-        new = self.power.set(int(mode) if mode.isdigit() else mode)
-        name = getattr(new, "name", None) or str(mode)
-        self.telemetry.event("power_mode", ALERT, old=getattr(old, "name", str(old)), new=name, reason="command")
-        return name
+            raise PlatformError("no platform layer on this device", hint="run the uplink with --emulate BOARD or on a Jetson")
+        change = self.power.set(int(mode) if mode.isdigit() else mode, reason="downlink command")
+        return change.new if change else self._mode
 
     def start(self) -> "Uplink":
         for target, stop, kw in ((self.telemetry.run, self._stop_collect, {}),
