@@ -68,6 +68,8 @@ def check_onnx(path, reference, shape, calib_ids: list[list[int]], *, seed: int 
 
 def nll(model, tokens: list[int], bos: int | None, window: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood and argmax predictions over `tokens`, in windows."""
+    if len(tokens) < 8:
+        raise ConversionError(f"held-out text has only {len(tokens)} tokens", hint="pass a longer --eval-text")
     nlls, preds = [], []
     for start in range(0, len(tokens) - 1, window - 1):
         chunk = tokens[start: start + window]
@@ -86,12 +88,9 @@ def nll(model, tokens: list[int], bos: int | None, window: int = 512) -> tuple[t
     return torch.cat(nlls), torch.cat(preds)
 
 
-def report(float_model, quant_model, tokens: list[int], bos: int | None) -> dict:
-    """Perplexity of both models on held-out tokens, and how often their top-1 predictions agree."""
-    if len(tokens) < 8:
-        raise ConversionError(f"held-out text has only {len(tokens)} tokens", hint="pass a longer --eval-text")
-    nf, pf = nll(float_model, tokens, bos)
-    nq, pq = nll(quant_model, tokens, bos)
+def report(float_nll: tuple, quant_nll: tuple) -> dict:
+    """Perplexity of both models on the same held-out tokens (from `nll`), and top-1 agreement."""
+    (nf, pf), (nq, pq) = float_nll, quant_nll
     ppl_f, ppl_q = math.exp(nf.mean().item()), math.exp(nq.mean().item())
     return {
         "eval_tokens": int(nf.numel()),

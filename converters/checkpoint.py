@@ -61,15 +61,13 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     return Checkpoint(p, config, arch, str(name), files)
 
 
-def load_weights(ck: Checkpoint, names_only_prefix: str | None = None) -> dict:
-    """All tensors of the checkpoint as fp32 torch tensors (int tensors kept as they are)."""
-    import torch
+def load_weights(ck: Checkpoint) -> dict:
+    """All tensors of the checkpoint in their stored dtype (consumers cast one tensor at a time)."""
     from safetensors.torch import load_file
 
     out = {}
     for shard in ck.safetensors:
-        for k, v in load_file(shard).items():
-            out[k] = v.float() if v.is_floating_point() else v
+        out.update(load_file(shard))
     if ck.arch.lm_head not in out and ck.config.get("tie_word_embeddings"):
         out[ck.arch.lm_head] = out[ck.arch.embed]
     if ck.arch.embed not in out:

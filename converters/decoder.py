@@ -142,6 +142,41 @@ class Body(nn.Module):
         self.norm = norm
 
 
+class _Cast:
+    """weights[name] converted to dtype on access (and no copy when it already has it)."""
+
+    def __init__(self, weights, dtype):
+        self.weights, self.dtype = weights, dtype
+
+    def __getitem__(self, name):
+        return self.weights[name].to(self.dtype)
+
+    def get(self, name):
+        return self[name] if name in self.weights else None
+
+
+def trace_stub(s: DecoderShape, arch: ArchTable, inv_freq: torch.Tensor, rope_scaling: float, dtype=torch.float32) -> "Decoder":
+    """The same graph at a fraction of the size: real heads, head_dim, layers, eps and rope, but small
+    hidden / intermediate / vocab (they only set initializer shapes, which the export replaces)."""
+    from dataclasses import replace
+
+    small = replace(s, hidden_size=32, intermediate_size=32, vocab_size=16)
+    g = torch.Generator().manual_seed(0)
+    shapes = {arch.embed: (small.vocab_size, small.hidden_size), arch.final_norm: (small.hidden_size,),
+              arch.lm_head: (small.vocab_size, small.hidden_size)}
+    q, kv, h, i = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, small.hidden_size, small.intermediate_size
+    dims = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    for layer in range(s.num_layers):
+        shapes[arch.norm(layer, "input_norm")] = shapes[arch.norm(layer, "post_attn_norm")] = (h,)
+        for p, shp in dims.items():
+            shapes[f"{arch.linear(layer, p)}.weight"] = shp
+            if s.qkv_bias and p in ("q_proj", "k_proj", "v_proj"):
+                shapes[f"{arch.linear(layer, p)}.bias"] = (shp[0],)
+    # distinct random values, so the exporter never merges two initializers into one
+    weights = {k: torch.randn(v, generator=g) for k, v in shapes.items()}
+    return Decoder(small, weights, arch, inv_freq, rope_scaling, dtype).eval()
+
+
 class Decoder(nn.Module):
     """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), past/present
     ordered key0, value0, key1, value1, ... with layout [B, KVH, S, D]."""
@@ -150,7 +185,7 @@ class Decoder(nn.Module):
                  inv_freq: torch.Tensor, rope_scaling: float = 1.0, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.s = s
-        w = {k: v.to(dtype) for k, v in weights.items()}
+        w = _Cast(weights, dtype)  # one tensor at a time: a 1.5B model is never held twice here
 
         def linear(name):
             bias = w.get(f"{name}.bias")
@@ -161,7 +196,7 @@ class Decoder(nn.Module):
             lin = {p: linear(arch.linear(i, p)) for p in (*ATTN, *MLP)}
             layers.append(Layer(s, (w[arch.norm(i, "input_norm")], w[arch.norm(i, "post_attn_norm")]), lin))
         self.model = Body(w[arch.embed], layers, RMSNorm(w[arch.final_norm], s.rms_norm_eps))
-        head = w.get(arch.lm_head, w[arch.embed])
+        head = w[arch.lm_head] if arch.lm_head in weights else w[arch.embed]
         self.lm_head = Linear(head.t().contiguous(), None)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.rope_scaling = rope_scaling

@@ -61,7 +61,7 @@ def export_name_to_weight(name: str) -> str:
 
 
 def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str], activation: str,
-            weights: dict, weights_file: str):
+            weights: dict, weights_file: str, vocab_size: int):
     """Point `model` at the shared weights file: int4 DQ for quantized linears, fp16 (+Cast) for others.
 
     quantized: {HF linear name (model.layers.0.self_attn.q_proj, lm_head): QuantizedLinear}.
@@ -118,6 +118,9 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
         nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
+    # traced at a small vocabulary (see decoder.trace_stub): give logits their real size
+    logits = next(o for o in g.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[2].dim_value = vocab_size
     model.ir_version = IR_VERSION
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", OPSET)])

@@ -22,6 +22,23 @@ log = logging.getLogger(__name__)
 GRAPH_FILES = {"fp32": ("model.onnx", "float32"), "fp16": ("model.fp16.onnx", "float16")}
 
 
+class StoredWeights:
+    """What the bundle stores, as float tensors computed on access: q * scale for int4 linears,
+    fp16-rounded values for everything else (the PyTorch reference the graph is checked against)."""
+
+    def __init__(self, weights, quantized):
+        self.weights, self.quantized = weights, quantized
+
+    def __contains__(self, name):
+        return name in self.weights or name.removesuffix(".weight") in self.quantized
+
+    def __getitem__(self, name):
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in self.quantized:
+            return self.quantized[module].dequantize()
+        return self.weights[name].half().float()
+
+
 class Stages:
     """Wall time per stage and peak RSS, for the summary."""
 
@@ -81,7 +98,7 @@ def convert(model_dir, output, **options) -> dict:
     import torch
     from tokenizers import Tokenizer
 
-    from .decoder import Decoder, DecoderShape, rope_tables
+    from .decoder import Decoder, DecoderShape, rope_tables, trace_stub
     from .quantize import quantize_checkpoint
 
     opts = options if isinstance(options, ConvertOptions) else ConvertOptions(**options)
@@ -105,12 +122,7 @@ def convert(model_dir, output, **options) -> dict:
     with stages("quantize"):
         qr = quantize_checkpoint(ck, shape, calib, opts)
     weights, quantized = qr.weights, qr.quantized
-    deq = dict(weights)
-    for name, ql in quantized.items():
-        deq[f"{name}.weight"] = ql.dequantize()
-    quantized_weights = {f"{m}.weight" for m in quantized}
-    for name in [k for k in deq if k.endswith((".weight", ".bias")) and k not in quantized_weights]:
-        deq[name] = deq[name].half().float()  # what the bundle stores for non-quantized tensors
+    deq = StoredWeights(weights, quantized)
     reference = Decoder(shape, deq, ck.arch, inv_freq, rope_scale).eval()
     summary: dict = {"source": str(ck.path), "output": str(Path(output).absolute())}
     with staged_directory(output, overwrite=opts.overwrite) as tmp:
@@ -120,9 +132,9 @@ def convert(model_dir, output, **options) -> dict:
             graphs = {}
             for g in opts.graphs:
                 fname, act = GRAPH_FILES[g]
-                dec = reference if g == "fp32" else Decoder(shape, deq, ck.arch, inv_freq, rope_scale, dtype=torch.float16).eval()
-                model = onnx_export.trace(dec, shape.num_layers)
-                onnx_export.rewrite(model, quantized, fp16_names, act, wsec, "model.weights")
+                stub = trace_stub(shape, ck.arch, inv_freq, rope_scale, torch.float32 if g == "fp32" else torch.float16)
+                model = onnx_export.trace(stub, shape.num_layers)
+                onnx_export.rewrite(model, quantized, fp16_names, act, wsec, "model.weights", shape.vocab_size)
                 onnx_export.save(model, tmp / fname)
                 graphs[g] = {"file": fname, "activation_dtype": act}
             for f in TOKENIZER_FILES:
@@ -132,8 +144,12 @@ def convert(model_dir, output, **options) -> dict:
             with stages("verify"):
                 report["onnx_vs_torch"] = accuracy.check_onnx(tmp / "model.onnx", reference, shape, calib.ids, seed=opts.seed)
         with stages("accuracy"):
+            # one fp32 model in memory at a time
+            quant_nll = accuracy.nll(reference, eval_tokens[: opts.eval_tokens], bos)
+            del reference
             float_model = Decoder(shape, weights, ck.arch, inv_freq, rope_scale).eval()
-            report |= accuracy.report(float_model, reference, eval_tokens[: opts.eval_tokens], bos)
+            report |= accuracy.report(accuracy.nll(float_model, eval_tokens[: opts.eval_tokens], bos), quant_nll)
+            del float_model
         gate = opts.max_ppl_increase
         report["max_ppl_increase_percent"] = gate
         if gate is not None and report["ppl_increase_percent"] > gate:

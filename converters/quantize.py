@@ -24,15 +24,18 @@ def quantize_checkpoint(ck, shape, calib, opts) -> QuantResult:
         from .gptq_import import import_gptq
 
         return import_gptq(ck, shape, opts)
-    weights = load_weights(ck)
     names = linear_names(shape.num_layers, ck.arch)
+    in_features = {"o_proj": shape.num_heads * shape.head_dim, "down_proj": shape.intermediate_size}
     for n in names:
-        check_group(weights[f"{n}.weight"].shape[1], opts.group_size, n)
+        check_group(in_features.get(n.rsplit(".", 1)[1], shape.hidden_size), opts.group_size, n)
     if opts.method == "gptq":
         from .gptq import gptq_quantize
 
+        # before our own copy of the weights is loaded: GPTQModel holds the model meanwhile
         quantized, method_info = gptq_quantize(ck, calib, opts, names)
+        weights = load_weights(ck)
     else:
+        weights = load_weights(ck)
         quantized = {n: rtn(weights[f"{n}.weight"], opts.group_size) for n in names}
         method_info = {"method": "rtn"}
     if opts.lm_head_dtype == "int4":
