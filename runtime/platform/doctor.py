@@ -154,11 +154,11 @@ def _storage(p: Platform, o: DoctorOptions) -> list[Check]:
 
 
 def _power_mode(p: Platform, o: DoctorOptions) -> Check:
-    from .power import PowerManager
+    from .power import PowerManager, mode_rank
 
     pm = PowerManager(p)
     cur = pm.current()
-    top = max(pm.modes(), key=lambda m: m.budget_w)
+    top = max(pm.modes(), key=mode_rank)
     if cur.id == top.id:
         return Check("power mode", PASS, f"{cur.name} (id {cur.id}, {cur.budget_w:g} W)")
     return Check("power mode", WARN, f"{cur.name} (id {cur.id}, {cur.budget_w:g} W); fastest is {top.name}",

@@ -37,6 +37,12 @@ def _budget_w(name: str, profile_mode: PowerMode | None) -> float:
     return float(m[1]) if m else float("inf")
 
 
+def mode_rank(m: PowerMode) -> tuple:
+    """Order of modes from least to most performance: budget, then GPU and CPU caps (None = uncapped)."""
+    inf = float("inf")
+    return (m.budget_w, m.gpu_max_mhz or inf, m.cpu_max_mhz or inf, m.cores_online, m.id)
+
+
 class PowerManager:
     """nvpmodel modes of a platform: list, read, switch (refusing reboots unless allowed), policies."""
 
@@ -114,7 +120,7 @@ class PowerManager:
         """Modes a policy may step through, by budget ascending."""
         current = current or self.current()
         modes = [m for m in self.modes() if m.id == current.id or allow_reboot or not self.needs_reboot(m, current)]
-        return sorted(modes, key=lambda m: (m.budget_w, m.id))
+        return sorted(modes, key=mode_rank)
 
     def run_policy(self, policy, snapshot, allow_reboot: bool = False) -> ModeChange | None:
         """One policy tick: ask the policy for a mode and switch to it, logging the reason."""
