@@ -117,5 +117,15 @@ class Platform:
             s.fan_rpm = self.sys.read_int(hw.fan["rpm"])
         return s
 
+    def power_mw(self) -> int | None:
+        """Board input power now (mW), reading only the rails (cheap enough for a sampling thread)."""
+        rails = sensors.read_rails(self.sys, self.hardware)
+        if not rails:
+            return None
+        if "VDD_IN" in rails:
+            return rails["VDD_IN"][0]
+        names = self.total_rails() or list(rails)
+        return sum(rails[n][0] for n in names if n in rails)
+
     def cpu_governors(self) -> dict[int, str | None]:
         return {i: gov for i, (online, _khz, gov) in sensors.read_cpus(self.sys, self.hardware).items() if online}

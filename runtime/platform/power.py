@@ -161,10 +161,9 @@ class EnergyMeter:
     def __post_init__(self):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._total_rails = self.platform.total_rails()
 
     def sample(self) -> None:
-        mw = self.platform.snapshot().total_power_mw(self._total_rails)
+        mw = self.platform.power_mw()
         if mw is not None:
             self.samples.append((time.monotonic(), float(mw)))
 
