@@ -80,3 +80,15 @@ def test_install_into_an_empty_root_creates_the_account_files(tmp_path):
 def test_missing_root_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not a directory"):
         install(tmp_path / "nope")
+
+
+def test_installed_unit_passes_systemd_analyze(root):
+    import shutil
+    import subprocess
+
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed here")
+    install(root)
+    done = subprocess.run(["systemd-analyze", "verify", str(root / "etc/systemd/system/edge-sdk.service")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
