@@ -3,7 +3,7 @@
 
 The result, cached under ~/.cache/edge-sdk/tiny-trained-qwen2/, is a real Hugging Face model
 directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) plus eval.txt
-(held-out stdlib source) for accuracy reports: a trained model shows what int4 quantization
+(held-out stdlib source) and calib.txt (in-domain calibration text) for accuracy reports: a trained model shows what int4 quantization
 really costs, which random weights cannot. A few minutes on one CPU core.
 
     python scripts/train_tiny.py [--steps 400] [--out DIR]
@@ -23,6 +23,7 @@ DEFAULT_OUT = Path(os.environ.get("EDGE_SDK_CACHE", Path.home() / ".cache" / "ed
 TRAIN_MODULES = ["argparse", "collections/__init__", "json/decoder", "json/encoder", "pathlib", "shutil", "textwrap",
                  "tempfile", "csv", "dataclasses", "functools", "inspect", "string", "typing", "subprocess", "logging/__init__"]
 EVAL_MODULES = ["configparser", "fractions"]
+CALIB_MODULES = ["argparse", "pathlib"]  # part of the training text
 
 
 def stdlib_text(modules: list[str]) -> str:
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     model.save_pretrained(args.out, safe_serialization=True)
     write_tokenizer(tok, args.out)
     (args.out / "eval.txt").write_text(held_out, encoding="utf-8")
+    (args.out / "calib.txt").write_text(stdlib_text(CALIB_MODULES), encoding="utf-8")  # in-domain calibration
     with torch.no_grad():
         ev = torch.tensor(tok.encode(held_out).ids[:2048]).unsqueeze(0)
         ppl = math.exp(model(input_ids=ev, labels=ev).loss.item())
