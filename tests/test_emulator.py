@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -106,3 +107,13 @@ def test_tegrastats_interval_and_logfile(tmp_path):
     assert list(s.rails) == ["VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC"] and s.ram_total_mb == 15368
     assert [c.online for c in s.cpus] == [True] * 4 + [False] * 4  # MODE_15W: 4 cores
     assert run_tool(root, "tegrastats", "--interval", "0").returncode != 0
+
+
+def test_concurrent_creation_gives_one_whole_root(tmp_path):
+    code = ("import sys; from edge_sdk.runtime.platform import emulated_root, Platform; "
+            "r = emulated_root('agx-orin-32gb', sys.argv[1]); print(Platform(r).board().name)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [o.strip() for o, _e in outs] == ["agx-orin-32gb"] * 3, [e for _o, e in outs]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no staging directories left behind

@@ -170,3 +170,22 @@ def test_from_options_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("EDGE_SDK_EMULATE", raising=False)
     assert Platform.from_options().root == tmp_path
     assert Platform.from_options(root=os.fspath(tmp_path / "x")).root == tmp_path / "x"
+
+
+def test_r35_gpu_paths_are_found(partial):
+    put(partial, "sys/devices/gpu.0/load", "437\n")
+    put(partial, "sys/devices/17000000.ga10b/devfreq/17000000.ga10b/cur_freq", "918000000\n")
+    s = Platform(partial).snapshot()
+    assert (s.gpu_load_pct, s.gpu_mhz) == (44, [918])
+
+
+def test_missing_meminfo_degrades_in_snapshots(partial, caplog):
+    (partial / "proc/meminfo").unlink()
+    p = Platform(partial)
+    with caplog.at_level(logging.WARNING, logger="edge_sdk.platform"):
+        s = p.snapshot()
+        p.snapshot()
+    assert s.ram_total_mb == 0 and s.rails
+    assert sum("no readable /proc/meminfo" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(PlatformError):
+        p.allocatable_gpu_bytes()

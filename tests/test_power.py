@@ -234,3 +234,10 @@ def test_energy_meter_on_constant_rails(agx):
     assert meter.joules == pytest.approx(watts * elapsed, rel=1e-9)
     assert meter.mean_w == pytest.approx(watts) and meter.per_token(10) == pytest.approx(meter.joules / 10)
     assert meter.per_token(0) is None
+
+
+@pytest.mark.parametrize("make", [lambda p: EnergyMeter(p, interval_s=0), lambda p: Simulation(p.root, interval_s=-1),
+                                  lambda p: ThermalGuard(hysteresis_c=0)])
+def test_bad_settings_name_the_range(agx, make):
+    with pytest.raises(ConfigError):
+        make(agx)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from ...boards import Board, get_board
@@ -38,7 +40,17 @@ def emulated_root(board: str, root: str | os.PathLike | None = None) -> Path:
         return path
     if path.exists() and any(path.iterdir()):
         raise PlatformError(f"{path} is not empty and is not an emulated root", hint="pass an empty or new directory as --root")
-    layout(profile, path)
+    # lay out beside the target and rename: a concurrent caller sees either nothing or a whole root
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        layout(profile, staging)
+        os.rename(staging, path)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if marker.exists():
+            return emulated_root(board, path)
+        raise
     return path
 
 
@@ -177,6 +189,11 @@ def _install_tools(path: Path) -> None:
     bin_dir.mkdir(exist_ok=True)
     for tool in TOOLS:
         p = bin_dir / tool
-        p.write_text(f"#!{sys.executable}\nimport sys\nfrom edge_sdk.runtime.platform.fake_tools import main\n"
-                     f"sys.exit(main({tool!r}, __file__, sys.argv[1:]))\n")
-        p.chmod(p.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        text = (f"#!{sys.executable}\nimport sys\nfrom edge_sdk.runtime.platform.fake_tools import main\n"
+                f"sys.exit(main({tool!r}, __file__, sys.argv[1:]))\n")
+        if p.exists() and p.read_text() == text:
+            continue
+        tmp = p.with_name(f".{tool}.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o755 | stat.S_IXGRP | stat.S_IXOTH)
+        os.replace(tmp, p)  # a tool running now keeps its old file

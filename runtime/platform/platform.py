@@ -84,7 +84,13 @@ class Platform:
 
     def snapshot(self) -> Snapshot:
         hw = self.hardware
-        mem = self.meminfo()
+        try:
+            mem = self.meminfo()
+        except PlatformError:
+            if "no /proc/meminfo" not in hw.missing:
+                hw.missing.append("no /proc/meminfo")
+                log.warning("%s: no readable /proc/meminfo; memory readings are left out", self.root)
+            mem = MemInfo({})
         s = Snapshot(stamp=time.strftime("%m-%d-%Y %H:%M:%S"), time_s=time.monotonic(),
                      ram_used_mb=mem.ram_used_mb, ram_total_mb=mem.total_kb // 1024,
                      swap_used_mb=mem.swap_used_mb, swap_total_mb=mem.kb("SwapTotal") // 1024,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...boards import PowerMode
-from ...errors import PowerModeError
+from ...errors import ConfigError, PowerModeError
 from .nvpmodel_conf import NvpConf, PowerModel, parse_conf
 from .platform import Platform
 from .root import NVPMODEL_CONF
@@ -159,6 +159,8 @@ class EnergyMeter:
     samples: list[tuple[float, float]] = field(default_factory=list)
 
     def __post_init__(self):
+        if not 0.001 <= self.interval_s <= 60:
+            raise ConfigError(f"energy meter interval {self.interval_s} s out of range", hint="use 0.001 to 60 seconds")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from ...errors import PlatformError
 
-# fixed sysfs locations (L4T r36)
+# fixed sysfs locations (L4T r36; readers also try the r35 ones below)
 GPU_DEVICE = "sys/devices/platform/bus@0/17000000.gpu"
 GPU_DEVFREQ = "sys/class/devfreq/17000000.gpu"
+GPU_LOAD_PATHS = (f"{GPU_DEVICE}/load", "sys/devices/gpu.0/load")  # r36, r35
+GPU_DEVFREQ_PATHS = (GPU_DEVFREQ, "sys/devices/17000000.ga10b/devfreq/17000000.ga10b", "sys/class/devfreq/17000000.ga10b")
 INA3221_GLOB = "sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*"
 HWMON_GLOB = "sys/class/hwmon/hwmon*"
 THERMAL_GLOB = "sys/class/thermal/thermal_zone*"

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .root import (CPU_DIR, EMC_ACTIVITY, EMC_CAP, EMC_RATE, GPU_DEVFREQ, GPU_DEVICE, HWMON_GLOB, INA3221_GLOB,
-                   THERMAL_GLOB, SysRoot)
+from .root import (CPU_DIR, EMC_ACTIVITY, EMC_CAP, EMC_RATE, GPU_DEVFREQ_PATHS, GPU_LOAD_PATHS, HWMON_GLOB,
+                   INA3221_GLOB, THERMAL_GLOB, SysRoot)
 from .snapshot import OFFLINE_MC
 
 
@@ -61,10 +61,8 @@ def discover(root: SysRoot) -> Hardware:
         hw.cpus[int(cpu.name[3:])] = cpu
     if not hw.cpus:
         hw.missing.append("no CPUs under /sys/devices/system/cpu")
-    if (p := root.path(f"{GPU_DEVICE}/load")).exists():
-        hw.gpu_load = p
-    if (p := root.path(GPU_DEVFREQ)).exists():
-        hw.gpu_devfreq = p
+    hw.gpu_load = next((p for rel in GPU_LOAD_PATHS if (p := root.path(rel)).exists()), None)
+    hw.gpu_devfreq = next((p for rel in GPU_DEVFREQ_PATHS if (p := root.path(rel)).exists()), None)
     if hw.gpu_load is None and hw.gpu_devfreq is None:
         hw.missing.append("no GPU load or devfreq")
     for hwmon in root.glob(HWMON_GLOB):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...boards import Board
-from ...errors import PlatformError
+from ...errors import ConfigError, PlatformError
 from .board import read_board
 from .meminfo import parse_meminfo, render_meminfo
 from .root import CPU_DIR, EMC_ACTIVITY, EMC_CAP, EMC_RATE, GPU_DEVFREQ, GPU_DEVICE, SysRoot, tegra234_data
@@ -207,6 +207,8 @@ class Simulation:
     """Start and stop the simulation process for an emulated root (also a context manager)."""
 
     def __init__(self, root: str | os.PathLike, watch_pid: int | None = None, interval_s: float = 0.5):
+        if not 0.01 <= interval_s <= 60:
+            raise ConfigError(f"simulation interval {interval_s} s out of range", hint="use 0.01 to 60 seconds")
         self.root = Path(root)
         self.watch_pid = os.getpid() if watch_pid is None else watch_pid
         self.interval_s = interval_s

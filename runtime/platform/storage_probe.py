@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import PlatformError
+from ...errors import ConfigError, PlatformError
 
 _BLOCK = 1 << 20  # sequential read size
 _PAGE = 4096
@@ -46,6 +46,9 @@ def _open_read(path: Path) -> tuple[int, bool, str]:
 
 def probe_storage(directory: str | os.PathLike, *, seconds: float = 2.0, size_mb: int = 64) -> StorageResult:
     """Write a scratch file in directory, then read it sequentially and at random 4K offsets, ~seconds in all."""
+    if not (0.05 <= seconds <= 60 and 1 <= size_mb <= 4096):
+        raise ConfigError(f"storage probe of {size_mb} MB for {seconds} s is out of range",
+                          hint="use 0.05-60 seconds and 1-4096 MB")
     directory = Path(directory)
     if not directory.is_dir():
         raise PlatformError(f"storage probe directory {directory} does not exist", hint="pass an existing directory (where bundles live)")
