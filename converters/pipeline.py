@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,17 +41,28 @@ class StoredWeights:
 
 
 class Stages:
-    """Wall time per stage and peak RSS, for the summary."""
+    """A progress bar over the pipeline's stages; wall time per stage and peak RSS for the summary."""
 
-    def __init__(self):
+    NAMES = ("load", "quantize", "export", "verify", "accuracy", "package")
+
+    def __init__(self, progress: bool):
+        from tqdm import tqdm
+
         self.seconds: dict[str, float] = {}
+        self.bar = tqdm(total=len(self.NAMES), desc="convert", unit="stage", file=sys.stderr, disable=not progress,
+                        bar_format="{desc}: {n}/{total} stages [{elapsed}] {postfix}")
 
     @contextmanager
     def __call__(self, name: str):
         t = time.perf_counter()
         log.info("%s ...", name)
+        self.bar.set_postfix_str(name)
         yield
         self.seconds[name] = round(time.perf_counter() - t, 3)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
 
     @staticmethod
     def peak_rss_bytes() -> int:
@@ -102,7 +114,7 @@ def convert(model_dir, output, **options) -> dict:
     from .quantize import quantize_checkpoint
 
     opts = options if isinstance(options, ConvertOptions) else ConvertOptions(**options)
-    stages = Stages()
+    stages = Stages(opts.progress)
     torch.manual_seed(opts.seed)
     with stages("load"):
         ck = open_checkpoint(model_dir)
@@ -176,6 +188,7 @@ def convert(model_dir, output, **options) -> dict:
                 "ir_version": onnx_export.IR_VERSION,
             }
             manifest = write_manifest(tmp, manifest, sign_key=opts.sign_key)
+    stages.close()
     summary |= {
         "files": {k: v["size"] for k, v in manifest["files"].items()},
         "weight_bytes": sum(t["nbytes"] for t in wsec["tensors"].values()),

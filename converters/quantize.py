@@ -36,7 +36,9 @@ def quantize_checkpoint(ck, shape, calib, opts) -> QuantResult:
         weights = load_weights(ck)
     else:
         weights = load_weights(ck)
-        quantized = {n: rtn(weights[f"{n}.weight"], opts.group_size) for n in names}
+        from tqdm import tqdm
+
+        quantized = {n: rtn(weights[f"{n}.weight"], opts.group_size) for n in tqdm(names, desc="round-to-nearest", disable=not opts.progress)}
         method_info = {"method": "rtn"}
     if opts.lm_head_dtype == "int4":
         check_group(weights[ck.arch.lm_head].shape[1], opts.group_size, "lm_head")
