@@ -24,7 +24,7 @@ from pathlib import Path
 CONFIG = "deepseek-r1-distill-qwen-1.5b"
 
 
-def make_hf_dir(out: Path, config_name: str = CONFIG, seed: int = 0) -> Path:
+def make_hf_dir(out: Path, config_name: str = CONFIG, seed: int = 0, layers: int | None = None, vocab: int | None = None) -> Path:
     """Random-weight checkpoint with the real config (fp16 safetensors) plus a real tokenizer."""
     if (out / "config.json").exists():
         return out
@@ -35,6 +35,10 @@ def make_hf_dir(out: Path, config_name: str = CONFIG, seed: int = 0) -> Path:
 
     cfg = json.loads(resources.files("edge_sdk.data").joinpath("configs", f"{config_name}.json").read_text())
     cfg["torch_dtype"] = "float16"
+    if layers:
+        cfg["num_hidden_layers"] = cfg["max_window_layers"] = layers  # same layer shapes, fewer layers
+    if vocab:
+        cfg["vocab_size"] = vocab
     torch.manual_seed(seed)
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"}, architectures=cfg["architectures"])
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16)
@@ -67,6 +71,35 @@ def build_ours(hf_dir: Path, out: Path, **options) -> Path:
         import edge_sdk
 
         edge_sdk.convert(hf_dir, out, **options)
+    return out
+
+
+def wrap_peer_graph(peer: Path, hf_dir: Path, out: Path) -> Path:
+    """The peer's own graph packaged as a bundle (same I/O names and BHSD KV layout), so our runtime
+    loop and onnxruntime-genai's can be compared on identical weights and nodes."""
+    if (out / "manifest.json").exists():
+        return out
+    from edge_sdk.bundle import write_manifest
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    gcfg = json.loads((peer / "genai_config.json").read_text())["model"]
+    out.mkdir(parents=True)
+    for f in ("model.onnx", "model.onnx.data"):
+        os.symlink((peer / f).absolute(), out / f)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_dir / f, out / f)
+    d = gcfg["decoder"]
+    write_manifest(out, {
+        "format": "edge-sdk-bundle", "created_by": "benchmarks/bench_decode.py (onnxruntime-genai graph)",
+        "source": {"name": "peer-graph", "config": cfg},
+        "architecture": {"name": cfg["architectures"][0], "vocab_size": cfg["vocab_size"], "num_layers": d["num_hidden_layers"],
+                         "max_position_embeddings": cfg["max_position_embeddings"]},
+        "graphs": {"fp32": {"file": "model.onnx", "activation_dtype": "float32"}},
+        "io": {"kv": {"num_layers": d["num_hidden_layers"], "num_kv_heads": d["num_key_value_heads"], "head_dim": d["head_size"],
+                      "layout": "BHSD", "past": "past_key_values.{i}.{kind}", "present": "present.{i}.{kind}"}},
+        "tokenizer": {"files": ["tokenizer.json", "tokenizer_config.json"], "eos_token_ids": gcfg["eos_token_id"],
+                      "pad_token_id": gcfg["pad_token_id"], "bos_token_id": gcfg["bos_token_id"]},
+    })
     return out
 
 
@@ -110,8 +143,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--levels", type=int, nargs="+", default=[4, 1], help="MatMulNBits accuracy levels to run ours at")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("ours", "peer"))
+    ap.add_argument("--skip", nargs="*", default=[], choices=("ours", "peer", "peer-graph"))
     ap.add_argument("--convert-options", default="{}", help="JSON keywords for edge_sdk.convert")
+    ap.add_argument("--layers", type=int, help="keep the real layer shapes but only this many layers (less memory to convert)")
+    ap.add_argument("--vocab", type=int, help="override vocab_size (the converter's in-memory export is limited to 2 GiB)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     threads = len(os.sched_getaffinity(0))
@@ -119,9 +154,11 @@ def main(argv=None) -> int:
     hf, peer, ours = w / "hf", w / "peer-int4-cpu", w / "bundle"
     if args.stage == "prepare":
         w.mkdir(parents=True, exist_ok=True)
-        make_hf_dir(hf)
+        make_hf_dir(hf, layers=args.layers, vocab=args.vocab)
         if "peer" not in args.skip:
             build_peer(hf, peer, threads)
+        if "peer-graph" not in args.skip:
+            wrap_peer_graph(peer, hf, w / "peer-graph-bundle")
         if "ours" not in args.skip:
             build_ours(hf, ours, **json.loads(args.convert_options))
         return 0
@@ -130,10 +167,13 @@ def main(argv=None) -> int:
     from edge_sdk.runtime.bench import read_bandwidth_gbps
 
     bw = read_bandwidth_gbps(threads)
-    prompt = np.random.default_rng(0).integers(100, 100_000, args.prompt_tokens).tolist()
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    prompt = np.random.default_rng(0).integers(100, min(100_000, vocab), args.prompt_tokens).tolist()
     result = {"machine": {"threads": threads, "read_bandwidth_gbps": round(bw, 2), "load_before": list(os.getloadavg())}}
     if "peer" not in args.skip:
         result["onnxruntime-genai"] = run_peer(peer, prompt, args.new_tokens, args.repeats)
+    if "peer-graph" not in args.skip:
+        result["edge-sdk runtime, peer's graph (level 4)"] = run_ours(w / "peer-graph-bundle", 4, args.prompt_tokens, args.new_tokens, args.repeats, bw)
     if "ours" not in args.skip:
         for level in args.levels:
             result[f"edge-sdk (accuracy level {level})"] = run_ours(ours, level, args.prompt_tokens, args.new_tokens, args.repeats, bw)

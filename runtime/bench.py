@@ -40,8 +40,13 @@ def read_bandwidth_gbps(threads: int | None = None, mb_per_thread: int = 128, re
 
 
 def weight_bytes_per_token(manifest: dict) -> int:
-    """Weight bytes one decode step reads: every tensor except the embedding table, of which one row."""
+    """Weight bytes one decode step reads: every tensor except the embedding table, of which one row.
+
+    Without a weights table in the manifest, the planner's figure for the source config (int4, group 128).
+    """
     tensors = manifest.get("weights", {}).get("tensors", {})
+    if not tensors:
+        return _planned_read_per_token(manifest.get("source", {}).get("config") or {})
     total = 0
     for name, t in tensors.items():
         if "embed_tokens" in name and not name.endswith("scales"):
@@ -50,6 +55,15 @@ def weight_bytes_per_token(manifest: dict) -> int:
         else:
             total += t["nbytes"]
     return total
+
+
+def _planned_read_per_token(cfg: dict) -> int:
+    if not cfg.get("architectures"):
+        return 0
+    from edge_sdk.modelspec import shape_from_config
+    from edge_sdk.planner import QuantSpec, weight_bytes
+
+    return weight_bytes(shape_from_config(cfg, "bundle"), QuantSpec()).read_per_token
 
 
 def peak_rss_bytes() -> int:

@@ -154,3 +154,11 @@ def test_int4_matmuls_fused_to_matmulnbits(pair, tmp_path, level):
     assert n_dq > 0 and len(nbits) == n_dq
     assert not any(n.op_type == "DequantizeLinear" for n in fused.graph.node)
     assert all(onnx.helper.get_attribute_value(a) == level for n in nbits for a in n.attribute if a.name == "accuracy_level")
+
+
+def test_bytes_read_per_token_matches_planner(pair):
+    """What bench counts from the bundle's weights table equals the planner's figure for the same config."""
+    from edge_sdk.runtime.bench import _planned_read_per_token, weight_bytes_per_token
+
+    model, _ = pair
+    assert weight_bytes_per_token(model.manifest) == _planned_read_per_token(model.manifest["source"]["config"]) > 0
