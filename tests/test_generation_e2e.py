@@ -162,3 +162,18 @@ def test_bytes_read_per_token_matches_planner(pair):
 
     model, _ = pair
     assert weight_bytes_per_token(model.manifest) == _planned_read_per_token(model.manifest["source"]["config"]) > 0
+
+
+def test_cli_bench_on_emulated_board_adds_planner_roofline(pair, capsys):
+    import json
+
+    from edge_sdk.cli.main import main
+    from edge_sdk.planner import plan
+
+    model, _ = pair
+    assert main(["bench", str(model.bundle), "--provider", "cpu", "--prompt-tokens", "8", "--new-tokens", "4",
+                 "--repeats", "1", "--emulate", "orin-nx-16gb", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    p = plan(model.manifest["source"]["config"], "orin-nx-16gb", context=12)
+    assert r["board_roofline"]["modes"] == {m.mode: round(m.decode_tokens_per_s, 1) for m in p.modes}
+    assert r["bytes_read_per_token"] == r["weight_bytes_per_step"] + r["kv_bytes_per_step"]
