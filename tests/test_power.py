@@ -1,7 +1,6 @@
 """Power: modes, switching and its log, the simulation's physics, policies, energy per token."""
 
 import math
-import os
 import subprocess
 import sys
 import time
@@ -241,3 +240,29 @@ def test_energy_meter_on_constant_rails(agx):
 def test_bad_settings_name_the_range(agx, make):
     with pytest.raises(ConfigError):
         make(agx)
+
+
+def test_thermal_guard_never_climbs_above_the_starting_mode(agx):
+    pm = PowerManager(agx)
+    pm.set("MODE_50W", allow_reboot=True)
+    guard = ThermalGuard(hold_s=0)
+    cool = agx.snapshot()
+    assert cool.temp_c("tj") < 50
+    assert pm.run_policy(guard, cool) is None  # MAXN is reachable but above the chosen mode
+    hot = agx.snapshot()
+    hot.temps_mc["tj"] = 95000
+    assert pm.run_policy(guard, hot) is None  # nothing reachable below MODE_50W without a reboot
+    assert pm.run_policy(guard, hot, allow_reboot=True).new == "MODE_30W"
+    assert pm.run_policy(guard, agx.snapshot(), allow_reboot=True).new == "MODE_50W"
+    assert pm.run_policy(guard, agx.snapshot(), allow_reboot=True) is None
+
+
+def test_simulated_proc_stat_drives_cpu_load(agx):
+    r = SysRoot(agx.root)
+    agx.snapshot()
+    c = read_caps(r, MODEL)
+    write_state(r, step(read_state(r), 2.0, 0.25, c, MODEL), c, MODEL, 2.0)
+    s = agx.snapshot()
+    assert [x.load_pct for x in s.cpus if x.online] == [25] * 8
+    stat = (agx.root / "proc/stat").read_text().splitlines()
+    assert stat[0].split()[1] == str(50 * 8)  # aggregate line sums the cores (USER_HZ 100)

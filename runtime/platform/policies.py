@@ -80,7 +80,10 @@ class PowerCap:
 
 @dataclass
 class ThermalGuard:
-    """Step down before tj reaches its trip point, step back up once cool, with hysteresis and a hold time."""
+    """Step down before tj reaches its trip point, step back up once cool, with hysteresis and a hold time.
+
+    It never steps above the mode it started in (the ceiling the user chose).
+    """
 
     margin_c: float = 10.0  # step down at trip - margin
     hysteresis_c: float = 8.0  # step up at trip - margin - hysteresis
@@ -88,6 +91,7 @@ class ThermalGuard:
     trip_mc: int | None = None
     name: str = "thermal-guard"
     _last_change_s: float | None = None
+    _ceiling: PowerMode | None = None
 
     def __post_init__(self):
         if self.margin_c < 0 or self.hysteresis_c <= 0:
@@ -104,13 +108,16 @@ class ThermalGuard:
         if tj is None or tj <= -256000:
             return None
         down_at, up_at = self.thresholds_mc(platform)
+        if self._ceiling is None:
+            self._ceiling = current
         if self._last_change_s is not None and snap.time_s - self._last_change_s < self.hold_s:
             return None
         i = _index(modes, current)
         if tj >= down_at and i > 0:
             self._last_change_s = snap.time_s
             return modes[i - 1], f"tj {tj / 1000:.1f} C >= {down_at / 1000:.1f} C (trip - {self.margin_c:g} C)"
-        if tj <= up_at and i < len(modes) - 1:
+        below_ceiling = any(m.id == self._ceiling.id for m in modes[i + 1:])
+        if tj <= up_at and below_ceiling:
             self._last_change_s = snap.time_s
             return modes[i + 1], f"tj {tj / 1000:.1f} C <= {up_at / 1000:.1f} C, cool again"
         return None

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...boards import Board
@@ -144,19 +144,20 @@ def write_state(root: SysRoot, state: SimState, caps: Caps, model: BoardModel, d
 
 def _advance_proc_stat(root: SysRoot, load: float, dt: float) -> None:
     """Add dt of jiffies (USER_HZ 100) to each online CPU, `load` of them busy."""
-    lines = (root.read("proc/stat") or "").splitlines()
-    out = []
-    for line in lines:
-        parts = line.split()
+    lines = [ln.split() for ln in (root.read("proc/stat") or "").splitlines()]
+    total = None
+    for parts in lines:
         if parts and parts[0].startswith("cpu") and parts[0] != "cpu":
-            online = root.read_int(f"{CPU_DIR}/{parts[0]}/online")
-            if online in (None, 1):
-                vals = [int(v) for v in parts[1:]]
+            vals = [int(v) for v in parts[1:]]
+            if root.read_int(f"{CPU_DIR}/{parts[0]}/online") in (None, 1):
                 vals[0] += round(100 * dt * load)
                 vals[3] += round(100 * dt * (1 - load))
-                parts = [parts[0]] + [str(v) for v in vals]
-        out.append(" ".join(parts))
-    root.write("proc/stat", "\n".join(out))
+                parts[1:] = map(str, vals)
+            total = vals if total is None else [a + b for a, b in zip(total, vals)]
+    for parts in lines:
+        if parts and parts[0] == "cpu" and total is not None:
+            parts[1:] = map(str, total)
+    root.write("proc/stat", "\n".join(" ".join(p) for p in lines))
 
 
 def _update_meminfo(root: SysRoot, rss_kb: int) -> None:
