@@ -7,6 +7,7 @@ is then read back by the importer, so the bundle holds exactly the integers GPTQ
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -49,8 +50,6 @@ def _gptq_quantize(ck, calib, opts, names: list[str]) -> tuple[dict, dict]:
         for f in sorted(os.listdir(scratch)):
             if f.endswith(".safetensors"):
                 sd |= load_file(os.path.join(scratch, f))
-        import json
-
         saved = json.loads(open(os.path.join(scratch, "config.json")).read()).get("quantization_config") or {}
         st = settings(saved, "GPTQModel output")
         quantized = {n: import_linear(sd, n, st) for n in names}

@@ -10,6 +10,7 @@ where the graph computes in fp32.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,8 +46,6 @@ def trace(decoder, num_layers: int):
     mask = torch.ones(1, 5, dtype=torch.long)
     pos = torch.arange(2, 5).unsqueeze(0)
     buf = io.BytesIO()
-    import warnings
-
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(decoder, (ids, mask, pos, *past), buf, input_names=inputs, output_names=outputs,
@@ -67,7 +66,6 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
     quantized: {HF linear name (model.layers.0.self_attn.q_proj, lm_head): QuantizedLinear}.
     weights: the `weights` manifest section (offsets of every stored tensor).
     """
-    import onnx
     from onnx import TensorProto, helper
 
     g = model.graph
@@ -106,9 +104,7 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
             keep.append(init)
     del g.initializer[:]
     g.initializer.extend(keep)
-    nodes = []
-    for init_name, extra in new_nodes_before.items():
-        nodes += extra
+    nodes = [n for extra in new_nodes_before.values() for n in extra]
     for n in g.node:
         for k, name in enumerate(n.input):
             if name in renames:

@@ -14,7 +14,6 @@ from edge_sdk.bundle import staged_directory, write_manifest
 from edge_sdk.errors import AccuracyGateError
 
 from . import accuracy, calibration, onnx_export
-from .archs import linear_names
 from .checkpoint import TOKENIZER_FILES, open_checkpoint
 from .options import ConvertOptions
 from .weights_file import write_weights
