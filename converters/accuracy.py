@@ -52,9 +52,12 @@ def check_onnx(path, reference, shape, calib_ids: list[list[int]], *, seed: int 
         valid = mask[:, -ids.shape[1]:].bool()
         diff = np.abs(out_t[0].numpy() - out_o[0])[valid.numpy()]
         worst = max(worst, float(diff.max()))
-        nt, no = out_t[0][:, -1].argmax(-1), torch.from_numpy(out_o[0][:, -1]).argmax(-1)
+        last = out_t[0][:, -1]
+        nt, no = last.argmax(-1), torch.from_numpy(out_o[0][:, -1]).argmax(-1)
+        # a different argmax only counts when it is not a tie within the logit tolerance
+        tie = last.gather(-1, no.unsqueeze(-1)).squeeze(-1) >= last.max(-1).values - LOGIT_ATOL
         greedy_t.append(nt.tolist())
-        greedy_o.append(no.tolist())
+        greedy_o.append(torch.where(tie, nt, no).tolist())
         past_t, past_o = list(out_t[1:]), [torch.from_numpy(x) for x in out_o[1:]]
         ids = nt.unsqueeze(-1)
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
