@@ -161,3 +161,23 @@ def test_fp16_graph_shares_weights_and_tracks_fp32(fp16_bundle):
     o16 = ort_session(fp16_bundle / "model.fp16.onnx").run(None, feeds(ids, mask, pos, [(e32.astype(np.float16),) * 2] * kv["num_layers"]))
     assert o16[0].dtype == np.float32 and o16[1].dtype == np.float16
     np.testing.assert_allclose(o16[0], o32[0], atol=0.05)
+
+
+def test_in_pipeline_check_passes_on_bundle_weights_and_catches_a_wrong_graph(tiny_bundle):
+    from edge_sdk.converters.accuracy import check_onnx
+    from edge_sdk.converters.archs import arch_for
+    from edge_sdk.converters.decoder import Decoder, DecoderShape, rope_tables
+    from edge_sdk.errors import ConversionError
+
+    b = tiny_bundle("llama")
+    man = manifest(b)
+    cfg, arch = man["source"]["config"], arch_for(man["source"]["config"])
+    shape = DecoderShape.from_config(cfg, arch)
+    inv_freq, scale = rope_tables(cfg, arch)
+    weights = {k: torch.from_numpy(v.copy()) for k, v in dequantized_state_dict(b, man).items()}
+    calib = [[5, 17, 99, 3, 250, 7, 8, 12, 40, 41, 42, 43, 44, 45, 46, 47]] * 2
+    ok = check_onnx(b / "model.onnx", Decoder(shape, weights, arch, inv_freq, scale).eval(), shape, calib)
+    assert ok["greedy_tokens_equal"] and ok["max_abs_logit_diff"] < 1e-4
+    weights["model.layers.1.post_attention_layernorm.weight"] = weights["model.layers.1.post_attention_layernorm.weight"] * 1.01
+    with pytest.raises(ConversionError, match="disagrees with the PyTorch model"):
+        check_onnx(b / "model.onnx", Decoder(shape, weights, arch, inv_freq, scale).eval(), shape, calib)
