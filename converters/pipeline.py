@@ -161,6 +161,8 @@ def convert(model_dir, output, **options) -> dict:
             float_model = Decoder(shape, weights, ck.arch, inv_freq, rope_scale).eval()
             report |= accuracy.report(accuracy.nll(float_model, eval_tokens[: opts.eval_tokens], bos), quant_nll)
             del float_model
+        # an imported checkpoint has no float weights: its "float" side is the dequantized checkpoint
+        report["reference"] = "dequantized GPTQ checkpoint" if qr.section.get("imported") else "float checkpoint"
         gate = opts.max_ppl_increase
         report["max_ppl_increase_percent"] = gate
         if gate is not None and report["ppl_increase_percent"] > gate:

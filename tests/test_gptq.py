@@ -133,6 +133,7 @@ def test_import_checkpoint_saved_by_gptqmodel(gptqmodel_checkpoint, tmp_path):
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         np.testing.assert_array_equal(got[f"{name}.weight"], reference_dequant(sd, name))
     assert man["accuracy"]["onnx_vs_torch"]["greedy_tokens_equal"]
+    assert man["accuracy"]["reference"] == "dequantized GPTQ checkpoint"
 
 
 def _rewrite(src, dst, edit):
