@@ -177,3 +177,38 @@ def test_cli_bench_on_emulated_board_adds_planner_roofline(pair, capsys):
     p = plan(model.manifest["source"]["config"], "orin-nx-16gb", context=12)
     assert r["board_roofline"]["modes"] == {m.mode: round(m.decode_tokens_per_s, 1) for m in p.modes}
     assert r["bytes_read_per_token"] == r["weight_bytes_per_step"] + r["kv_bytes_per_step"]
+
+
+def _require_provider(name):
+    import onnxruntime
+
+    if name not in onnxruntime.get_available_providers():
+        pytest.skip(f"onnxruntime here offers no {name} (has {', '.join(onnxruntime.get_available_providers())})")
+
+
+@pytest.mark.gpu
+def test_cuda_provider_logits_match_cpu(pair):
+    _require_provider("CUDAExecutionProvider")
+    model, _ = pair
+    gpu = edge_sdk.load(model.bundle, provider="cuda", accuracy_level=1)
+    prompt = np.array([PROMPTS[1]])
+    cpu_logits = model.backend.forward(prompt, model.backend.new_cache(1, 16))
+    gpu_logits = gpu.backend.forward(prompt, gpu.backend.new_cache(1, 16))
+    tol = 2e-2 if gpu.backend.graph_path.name != model.backend.graph_path.name else 1e-3  # fp16 graph on the GPU
+    np.testing.assert_allclose(gpu_logits, cpu_logits, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_native_tensorrt_greedy_matches_cpu(pair, tmp_path):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed on this machine")
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    import json
+
+    from edge_sdk.runtime.tensorrt_build import EngineBuildSettings, build_engine
+
+    model, _ = pair
+    manifest = json.loads((model.bundle / "manifest.json").read_text())
+    build_engine(model.bundle, manifest, "local", trt, cache_root=tmp_path, report=lambda m: None,
+                 settings=EngineBuildSettings(max_seq_len=64, max_prompt=32, opt_prompt=8, opt_past=16))
+    gpu = edge_sdk.load(model.bundle, provider="tensorrt", engine_cache_dir=str(tmp_path), max_seq_len=64)
+    assert runtime_greedy(gpu, [PROMPTS[1]], NEW) == runtime_greedy(model, [PROMPTS[1]], NEW)
