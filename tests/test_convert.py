@@ -112,3 +112,13 @@ def test_cli_convert_json_and_signature(tiny_model_dir, tmp_path):
     assert r.returncode == 0 and "signature verified" in r.stdout
     r = run("convert", str(tmp_path / "nothing"), "-o", str(tmp_path / "c"))
     assert r.returncode == 5 and "not a model directory" in r.stderr
+
+
+def test_calibration_windows_are_fixed_and_repeat_short_text():
+    from edge_sdk.converters.calibration import windows
+
+    w = windows(list(range(10)), nsamples=3, seqlen=5, bos=99)
+    assert w.ids == [[99, 0, 1, 2, 3], [99, 4, 5, 6, 7], [99, 8, 9, 0, 1]]
+    assert w.sha256 == windows(list(range(10)), 3, 5, 99).sha256 != windows(list(range(10)), 3, 5, None).sha256
+    with pytest.raises(ConversionError, match="no tokens"):
+        windows([], 1, 8, None)
