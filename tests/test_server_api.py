@@ -239,6 +239,8 @@ def test_metrics_expose_tokens_ttft_queue_kv_memory_power(server):
     assert samples["edge_sdk_queue_depth"] == "0" and samples["edge_sdk_kv_blocks_used"] == "0"
     assert samples['edge_sdk_power_mode_info{mode="MODE_30W"}'] == "1"
     assert float(samples["edge_sdk_decode_tokens_per_second"]) > 0
+    assert samples["edge_sdk_decode_step_tokens_total"] == "9"  # the first token comes from prefill
+    assert float(samples["edge_sdk_decode_seconds_total"]) > 0
     assert int(samples["edge_sdk_process_resident_bytes"]) > 10 << 20
 
 

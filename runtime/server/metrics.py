@@ -42,6 +42,8 @@ class Metrics:
         self.generation_tokens = 0
         self.rejected = 0
         self.queue_depth = 0
+        self.decode_seconds = 0.0  # time inside batched decode steps
+        self.decode_step_tokens = 0  # tokens those steps produced
         self.finished: dict[str, int] = {}
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, HTTP status) -> count
         self.ttft = Histogram(TTFT_BUCKETS_S)
@@ -53,6 +55,8 @@ class Metrics:
         now = self.clock()
         self.batch_sizes.observe(batch)
         with self._lock:
+            self.decode_seconds += seconds
+            self.decode_step_tokens += batch
             self._steps.append((now, batch))
             while self._steps and now - self._steps[0][0] > self.window_s:
                 self._steps.popleft()
@@ -81,6 +85,9 @@ class Metrics:
         metric("generation_tokens_total", "counter", "Tokens generated.", [f" {self.generation_tokens}"])
         metric("decode_tokens_per_second", "gauge", f"Decoded tokens per second over the last {self.window_s:.0f} s, all streams.",
                [f" {self.decode_tokens_per_s():.3f}"])
+        metric("decode_seconds_total", "counter", "Seconds spent in batched decode steps.", [f" {self.decode_seconds:.6f}"])
+        metric("decode_step_tokens_total", "counter", "Tokens produced by batched decode steps (prefill excluded).",
+               [f" {self.decode_step_tokens}"])
         metric("requests_rejected_total", "counter", "Requests refused for lack of memory or queue space, or timed out waiting.", [f" {self.rejected}"])
         metric("requests_finished_total", "counter", "Generations finished, by reason.",
                [f'{{reason="{k}"}} {v}' for k, v in sorted(self.finished.items())])
