@@ -114,15 +114,19 @@ def wrap_peer_graph(peer: Path, hf_dir: Path, out: Path) -> Path:
     return out
 
 
-def run_peer(path: Path, prompt: list[int], new_tokens: int, repeats: int) -> dict:
-    import onnxruntime_genai as og
+class Peer:
+    """onnxruntime-genai's own generation loop over its own build."""
 
-    model = og.Model(str(path))
-    runs = []
-    for _ in range(repeats):
-        params = og.GeneratorParams(model)
+    def __init__(self, path: Path):
+        import onnxruntime_genai as og
+
+        self.og, self.model = og, og.Model(str(path))
+
+    def once(self, prompt: list[int], new_tokens: int) -> dict:
+        og = self.og
+        params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(prompt) + new_tokens + 1, do_sample=False)
-        gen = og.Generator(model, params)
+        gen = og.Generator(self.model, params)
         start = time.perf_counter()
         gen.append_tokens(prompt)  # prefill
         prefill = time.perf_counter() - start
@@ -132,18 +136,41 @@ def run_peer(path: Path, prompt: list[int], new_tokens: int, repeats: int) -> di
         for _ in range(new_tokens - 1):
             gen.generate_next_token()
         decode = time.perf_counter() - s
-        runs.append((prefill, first, decode))
-    med = lambda i: statistics.median(r[i] for r in runs)  # noqa: E731
-    return {"prefill_tokens_per_s": round(len(prompt) / med(0), 2), "time_to_first_token_s": round(med(1), 4),
-            "decode_tokens_per_s": round((new_tokens - 1) / med(2), 2)}
+        return {"prefill_tokens_per_s": len(prompt) / prefill, "time_to_first_token_s": first,
+                "decode_tokens_per_s": (new_tokens - 1) / decode}
 
 
-def run_ours(bundle: Path, accuracy_level: int, prompt_tokens: int, new_tokens: int, repeats: int, bandwidth: float) -> dict:
-    import edge_sdk
-    from edge_sdk.runtime.bench import bench
+class Ours:
+    """edge-sdk's runtime (edge_sdk.load + runtime.bench) over a bundle."""
 
-    model = edge_sdk.load(bundle, provider="cpu", accuracy_level=accuracy_level, log_provider=False)
-    return bench(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, bandwidth_gbps=bandwidth)
+    def __init__(self, bundle: Path, accuracy_level: int, bandwidth: float):
+        import edge_sdk
+
+        self.model = edge_sdk.load(bundle, provider="cpu", accuracy_level=accuracy_level, log_provider=False)
+        self.bandwidth = bandwidth
+
+    def once(self, prompt: list[int], new_tokens: int) -> dict:
+        from edge_sdk.runtime.bench import bench
+
+        return bench(self.model, prompt_tokens=len(prompt), new_tokens=new_tokens, repeats=1, bandwidth_gbps=self.bandwidth)
+
+
+def interleaved(contenders: dict, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    """Round-robin runs (A B C, A B C, ...) so a load change on a shared machine hits every contender alike."""
+    runs = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, c in contenders.items():
+            runs[name].append(c.once(prompt, new_tokens))
+    out = {}
+    for name, rs in runs.items():
+        r = dict(rs[-1])
+        for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s"):
+            r[k] = round(statistics.median(x[k] for x in rs), 4)
+        if "roofline_tokens_per_s" in r:
+            r["roofline_ratio"] = round(r["decode_tokens_per_s"] / r["roofline_tokens_per_s"], 4)
+        r["repeats"] = repeats
+        out[name] = r
+    return out
 
 
 def main(argv=None) -> int:
@@ -181,13 +208,15 @@ def main(argv=None) -> int:
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     prompt = np.random.default_rng(0).integers(100, min(100_000, vocab), args.prompt_tokens).tolist()
     result = {"machine": {"threads": threads, "read_bandwidth_gbps": round(bw, 2), "load_before": list(os.getloadavg())}}
+    contenders = {}
     if "peer" not in args.skip:
-        result["onnxruntime-genai"] = run_peer(peer, prompt, args.new_tokens, args.repeats)
+        contenders["onnxruntime-genai"] = Peer(peer)
     if "peer-graph" not in args.skip:
-        result["edge-sdk runtime, peer's graph (level 4)"] = run_ours(w / "peer-graph-bundle", 4, args.prompt_tokens, args.new_tokens, args.repeats, bw)
+        contenders["edge-sdk runtime, peer's graph (level 4)"] = Ours(w / "peer-graph-bundle", 4, bw)
     if "ours" not in args.skip:
         for level in args.levels:
-            result[f"edge-sdk (accuracy level {level})"] = run_ours(ours, level, args.prompt_tokens, args.new_tokens, args.repeats, bw)
+            contenders[f"edge-sdk (accuracy level {level})"] = Ours(ours, level, bw)
+    result.update(interleaved(contenders, prompt, args.new_tokens, args.repeats))
     result["machine"]["load_after"] = list(os.getloadavg())
     if args.json:
         print(json.dumps(result, indent=2))
