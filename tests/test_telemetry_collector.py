@@ -16,8 +16,7 @@ def decoded(q):
     schemas, out = {}, []
     for r in q.pending(0, 10000):
         if r.kind == records.SCHEMA_KIND:
-            sid, *fields = records.decode_values(r.body)
-            schemas[sid] = tuple(fields)
+            records.apply_schema(schemas, r.body)
         else:
             out.append((records.KINDS[r.kind], r.priority, records.decode_record(r.body, schemas)))
     return out

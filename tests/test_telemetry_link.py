@@ -39,8 +39,7 @@ def expected_rows(q):
     schemas, rows = {}, {}
     for r in q.pending(0, 100000):
         if r.kind == records.SCHEMA_KIND:
-            sid, *fields = records.decode_values(r.body)
-            schemas[sid] = tuple(fields)
+            records.apply_schema(schemas, r.body)
         else:
             rows[r.seq] = records.decode_record(r.body, schemas)
     return rows
@@ -99,7 +98,7 @@ def test_every_record_arrives_once(tmp_path, line_cls):
 def test_noisy_line_loses_nothing_and_resyncs(tmp_path):
     q, _ = fill(tmp_path, 150)
     want = expected_rows(q)
-    up, down = Noise(flip_rate=3e-4, garbage_rate=0.2, seed=1), Noise(flip_rate=3e-4, garbage_rate=0.2, seed=2)
+    up, down = Noise(flip_rate=3e-4, garbage_rate=3e-4, seed=1), Noise(flip_rate=1e-2, garbage_rate=5e-3, seed=2)
     with PtyLine(up, down) as line:
         sender = Sender(line.a, KEY, q, rto=0.3)
         ground = GroundStation(line.b, KEY, tmp_path / "out.jsonl")
@@ -107,7 +106,7 @@ def test_noisy_line_loses_nothing_and_resyncs(tmp_path):
             assert wait_for(lambda: q.acked == max(want), 20)
         ground.close()
     check_exactly_once(q, tmp_path / "out.jsonl", want)
-    assert up.flipped and up.injected and down.injected
+    assert up.flipped and up.injected and down.flipped and down.injected
     assert ground.stats.crc_errors > 0 and ground.stats.auth_failures == 0
     assert sum(s.gaps for s in ground.streams.values()) > 0 or sender.stats.timeouts > 0
 
@@ -144,7 +143,7 @@ def test_link_budget_holds(tmp_path):
     budget = 3000.0
     q, _ = fill(tmp_path, 400)
     with PtyLine() as line:
-        sender = Sender(line.a, KEY, q, budget=budget, max_frame=512)
+        sender = Sender(line.a, KEY, q, budget=budget)
         ground = GroundStation(line.b, KEY, tmp_path / "out.jsonl")
         with running((sender.run, {}), (ground.run, {})):
             time.sleep(3.0)

@@ -29,8 +29,9 @@ def test_records_survive_reopen_in_order_with_schema_first(tmp_path):
     pending = q.pending(0)
     assert [r.seq for r in pending] == [1, 2, 3, 4, 5, 6]
     assert pending[0].kind == records.SCHEMA_KIND and pending[0].priority == PRIORITY_SCHEMA
-    schema_id, *fields = records.decode_values(pending[0].body)
-    assert records.decode_record(pending[3].body, {schema_id: tuple(fields)}) == rec(2)
+    schemas = {}
+    records.apply_schema(schemas, pending[0].body)
+    assert records.decode_record(pending[3].body, schemas) == rec(2)
     # the same field set reuses the schema after reopening
     assert q.add([(rec(9), 1, 10, 0)]) == [7]
 
@@ -65,6 +66,18 @@ def test_full_queue_drops_oldest_lowest_priority_first_and_counts(tmp_path):
     samples = sorted(i for i, r in zip(kept_i, kept) if r.priority == 10)
     assert samples == list(range(46 - len(samples), 46))
     assert q.stats()["bytes"] <= 4096
+
+
+def test_long_schema_is_split_into_records_that_fit_a_frame(tmp_path):
+    q = TelemetryQueue(tmp_path / "q.sqlite")
+    wide = {f"rails.VDD_SOMETHING_LONG_{i}.avg_mw": i for i in range(120)}
+    (seq,) = q.add([(wide, 1, 10, 0)])
+    parts = [r for r in q.pending(0) if r.kind == records.SCHEMA_KIND]
+    assert len(parts) > 1 and all(len(p.body) <= 900 for p in parts) and seq == len(parts) + 1
+    schemas = {}
+    for p in parts:
+        records.apply_schema(schemas, p.body)
+    assert records.decode_record(q.pending(0)[-1].body, schemas) == wide
 
 
 def test_events_go_once_samples_are_gone(tmp_path):

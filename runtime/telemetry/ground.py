@@ -20,7 +20,7 @@ from edge_sdk.errors import TelemetryError
 
 from . import commands, wire
 from .link import ACK_GAP, now_ms, open_port
-from .records import KINDS, SCHEMA_KIND, decode_batch, decode_record, decode_values, put_varint
+from .records import KINDS, SCHEMA_KIND, apply_schema, decode_batch, decode_record, put_varint
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,8 @@ class GroundStation:
                "kind": KINDS.get(record.kind, str(record.kind)), "priority": record.priority}
         try:
             if record.kind == SCHEMA_KIND:
-                schema_id, *fields = decode_values(record.body)
-                state.schemas[schema_id] = tuple(fields)
-                row.update(schema=schema_id, fields=fields)
+                schema_id, fields = apply_schema(state.schemas, record.body)
+                row.update(schema=schema_id, fields=list(fields))
             else:
                 row["data"] = decode_record(record.body, state.schemas)
         except TelemetryError as exc:

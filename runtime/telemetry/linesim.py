@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Noise:
     flip_rate: float = 0.0  # probability that a byte has one bit flipped
-    garbage_rate: float = 0.0  # probability that a chunk is followed by 1-24 random bytes
+    garbage_rate: float = 0.0  # probability that a byte is followed by 1-24 random bytes
     seed: int = 0
     flipped: int = 0
     injected: int = 0
@@ -30,17 +30,16 @@ class Noise:
     def apply(self, data: bytes) -> bytes:
         if self._rng is None:
             self._rng = random.Random(self.seed)
-        rng = self._rng
-        out = bytearray(data)
-        if self.flip_rate:
-            for i in range(len(out)):
-                if rng.random() < self.flip_rate:
-                    out[i] ^= 1 << rng.randrange(8)
-                    self.flipped += 1
-        if self.garbage_rate and rng.random() < self.garbage_rate:
-            junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 25)))
-            out += junk
-            self.injected += len(junk)
+        rng, out = self._rng, bytearray()
+        for byte in data:
+            if self.flip_rate and rng.random() < self.flip_rate:
+                byte ^= 1 << rng.randrange(8)
+                self.flipped += 1
+            out.append(byte)
+            if self.garbage_rate and rng.random() < self.garbage_rate:
+                junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 25)))
+                out += junk
+                self.injected += len(junk)
         return bytes(out)
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 from edge_sdk.errors import ConfigError, TelemetryError, require
 
 from . import wire
-from .queue import TelemetryQueue
+from .queue import MAX_RECORD, TelemetryQueue
 from .records import DataBatch, batch_overhead, encode_batch, get_varint, put_varint
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,8 @@ class Sender:
     def __init__(self, url: str, key: bytes, queue: TelemetryQueue, *, budget: float | None = None,
                  window: int = 8, max_frame: int = 1024, rto: float = 1.0, max_rto: float = 8.0,
                  on_command: Callable[[wire.Frame], bytes | None] | None = None, port_factory=open_port):
-        if not 64 <= max_frame <= wire.MAX_FRAME - 64:
-            raise ConfigError(f"max frame {max_frame} B out of range", hint=f"use 64..{wire.MAX_FRAME - 64}")
+        if not MAX_RECORD + 64 <= max_frame <= wire.MAX_FRAME - 64:
+            raise ConfigError(f"max frame {max_frame} B out of range", hint=f"use {MAX_RECORD + 64}..{wire.MAX_FRAME - 64}")
         if window < 1:
             raise ConfigError(f"window {window} must be at least 1")
         self.url, self.key, self.queue = url, key, queue

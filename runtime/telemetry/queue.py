@@ -106,7 +106,17 @@ class TelemetryQueue:
             raise TelemetryError(f"field names may not contain \\x1f: {fields}")
         cur = self._db.execute("INSERT INTO schemas (fields) VALUES (?)", ("\x1f".join(fields),))
         schema_id = cur.lastrowid
-        self._insert(time_ms, SCHEMA_KIND, PRIORITY_SCHEMA, encode_schema(schema_id, fields))
+        # a long field list travels in several schema records, each (schema id, first index, names...)
+        start = 0
+        while start < len(fields) or start == 0:
+            end, size = start, 8
+            while end < len(fields) and (end == start or size + len(fields[end]) + 3 <= MAX_RECORD):
+                size += len(fields[end].encode()) + 3
+                end += 1
+            self._insert(time_ms, SCHEMA_KIND, PRIORITY_SCHEMA, encode_schema(schema_id, fields[start:end], start))
+            if end >= len(fields):
+                break
+            start = end
         self._schemas[fields] = schema_id
         return schema_id
 

@@ -17,7 +17,7 @@ _F32 = struct.Struct(">f")
 _F64 = struct.Struct(">d")
 # value tags
 T_NONE, T_FALSE, T_TRUE, T_INT, T_F32, T_F64, T_STR = range(7)
-SCHEMA_KIND = 0  # a record of kind 0 defines a schema: its body is (schema id, field names...)
+SCHEMA_KIND = 0  # a record of kind 0 defines (part of) a schema: (schema id, index of its first field, names...)
 KINDS = {SCHEMA_KIND: "schema", 1: "sample", 2: "event"}
 KIND_IDS = {name: kind for kind, name in KINDS.items()}
 
@@ -133,8 +133,15 @@ def encode_record(schema_id: int, fields: tuple[str, ...], record: dict) -> byte
     return bytes(out)
 
 
-def encode_schema(schema_id: int, fields: tuple[str, ...]) -> bytes:
-    return encode_values((schema_id, *fields))
+def encode_schema(schema_id: int, fields: tuple[str, ...], start: int = 0) -> bytes:
+    return encode_values((schema_id, start, *fields))
+
+
+def apply_schema(schemas: dict[int, tuple[str, ...]], body: bytes) -> tuple[int, tuple[str, ...]]:
+    """Add one schema record to ``schemas``; returns (schema id, its fields so far)."""
+    schema_id, start, *fields = decode_values(body)
+    schemas[schema_id] = schemas.get(schema_id, ())[:start] + tuple(fields)
+    return schema_id, schemas[schema_id]
 
 
 def decode_record(body: bytes, schemas: dict[int, tuple[str, ...]]) -> dict:
