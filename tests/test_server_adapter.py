@@ -20,8 +20,11 @@ def alone(model, ids, n):
     return [c.token_id for c in model.generator.stream([ids], cfg)]
 
 
-def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle):  # noqa: F811
+@pytest.mark.parametrize("prefill_chunk", [None, 3])
+def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle, prefill_chunk):  # noqa: F811
     model = edge_sdk.load(bundle, threads=1)
+    if prefill_chunk:
+        model.generator.prefill_chunk = prefill_chunk  # prompts run in several forwards
     step_model = BundleStepModel(model, max_batch=4)
     prompts = {"a": "The quick brown fox", "b": "Hello", "c": "One two three four five six"}
     ids = {k: model.tokenizer.encode(v) for k, v in prompts.items()}

@@ -1,6 +1,6 @@
 """A loaded bundle (`edge_sdk.load`) driven step by step for the scheduler (the StepModel protocol).
 
-Each new request is prefilled alone into its own KV cache. Running sequences share one batched
+Each new request is prefilled alone into its own KV cache, in the runtime's prefill chunks. Running sequences share one batched
 cache; it is rebuilt (KVCache.select + KVCache.merge, one copy of the KV) only when a sequence joins
 or leaves, and every decode step is one `backend.forward(tokens[B, 1], cache)` for all of them.
 """
@@ -29,8 +29,10 @@ class BundleStepModel:
         # two buffers per cache (past/present swap): what a reserved token really costs
         self.kv_bytes_per_token = 2 * io.kv_bytes_per_token()
         self.weights_bytes = graph_bytes(model.bundle, model.manifest, self.backend)
-        # prefill logits [S, V] fp32 for a full-context prompt, plus one transient copy of the batch KV on merge
-        self.workspace_bytes = self.context_length * io.vocab_size * 4 + max_batch * self.context_length * io.kv_bytes_per_token()
+        # prefill runs in chunks (the runtime's prefill_chunk): logits [chunk, V] fp32, plus one transient
+        # copy of the batch KV when a sequence joins
+        chunk = min(self.context_length, int(getattr(model.generator, "prefill_chunk", self.context_length)))
+        self.workspace_bytes = chunk * io.vocab_size * 4 + max_batch * self.context_length * io.kv_bytes_per_token()
         self._batch = None  # KVCache of the running rows, in self._rows order
         self._rows: list[str] = []
         self._pending: dict[str, object] = {}  # prefilled alone, not merged yet
@@ -48,10 +50,10 @@ class BundleStepModel:
     def prefill(self, seq_id: str, tokens: Sequence[int], max_new_tokens: int) -> np.ndarray:
         ids = np.asarray([tokens], np.int64)
         cache = self.backend.new_cache(1, len(tokens))
-        logits = self.backend.forward(ids, cache)  # [1, S, V]
+        logits = self.model.generator.prefill(ids, np.ones_like(ids), cache)  # [1, V], prompt run in chunks
         self._pending[seq_id] = cache
         self._left[seq_id] = max_new_tokens
-        return logits[0, -1]
+        return logits[0]
 
     def step(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
         if self._pending or set(seq_ids) != set(self._rows):
