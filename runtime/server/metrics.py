@@ -88,7 +88,7 @@ class Metrics:
         metric("decode_seconds_total", "counter", "Seconds spent in batched decode steps.", [f" {self.decode_seconds:.6f}"])
         metric("decode_step_tokens_total", "counter", "Tokens produced by batched decode steps (prefill excluded).",
                [f" {self.decode_step_tokens}"])
-        metric("requests_rejected_total", "counter", "Requests refused for lack of memory or queue space, or timed out waiting.", [f" {self.rejected}"])
+        metric("requests_rejected_total", "counter", "Requests refused as too large (413) or busy (503: no memory or queue space now, queue wait timed out, shutting down).", [f" {self.rejected}"])
         metric("requests_finished_total", "counter", "Generations finished, by reason.",
                [f'{{reason="{k}"}} {v}' for k, v in sorted(self.finished.items())])
         with self._lock:
