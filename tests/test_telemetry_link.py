@@ -98,7 +98,7 @@ def test_every_record_arrives_once(tmp_path, line_cls):
 def test_noisy_line_loses_nothing_and_resyncs(tmp_path):
     q, _ = fill(tmp_path, 150)
     want = expected_rows(q)
-    up, down = Noise(flip_rate=3e-4, garbage_rate=3e-4, seed=1), Noise(flip_rate=1e-2, garbage_rate=5e-3, seed=2)
+    up, down = Noise(flip_rate=1e-3, garbage_rate=1e-3, seed=1), Noise(flip_rate=1e-2, garbage_rate=5e-3, seed=2)
     with PtyLine(up, down) as line:
         sender = Sender(line.a, KEY, q, rto=0.3)
         ground = GroundStation(line.b, KEY, tmp_path / "out.jsonl")
@@ -245,3 +245,30 @@ def test_power_mode_command_on_an_emulated_board(tmp_path):
     assert (change["event"], change["old"], change["new"], change["reason"]) == ("power_mode", "MODE_15W", "MODE_10W", "downlink command")
     samples = [r["data"] for r in rows if r["kind"] == "sample"]
     assert samples[-1]["nvpmodel_mode"] == "MODE_10W" and "rails.VDD_IN.mw" in samples[-1]
+
+
+def test_ground_restart_resumes_from_its_output_file(tmp_path):
+    q, tel = fill(tmp_path, 120)
+    want = expected_rows(q)
+    out = tmp_path / "out.jsonl"
+    with PtyLine() as line:
+        sender = Sender(line.a, KEY, q, budget=4000)  # slow enough to stop the ground mid-stream
+        with running((sender.run, {})):
+            ground = GroundStation(line.b, KEY, out)
+            with running((ground.run, {})):
+                assert wait_for(lambda: q.acked > 0, 10)
+            ground.close()
+            with open(out, "a") as fh:
+                fh.write('{"stream": "cut sho')  # a crash in the middle of a write
+            first_ack = q.acked
+            assert first_ack < max(want)
+            ground = GroundStation(line.b, KEY, out)
+            assert ground.streams[q.stream_id].ack >= first_ack  # its last ACK may still be on the line
+            assert len(ground.streams[q.stream_id].schemas[1]) == 8
+            with running((ground.run, {})):
+                assert wait_for(lambda: q.acked == max(want), 10)
+            ground.close()
+    rows = read_out(out)  # every line parses: the cut line is gone
+    seqs = [r["seq"] for r in rows]
+    assert seqs == list(range(1, max(want) + 1))
+    assert all(r["data"] == want[r["seq"]] for r in rows if r["seq"] in want)

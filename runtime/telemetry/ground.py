@@ -20,9 +20,14 @@ from edge_sdk.errors import TelemetryError
 
 from . import commands, wire
 from .link import ACK_GAP, now_ms, open_port
-from .records import KINDS, SCHEMA_KIND, apply_schema, decode_batch, decode_record, put_varint
+from .records import KINDS, SCHEMA_KIND, decode_batch, decode_record, decode_values, put_varint
 
 log = logging.getLogger(__name__)
+
+
+def apply_schema_row(schemas: dict, row: dict) -> None:
+    start = row.get("start", 0)
+    schemas[row["schema"]] = schemas.get(row["schema"], ())[:start] + tuple(row["fields"])
 
 
 @dataclass
@@ -70,16 +75,20 @@ class GroundStation:
     def _load(self, path: Path) -> None:
         if not path.exists():
             return
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                    state = self.streams.setdefault(int(row["stream"], 16), StreamState())
-                except (ValueError, KeyError):
-                    continue  # a line cut short by a crash
-                state.ack = max(state.ack, row["seq"])
-                if row.get("kind") == "schema":
-                    state.schemas[row["schema"]] = tuple(row["fields"])
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                # a line cut short by a crash: its records were never acknowledged, they come again
+                fh.truncate(data.rfind(b"\n") + 1)
+        for line in data[:data.rfind(b"\n") + 1].splitlines():
+            try:
+                row = json.loads(line)
+                state = self.streams.setdefault(int(row["stream"], 16), StreamState())
+            except (ValueError, KeyError):
+                continue
+            state.ack = max(state.ack, row["seq"])
+            if row.get("kind") == "schema":
+                apply_schema_row(state.schemas, row)
 
     def summary(self) -> dict:
         return {"frames": asdict(self.stats),
@@ -160,8 +169,9 @@ class GroundStation:
                "kind": KINDS.get(record.kind, str(record.kind)), "priority": record.priority}
         try:
             if record.kind == SCHEMA_KIND:
-                schema_id, fields = apply_schema(state.schemas, record.body)
-                row.update(schema=schema_id, fields=list(fields))
+                schema_id, start, *names = decode_values(record.body)
+                row.update(schema=schema_id, start=start, fields=names)
+                apply_schema_row(state.schemas, row)
             else:
                 row["data"] = decode_record(record.body, state.schemas)
         except TelemetryError as exc:

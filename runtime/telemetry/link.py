@@ -22,6 +22,7 @@ from .records import DataBatch, batch_overhead, encode_batch, get_varint, put_va
 
 log = logging.getLogger(__name__)
 ACK_GAP = 1  # ACK payload flag: frames arrived that do not follow the acknowledgement
+MIN_FRAME_LIMIT = 192  # payload bytes a frame shrinks to on a lossy line (a single longer record still goes)
 
 
 def open_port(url: str, timeout: float = 0.02):
@@ -115,6 +116,8 @@ class Sender:
         self._rewound_at = -1
         self._outbox: list[bytes] = []  # RESULT frames, sent before data
         self._next_size = self.bucket.capacity
+        # frames shrink when the line loses them (a noisy line kills long frames first) and grow back
+        self._frame_limit = max_frame
 
     # ---- main loop ----------------------------------------------------------------------------
     def run(self, stop, *, drained=None) -> None:
@@ -209,6 +212,7 @@ class Sender:
         if ack > self.queue.acked:
             self.queue.ack(ack)
             self._rto = self.base_rto
+            self._frame_limit = min(self.max_frame, self._frame_limit + 64)
         self._inflight = [f for f in self._inflight if f.last > ack]
         if ack > self._cursor:
             self._cursor = ack
@@ -218,6 +222,7 @@ class Sender:
             self._go_back(ack)
 
     def _go_back(self, ack: int) -> None:
+        self._frame_limit = max(MIN_FRAME_LIMIT, self._frame_limit // 2)
         self.stats.retransmits += len(self._inflight)
         self._inflight.clear()
         self._cursor = max(ack, self.queue.acked)
@@ -277,7 +282,7 @@ class Sender:
         prev = self._cursor
         for r in records:
             cost = batch_overhead(r, t, prev) + len(r.body)
-            if taken and size + cost > self.max_frame:
+            if taken and size + cost > self._frame_limit:
                 break
             taken.append(r)
             size += cost
