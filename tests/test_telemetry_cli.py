@@ -116,3 +116,10 @@ def test_send_command_and_status(tmp_path, key):
     stats = json.loads(status.stdout)
     assert stats["last_seq"] >= result["value"] and stats["acked"] == 0  # nobody acknowledged: all queued
     assert stats["records"] == stats["last_seq"]
+
+
+def test_telemetry_never_imports_torch_or_transformers():
+    code = ("import sys, edge_sdk.cli.telemetry, edge_sdk.runtime.telemetry.uplink, edge_sdk.runtime.telemetry.ground, "
+            "edge_sdk.runtime.telemetry.linesim; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr

@@ -95,11 +95,12 @@ def test_every_record_arrives_once(tmp_path, line_cls):
     assert read_out(tmp_path / "out.jsonl")[-1]["data"]["event"] == "thermal_step"
 
 
-def test_noisy_line_loses_nothing_and_resyncs(tmp_path):
+@pytest.mark.parametrize("line_cls", [PtyLine, SocketLine])
+def test_noisy_line_loses_nothing_and_resyncs(tmp_path, line_cls):
     q, _ = fill(tmp_path, 150)
     want = expected_rows(q)
     up, down = Noise(flip_rate=1e-3, garbage_rate=1e-3, seed=1), Noise(flip_rate=1e-2, garbage_rate=5e-3, seed=2)
-    with PtyLine(up, down) as line:
+    with line_cls(up, down) as line:
         sender = Sender(line.a, KEY, q, rto=0.3)
         ground = GroundStation(line.b, KEY, tmp_path / "out.jsonl")
         with running((sender.run, {}), (ground.run, {})):
