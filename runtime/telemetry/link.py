@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from edge_sdk.errors import ConfigError, TelemetryError, require
@@ -19,6 +19,13 @@ from edge_sdk.errors import ConfigError, TelemetryError, require
 from . import wire
 from .queue import MAX_RECORD, TelemetryQueue
 from .records import DataBatch, batch_overhead, encode_batch, get_varint, put_varint
+
+try:
+    from serial import SerialException as _SerialException
+
+    _SERIAL_ERRORS: tuple = (_SerialException,)
+except ImportError:  # the runtime extra is missing: open_port says which package to install
+    _SERIAL_ERRORS = ()
 
 log = logging.getLogger(__name__)
 ACK_GAP = 1  # ACK payload flag: frames arrived that do not follow the acknowledgement
@@ -78,7 +85,6 @@ class LinkStats:
     auth_failures: int = 0
     bad_frames: int = 0
     reconnects: int = 0
-    commands: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -130,7 +136,7 @@ class Sender:
                     self._reset_window()
                     backoff = 0.2
                 self.step(drained)
-            except (TelemetryError, OSError) + _serial_errors() as exc:
+            except (TelemetryError, OSError) + _SERIAL_ERRORS as exc:
                 self._close()
                 self.stats.reconnects += 1
                 log.warning("link %s down (%s); retrying in %.1f s", self.url, exc, backoff)
@@ -289,11 +295,3 @@ class Sender:
             payload += len(r.body)
             prev = r.seq
         return DataBatch(floor, self._cursor, self.queue.dropped, tuple(taken)), payload
-
-
-def _serial_errors() -> tuple:
-    try:
-        import serial
-        return (serial.SerialException,)
-    except ImportError:
-        return ()
