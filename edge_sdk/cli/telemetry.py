@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -83,6 +84,8 @@ def _listen(args) -> int:
     try:
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
             ground.poll()
+    except BrokenPipeError:  # stdout closed by the reader (| head): stop like on SIGTERM
+        sys.stdout = open(os.devnull, "w")
     finally:
         ground.close()
     summary = ground.summary()
