@@ -81,11 +81,13 @@ class _Row:
 
 
 class Generator:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, max_seq_len: int | None = None, prefill_chunk: int = 512):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 kv_budget_bytes: int | None = None):
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.backend, self.tokenizer, self.prefill_chunk = backend, tokenizer, prefill_chunk
         self.max_seq_len = max_seq_len or backend.io.max_positions
+        self.kv_budget_bytes = kv_budget_bytes
         self.timings = Timings()
 
     def stream(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[Chunk]:
@@ -97,6 +99,7 @@ class Generator:
         if capacity > self.max_seq_len:
             raise MemoryBudgetError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
                                     f"context of {self.max_seq_len} tokens", hint="shorten the prompt or lower max_new_tokens")
+        self.check_kv_budget(batch, capacity)
         eos = set(self.tokenizer.eos_token_ids if cfg.eos_token_ids is None else cfg.eos_token_ids)
         if cfg.ignore_eos:
             eos = set()
@@ -130,6 +133,17 @@ class Generator:
             logits = self.backend.forward(feed, cache)[:, -1, :]
             t.decode_s += time.perf_counter() - s
             t.decode_steps += 1
+
+    def kv_bytes(self, batch: int, capacity: int) -> int:
+        """What a cache for `batch` x `capacity` tokens allocates (two buffers per layer and kind)."""
+        return 2 * self.backend.io.kv_bytes_per_token() * capacity * batch
+
+    def check_kv_budget(self, batch: int, capacity: int) -> None:
+        need = self.kv_bytes(batch, capacity)
+        if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
+            raise MemoryBudgetError(f"a KV cache for {batch} x {capacity} tokens needs {need / 2**20:.1f} MiB; "
+                                    f"the memory plan leaves {self.kv_budget_bytes / 2**20:.1f} MiB for it",
+                                    hint="lower max_new_tokens or the batch, or shorten the prompt")
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, cache) -> np.ndarray:
         """Run the prompt in chunks (bounds the [B, chunk, V] logits and activations); last logits [B, V]."""

@@ -12,6 +12,20 @@ from .chat import THINK_OPEN, ThinkSplit, check_messages, render_r1, render_temp
 from .generation import Chunk, GenerationConfig, Generator, Timings
 
 
+def kv_budget(manifest: dict, options, context: int) -> int | None:
+    """KV bytes allowed: the explicit option, else what the board's memory plan leaves after weights,
+    workspace and runtime overhead; None (unlimited) without a board."""
+    if options.kv_budget_bytes is not None:
+        return options.kv_budget_bytes
+    config = manifest.get("source", {}).get("config")
+    if not options.target_board or not config:
+        return None
+    from edge_sdk.planner import plan
+
+    p = plan(config, options.target_board, context=context, batch=options.max_batch)
+    return max(0, p.usable_bytes - (p.total_bytes - p.kv_bytes))
+
+
 @dataclass
 class Completion:
     text: str
@@ -31,7 +45,7 @@ class Model:
     def __init__(self, bundle: Path, manifest: dict, backend, tokenizer, options):
         self.bundle, self.manifest, self.backend, self.tokenizer, self.options = bundle, manifest, backend, tokenizer, options
         cap = options.max_seq_len or min(4096, backend.io.max_positions)
-        self.generator = Generator(backend, tokenizer, max_seq_len=cap)
+        self.generator = Generator(backend, tokenizer, max_seq_len=cap, kv_budget_bytes=kv_budget(manifest, options, cap))
 
     @property
     def name(self) -> str:

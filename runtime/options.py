@@ -23,6 +23,7 @@ class RuntimeOptions:
     max_seq_len: int | None = None  # KV capacity per sequence; None = min(4096, model max)
     public_key: str | None = None  # trusted ed25519 key: manifest.sig must verify against it
     engine_cache_dir: str | None = None  # default: <bundle parent>/.edge-sdk-engines
+    kv_budget_bytes: int | None = None  # KV cache limit; None = from the board's memory plan when a board is given
     log_provider: bool = True
 
     def __post_init__(self):
@@ -38,6 +39,8 @@ class RuntimeOptions:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.kv_budget_bytes is not None and self.kv_budget_bytes <= 0:
+            raise ConfigError(f"kv_budget_bytes must be > 0, got {self.kv_budget_bytes}")
         if self.board and self.emulate and self.board != self.emulate:
             raise ConfigError(f"board {self.board!r} and emulate {self.emulate!r} disagree", hint="pass one of them")
 

@@ -212,3 +212,13 @@ def test_native_tensorrt_greedy_matches_cpu(pair, tmp_path):
                  settings=EngineBuildSettings(max_seq_len=64, max_prompt=32, opt_prompt=8, opt_past=16))
     gpu = edge_sdk.load(model.bundle, provider="tensorrt", engine_cache_dir=str(tmp_path), max_seq_len=64)
     assert runtime_greedy(gpu, [PROMPTS[1]], NEW) == runtime_greedy(model, [PROMPTS[1]], NEW)
+
+
+def test_kv_budget_from_board_memory_plan(pair):
+    from edge_sdk.planner import plan
+
+    model, _ = pair
+    on_board = edge_sdk.load(model.bundle, provider="cpu", emulate="orin-nano-8gb", max_seq_len=64)
+    p = plan(model.manifest["source"]["config"], "orin-nano-8gb", context=64)
+    assert on_board.generator.kv_budget_bytes == p.usable_bytes - p.weight_bytes["total"] - p.workspace_bytes - p.runtime_overhead_bytes
+    assert model.generator.kv_budget_bytes is None  # no board: only max_seq_len limits the cache

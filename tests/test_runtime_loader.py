@@ -251,3 +251,16 @@ def test_cli_bench_json(toy_bundle, capsys):
     # toy bundle lists no weights: what a step reads is the KV cache at the mean context (8 + 4/2 tokens)
     assert r["bytes_read_per_token"] == 2 * L * H * D * 4 * 10
     assert r["read_bandwidth_gbps"] > 0 and 0 < r["roofline_ratio"]
+
+
+def test_kv_budget_refuses_a_cache_that_does_not_fit(toy_bundle):
+    per_token = 2 * L * H * D * 4  # key + value, all layers, fp32
+    ids = edge_sdk.load(toy_bundle[0], provider="cpu").tokenizer.encode("Hello")
+    capacity = len(ids) + 4
+    exact = 2 * per_token * capacity  # two buffers per layer and kind
+    fits = edge_sdk.load(toy_bundle[0], provider="cpu", kv_budget_bytes=exact)
+    assert len(fits.generate("Hello", max_new_tokens=4, ignore_eos=True).token_ids) == 4
+    with pytest.raises(edge_sdk.errors.MemoryBudgetError, match="memory plan leaves"):
+        fits.generate("Hello", max_new_tokens=5)
+    with pytest.raises(ConfigError):
+        edge_sdk.load(toy_bundle[0], provider="cpu", kv_budget_bytes=0)
