@@ -78,3 +78,16 @@ def test_drawn_frequencies_follow_probabilities():
 def test_bad_settings_raise_config_error(kwargs):
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_p=0.999), dict(top_k=50), dict(top_k=1000, top_p=0.3),
+                                dict(top_p=0.5, repetition_penalty=1.3), dict()])
+def test_candidate_distribution_equals_full_sort_reference(kw):
+    """The partial-sort fast path gives the same distribution as filtering the whole vocabulary."""
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal(151936) * 3).astype(np.float32)
+    prev = rng.integers(0, 151936, 300)
+    params = SamplingParams(temperature=0.7, **kw)
+    x = apply_repetition_penalty(logits.astype(np.float64), prev, params.repetition_penalty) / params.temperature
+    ref = softmax(filter_top_p(filter_top_k(x, params.top_k), params.top_p))
+    np.testing.assert_allclose(Sampler(params).probabilities(logits, prev), ref, rtol=1e-9, atol=1e-15)
