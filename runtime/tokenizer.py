@@ -67,24 +67,34 @@ class IncrementalDecoder:
     """Turns a growing token list into text chunks whose concatenation equals decode(all tokens).
 
     Byte-level BPE splits a character over several tokens; a chunk is emitted only when its text
-    no longer ends in an incomplete character (U+FFFD).
+    no longer ends in an incomplete character (U+FFFD). Each step decodes a short window (from the
+    token before the last emitted one), not the whole sequence.
     """
 
     tokenizer: Tokenizer
     skip_special_tokens: bool = True
     ids: list[int] = field(default_factory=list)
-    _emitted: str = ""
+    _emitted: list[str] = field(default_factory=list)
+    _prefix: int = 0  # window start: context so that leading-space rules decode as in the full text
+    _read: int = 0  # tokens up to here are emitted
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        if text.endswith("\ufffd") or not text.startswith(self._emitted):
+        before = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(before) or not text.startswith(before):
             return ""
-        new, self._emitted = text[len(self._emitted):], text
+        new = text[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self._emitted.append(new)
         return new
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        new = text[len(self._emitted):] if text.startswith(self._emitted) else ""
-        self._emitted = text
+        full, done = self._decode(self.ids), "".join(self._emitted)
+        new = full[len(done):] if full.startswith(done) else ""
+        self._emitted = [full if new else done]
+        self._prefix = self._read = len(self.ids)
         return new

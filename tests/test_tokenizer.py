@@ -53,3 +53,14 @@ def test_incremental_decode_concatenates_to_full_decode(tok, text):
 def test_missing_tokenizer_is_bundle_error(tmp_path):
     with pytest.raises(BundleError, match="tokenizer.json"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_incremental_decode_of_random_tokens(tok, seed):
+    """Random ids (broken byte sequences, special tokens, spaces) still concatenate to the full decode."""
+    import numpy as np
+
+    ids = np.random.default_rng(seed).integers(0, tok.vocab_size, 300).tolist()
+    dec = IncrementalDecoder(tok)
+    chunks = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(chunks) == tok.decode(ids)
