@@ -51,6 +51,7 @@ class KVCache:
     buffers: list = field(repr=False, default=None)
     mask: np.ndarray = field(repr=False, default=None)  # int64 [B, length]
     current: int = 0  # which of the two buffers holds `past`
+    device = "cpu"  # where the buffers live (class attribute; device caches override)
 
     def __post_init__(self):
         if self.batch < 1 or self.capacity < 1:
@@ -124,18 +125,35 @@ class KVCache:
 
     def _gather(self, parts: list[tuple["KVCache", int, int]], capacity: int) -> "KVCache":
         length = max(c.length - start for c, _, start in parts)
-        out = KVCache(self.io, len(parts), capacity)
+        out = self._empty(len(parts), capacity)
         out.check_room(length)
         mask = np.zeros((len(parts), length), np.int64)
         for row, (c, r, start) in enumerate(parts):
             n = c.length - start
             mask[row, length - n:] = c.mask[r, start:]
         out.mask = mask
+        h, d = self.io.num_kv_heads, self.io.head_dim
         for layer in range(self.io.num_layers):
             for kind in range(2):
-                dst = out.past(layer, kind)
-                dst[...] = 0
+                dst = np.zeros((len(parts), h, length, d), np.dtype(self.io.kv_dtype))
                 for row, (c, r, start) in enumerate(parts):
                     n = c.length - start
-                    dst[row, :, length - n:] = c.past(layer, kind)[r, :, start:]
+                    dst[row, :, length - n:] = c.host_past(layer, kind)[r, :, start:]
+                out.store_past(layer, kind, dst)
         return out
+
+    # --- how a backend reaches the buffers (device caches override these) -------------------
+
+    def _empty(self, batch: int, capacity: int) -> "KVCache":
+        return KVCache(self.io, batch, capacity)
+
+    def binding(self, layer: int, kind: int, new: int | None = None) -> tuple[int, tuple[int, ...]]:
+        """(address, shape) of the past view, or of the present target when `new` is given."""
+        v = self.past(layer, kind) if new is None else self.present_target(layer, kind, new)
+        return v.ctypes.data, v.shape
+
+    def host_past(self, layer: int, kind: int) -> np.ndarray:
+        return self.past(layer, kind)
+
+    def store_past(self, layer: int, kind: int, value: np.ndarray) -> None:
+        self.past(layer, kind)[...] = value

@@ -57,7 +57,9 @@ class OrtBackend:
                        for i in range(self.io.num_layers) for k in ("key", "value")]
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(self.io, batch, capacity)
+        if self.device == "cpu":
+            return KVCache(self.io, batch, capacity)
+        return OrtValueKVCache(self.io, batch, capacity, device=self.device)
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
         ids, mask = check_step(input_ids, cache, new_mask)
@@ -73,11 +75,11 @@ class OrtBackend:
         new = ids.shape[1]
         for n, (past_name, present_name) in enumerate(self._names):
             layer, kind = divmod(n, 2)
-            past = cache.past(layer, kind)
-            present = cache.present_target(layer, kind, new)
-            # bound by pointer: numpy views of the preallocated buffers, no copy, no allocation
-            b.bind_input(past_name, "cpu", 0, dt, list(past.shape), past.ctypes.data)
-            b.bind_output(present_name, "cpu", 0, dt, list(present.shape), present.ctypes.data)
+            # bound by address: views of the preallocated buffers, no copy, no allocation
+            ptr, shape = cache.binding(layer, kind)
+            b.bind_input(past_name, cache.device, 0, dt, list(shape), ptr)
+            ptr, shape = cache.binding(layer, kind, new)
+            b.bind_output(present_name, cache.device, 0, dt, list(shape), ptr)
         try:
             self.session.run_with_iobinding(b)
         except Exception as exc:
@@ -90,3 +92,47 @@ class OrtBackend:
         return {"backend": "onnxruntime", "provider": self.provider, "providers": self.session.get_providers(),
                 "graph": self.graph_path.name, "threads": self.threads, "accuracy_level": self.accuracy_level,
                 "kv_dtype": self.io.kv_dtype}
+
+
+@dataclasses.dataclass
+class OrtValueKVCache(KVCache):
+    """KV buffers as onnxruntime OrtValues on `device` ("cuda" for the CUDA / TensorRT EPs), so the
+    cache stays in device memory between steps; bound by address like the host buffers."""
+
+    device: str = "cuda"
+
+    def __post_init__(self):
+        ort = require("onnxruntime", "runtime")
+        if self.buffers is None:
+            n = self.batch * self.io.num_kv_heads * self.capacity * self.io.head_dim
+            dt = np.dtype(self.io.kv_dtype).type
+            self.buffers = [[tuple(ort.OrtValue.ortvalue_from_shape_and_type([n], dt, self.device, 0) for _ in range(2))
+                             for _ in range(2)] for _ in range(self.io.num_layers)]
+        super().__post_init__()
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.io.num_layers * self.batch * self.io.num_kv_heads * self.capacity * self.io.head_dim * np.dtype(self.io.kv_dtype).itemsize
+
+    def _shape(self, length: int) -> tuple[int, ...]:
+        return (self.batch, self.io.num_kv_heads, length, self.io.head_dim)
+
+    def binding(self, layer: int, kind: int, new: int | None = None) -> tuple[int, tuple[int, ...]]:
+        which = self.current if new is None else 1 - self.current
+        return self.buffers[layer][kind][which].data_ptr(), self._shape(self.length + (new or 0))
+
+    def past(self, layer: int, kind: int) -> np.ndarray:
+        return self.host_past(layer, kind)
+
+    def host_past(self, layer: int, kind: int) -> np.ndarray:
+        """A host copy of the past view (used by select/merge, never per step)."""
+        n = int(np.prod(self._shape(self.length)))
+        return self.buffers[layer][kind][self.current].numpy()[:n].reshape(self._shape(self.length))
+
+    def store_past(self, layer: int, kind: int, value: np.ndarray) -> None:
+        flat = np.zeros(self.buffers[layer][kind][self.current].shape(), value.dtype)
+        flat[: value.size] = value.ravel()
+        self.buffers[layer][kind][self.current].update_inplace(flat)
+
+    def _empty(self, batch: int, capacity: int) -> "KVCache":
+        return OrtValueKVCache(self.io, batch, capacity, device=self.device)

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edge_sdk.errors import MemoryBudgetError  # noqa: E402
 from edge_sdk.runtime.kv_cache import KVCache, ModelIO  # noqa: E402
-from edge_sdk.runtime.ort_backend import OrtBackend  # noqa: E402
+from edge_sdk.runtime.ort_backend import OrtBackend, OrtValueKVCache  # noqa: E402
 
 L, H, D, V, MAXPOS = 2, 2, 4, 16, 64
 IO = ModelIO(L, H, D, V, MAXPOS)
@@ -91,9 +91,17 @@ def backend(tmp_path_factory):
     return OrtBackend(path, IO, providers=["CPUExecutionProvider"], threads=1, accuracy_level=1)
 
 
-def run_steps(backend, seqs, capacity=32):
+@pytest.fixture(params=["numpy", "ortvalue"])
+def new_cache(request, backend):
+    """Host numpy buffers (CPU provider) or OrtValue buffers (what the CUDA/TensorRT EPs get, here on the CPU)."""
+    if request.param == "numpy":
+        return backend.new_cache
+    return lambda batch, capacity: OrtValueKVCache(backend.io, batch, capacity, device="cpu")
+
+
+def run_steps(backend, seqs, new_cache, capacity=32):
     """Left-padded prefill of seqs[:, :-k] then one-token decode steps; returns last logits per step."""
-    cache = backend.new_cache(len(seqs), capacity)
+    cache = new_cache(len(seqs), capacity)
     prompt_len = [len(s) - 3 for s in seqs]
     longest = max(prompt_len)
     ids = np.zeros((len(seqs), longest), np.int64)
@@ -109,8 +117,8 @@ def run_steps(backend, seqs, capacity=32):
 
 
 @pytest.mark.parametrize("seqs", [[[3, 1, 4, 1, 5]], [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3, 5]], [[7, 7, 7, 7]]])
-def test_prefill_and_decode_match_reference(backend, seqs):
-    out, cache, prompt_len = run_steps(backend, seqs)
+def test_prefill_and_decode_match_reference(backend, seqs, new_cache):
+    out, cache, prompt_len = run_steps(backend, seqs, new_cache)
     for r, s in enumerate(seqs):
         for step, logits in enumerate(out):
             np.testing.assert_allclose(logits[r], reference_last_logits(s[:prompt_len[r] + step]), rtol=1e-4, atol=1e-4)
@@ -134,13 +142,13 @@ def test_capacity_exceeded_is_memory_budget_error(backend):
         backend.forward(np.array([[1, 2]]), cache)
 
 
-def test_merge_and_select_continue_each_sequence(backend):
+def test_merge_and_select_continue_each_sequence(backend, new_cache):
     a, b = [2, 3, 4, 5, 6], [9, 8]
-    ca, cb = backend.new_cache(1, 16), backend.new_cache(1, 16)
+    ca, cb = new_cache(1, 16), new_cache(1, 16)
     backend.forward(np.array([a[:-1]]), ca)
     backend.forward(np.array([b[:-1]]), cb)
     merged = KVCache.merge([ca, cb])
-    assert merged.length == 4 and merged.mask.tolist() == [[1, 1, 1, 1], [0, 0, 0, 1]]
+    assert type(merged) is type(ca) and merged.length == 4 and merged.mask.tolist() == [[1, 1, 1, 1], [0, 0, 0, 1]]
     logits = backend.forward(np.array([[a[-1]], [b[-1]]]), merged)[:, -1]
     np.testing.assert_allclose(logits[0], reference_last_logits(a), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(logits[1], reference_last_logits(b), rtol=1e-4, atol=1e-4)
