@@ -40,3 +40,13 @@ def test_runtime_modules_import_light(module):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_converted_bundle_runs_without_heavy_imports(request):
+    try:
+        bundle = request.getfixturevalue("tiny_bundle")("qwen2")
+    except pytest.FixtureLookupError:
+        pytest.skip("the tiny_bundle fixture (tests/conftest.py) is not available")
+    r = subprocess.run([sys.executable, "-c", RUN, str(bundle)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "HEAVY="
