@@ -102,11 +102,11 @@ def test_send_command_and_status(tmp_path, key):
     with PtyLine() as line:
         up = spawn("uplink", line.a, "--key", key, "--state-dir", state, "--interval", "0.5", "--flush-timeout", "0")
         try:
-            res = cli("send-command", line.b, "--key", key, "--counter-file", tmp_path / "counter", "--json", "snapshot")
+            res = cli("send-command", "--port", line.b, "--key", key, "--counter-file", tmp_path / "counter", "--json", "snapshot")
             assert res.returncode == 0, res.stderr
             result = json.loads(res.stdout)
             assert result["status"] == "ok" and isinstance(result["value"], int)
-            bad = cli("send-command", line.b, "--key", key, "--counter-file", tmp_path / "counter", "set-interval", "x")
+            bad = cli("send-command", "--port", line.b, "--key", key, "--counter-file", tmp_path / "counter", "set-interval", "x")
             assert bad.returncode == 9 and "bad argument" in bad.stderr
         finally:
             up.send_signal(signal.SIGTERM)
@@ -116,6 +116,29 @@ def test_send_command_and_status(tmp_path, key):
     stats = json.loads(status.stdout)
     assert stats["last_seq"] >= result["value"] and stats["acked"] == 0  # nobody acknowledged: all queued
     assert stats["records"] == stats["last_seq"]
+
+
+def test_commands_through_a_running_listener(tmp_path, key):
+    spool, out = tmp_path / "spool", tmp_path / "out.jsonl"
+    with PtyLine() as line:
+        up = spawn("uplink", line.a, "--key", key, "--state-dir", tmp_path / "state", "--interval", "0.2", "--flush-timeout", "5")
+        ground = spawn("listen", line.b, "--key", key, "--out", out, "--commands", spool,
+                       "--counter-file", tmp_path / "counter", "--json")
+        try:
+            wait_until_sent(tmp_path / "state", 1)
+            res = cli("send-command", "--via", spool, "--json", "set-interval", "0.5")
+            assert res.returncode == 0, res.stderr
+            assert json.loads(res.stdout)["status"] == "ok"
+            snap = json.loads(cli("send-command", "--via", spool, "--json", "snapshot").stdout)
+            assert snap["status"] == "ok"
+        finally:
+            up.send_signal(signal.SIGTERM)
+            up.communicate(timeout=20)
+            ground.send_signal(signal.SIGTERM)
+            ground.communicate(timeout=10)
+    rows = [json.loads(line) for line in open(out)]
+    assert snap["value"] in [r["seq"] for r in rows]  # the snapshot it took reached the ground
+    assert list(spool.iterdir()) == []
 
 
 def test_telemetry_never_imports_torch_or_transformers():

@@ -28,6 +28,8 @@ def register(sub) -> None:
     li.add_argument("--key", required=True, metavar="FILE", help="pre-shared key file (edge-sdk telemetry keygen)")
     li.add_argument("--out", metavar="FILE.jsonl", help="append records here (and resume from it); default stdout")
     li.add_argument("--seconds", type=float, help="stop after this many seconds (default: until interrupted)")
+    li.add_argument("--commands", metavar="DIR", help="send downlink commands other processes drop here (send-command --via DIR)")
+    li.add_argument("--counter-file", metavar="FILE", help="where the ground keeps its command counter (default in the state dir)")
     li.add_argument("--json", action="store_true", help="print the final statistics as JSON")
     li.set_defaults(func=_listen)
 
@@ -43,9 +45,10 @@ def register(sub) -> None:
     up.add_argument("--json", action="store_true", help="print the link statistics as JSON on exit")
     up.set_defaults(func=_uplink)
 
-    sc = tsub.add_parser("send-command", help="send one downlink command and print its result (the port must be free)")
-    sc.add_argument("port_url", metavar="PORT_URL")
-    sc.add_argument("--key", required=True, metavar="FILE")
+    sc = tsub.add_parser("send-command", help="send one downlink command and print its result")
+    sc.add_argument("--port", dest="port_url", metavar="PORT_URL", help="open the ground port directly (it must be free)")
+    sc.add_argument("--via", metavar="DIR", help="or hand the command to a running `listen --commands DIR`")
+    sc.add_argument("--key", metavar="FILE", help="pre-shared key file (with --port)")
     sc.add_argument("--stream", metavar="HEX", help="device stream id (default: learn it from the device's traffic)")
     sc.add_argument("--counter-file", metavar="FILE", help="where the ground keeps its command counter (default in the state dir)")
     sc.add_argument("--timeout", type=float, default=15.0, metavar="S")
@@ -79,7 +82,12 @@ def _listen(args) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     on_record = None if args.out else (lambda row: (sys.stdout.write(json.dumps(row) + "\n"), sys.stdout.flush()))
-    ground = GroundStation(args.port_url, load_key(args.key), args.out, on_record=on_record)
+    ground = GroundStation(args.port_url, load_key(args.key), args.out, on_record=on_record,
+                           counter_file=_counter_file(args.counter_file) if args.commands else None)
+    if args.commands:
+        from edge_sdk.runtime.telemetry.spool import CommandSpool
+
+        threading.Thread(target=CommandSpool(args.commands).serve, args=(ground, stop), daemon=True).start()
     deadline = time.monotonic() + args.seconds if args.seconds else None
     try:
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
@@ -98,6 +106,14 @@ def _listen(args) -> int:
         f = summary["frames"]
         print(f"frames {f['frames']}, CRC errors {f['crc_errors']}, rejected by MAC {f['auth_failures']}", file=sys.stderr)
     return 0
+
+
+def _counter_file(explicit: str | None) -> Path:
+    from edge_sdk.runtime.telemetry.uplink import state_dir
+
+    path = Path(explicit) if explicit else state_dir(None) / "ground-command-counter"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _uplink(args) -> int:
@@ -124,11 +140,22 @@ def _send_command(args) -> int:
     from edge_sdk.errors import TelemetryError
     from edge_sdk.runtime.telemetry.commands import parse_args
     from edge_sdk.runtime.telemetry.ground import GroundStation
-    from edge_sdk.runtime.telemetry.uplink import load_key, state_dir
+    from edge_sdk.runtime.telemetry.uplink import load_key
 
     typed = parse_args(args.command, args.args)
-    counter_file = args.counter_file or (state_dir(None) / "ground-command-counter")
-    Path(counter_file).parent.mkdir(parents=True, exist_ok=True)
+    if args.via:
+        from edge_sdk.runtime.telemetry.spool import CommandSpool
+
+        out = CommandSpool(args.via).submit(args.command, args.args, args.stream, args.timeout)
+        if args.json:
+            print_json(out)
+        else:
+            print(f"{args.command}: {out['status']} {out.get('message', '')} {'' if out.get('value') is None else out['value']}")
+        return 0 if out["status"] == "ok" else 1
+    if not args.port_url or not args.key:
+        raise TelemetryError("send-command needs --port PORT_URL and --key FILE, or --via DIR",
+                             hint="see edge-sdk telemetry send-command -h")
+    counter_file = _counter_file(args.counter_file)
     ground = GroundStation(args.port_url, load_key(args.key), ack_data=False, counter_file=counter_file)
     stop = threading.Event()
     poller = threading.Thread(target=ground.run, args=(stop,), daemon=True)
