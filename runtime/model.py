@@ -82,9 +82,7 @@ class Model:
         if chat:
             return self._chat_stream(ids, cfg) if stream else self._chat_complete(ids, cfg)
         if stream:
-            if batched:
-                return self.generator.stream(ids, cfg)
-            return (c for c in self.generator.stream(ids, cfg))
+            return self.generator.stream(ids, cfg)
         out = self._collect(ids, cfg)
         return out if batched else out[0]
 

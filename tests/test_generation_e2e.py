@@ -222,3 +222,15 @@ def test_kv_budget_from_board_memory_plan(pair):
     p = plan(model.manifest["source"]["config"], "orin-nano-8gb", context=64)
     assert on_board.generator.kv_budget_bytes == p.usable_bytes - p.weight_bytes["total"] - p.workspace_bytes - p.runtime_overhead_bytes
     assert model.generator.kv_budget_bytes is None  # no board: only max_seq_len limits the cache
+
+
+def test_bundle_chat_template_renders_deepseek_r1_format(pair):
+    from edge_sdk.runtime.chat import render_r1
+
+    model, _ = pair
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think>greet</think>Hello"}, {"role": "user", "content": "2+2?"}]
+    assert model.tokenizer.chat_template
+    rendered = model.tokenizer.decode(model.encode_chat(msgs), skip_special_tokens=False)
+    assert rendered == render_r1(msgs, bos_token=model.tokenizer.bos_token)
+    assert rendered.endswith("<｜Assistant｜><think>\n") and "greet" not in rendered
