@@ -53,7 +53,8 @@ def register(sub) -> None:
     sc.add_argument("--counter-file", metavar="FILE", help="where the ground keeps its command counter (default in the state dir)")
     sc.add_argument("--timeout", type=float, default=15.0, metavar="S")
     sc.add_argument("--json", action="store_true")
-    sc.add_argument("command", choices=["set-power-mode", "set-interval", "snapshot"])
+    sc.add_argument("downlink", metavar="COMMAND", choices=["set-power-mode", "set-interval", "snapshot"],
+                    help="set-power-mode MODE | set-interval SECONDS | snapshot")
     sc.add_argument("args", nargs="*")
     sc.set_defaults(func=_send_command)
 
@@ -142,15 +143,15 @@ def _send_command(args) -> int:
     from edge_sdk.runtime.telemetry.ground import GroundStation
     from edge_sdk.runtime.telemetry.uplink import load_key
 
-    typed = parse_args(args.command, args.args)
+    typed = parse_args(args.downlink, args.args)
     if args.via:
         from edge_sdk.runtime.telemetry.spool import CommandSpool
 
-        out = CommandSpool(args.via).submit(args.command, args.args, args.stream, args.timeout)
+        out = CommandSpool(args.via).submit(args.downlink, args.args, args.stream, args.timeout)
         if args.json:
             print_json(out)
         else:
-            print(f"{args.command}: {out['status']} {out.get('message', '')} {'' if out.get('value') is None else out['value']}")
+            print(f"{args.downlink}: {out['status']} {out.get('message', '')} {'' if out.get('value') is None else out['value']}")
         return 0 if out["status"] == "ok" else 1
     if not args.port_url or not args.key:
         raise TelemetryError("send-command needs --port PORT_URL and --key FILE, or --via DIR",
@@ -168,7 +169,7 @@ def _send_command(args) -> int:
             time.sleep(0.05)
         if stream is None:
             raise TelemetryError("no device traffic seen to learn its stream id", hint="pass --stream HEX")
-        result = ground.send_command(stream, args.command, *typed, timeout=max(1.0, deadline - time.monotonic()))
+        result = ground.send_command(stream, args.downlink, *typed, timeout=max(1.0, deadline - time.monotonic()))
     finally:
         stop.set()
         poller.join(timeout=2)
@@ -176,7 +177,7 @@ def _send_command(args) -> int:
     if args.json:
         print_json(result.as_dict())
     else:
-        print(f"{args.command}: {result.status.name.lower()} {result.message} {'' if result.value is None else result.value}")
+        print(f"{args.downlink}: {result.status.name.lower()} {result.message} {'' if result.value is None else result.value}")
     return 0 if result.status == 0 else 1
 
 
