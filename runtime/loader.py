@@ -68,6 +68,14 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
         key = EngineKey(options.target_board or "local", _trt_version(), bundle_hash(root))
         ep_options[prov.TRT_EP] = prov.trt_ep_options(options.engine_root(root), key)
     path = graph_file(manifest, prov.graph_kind(providers), root)
+    from .paging.select import paging_options
+
+    paging = paging_options(manifest, options)
+    if paging is not None:
+        from .paging.backend import PagedBackend
+
+        return PagedBackend(root, manifest, path, io, paging, providers=prov.with_options(providers, ep_options),
+                            threads=options.num_threads, accuracy_level=options.accuracy_level)
     from .ort_backend import OrtBackend
 
     backend = OrtBackend(path, io, providers=prov.with_options(providers, ep_options), threads=options.num_threads,

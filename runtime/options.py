@@ -24,6 +24,7 @@ class RuntimeOptions:
     public_key: str | None = None  # trusted ed25519 key: manifest.sig must verify against it
     engine_cache_dir: str | None = None  # default: <bundle parent>/.edge-sdk-engines
     kv_budget_bytes: int | None = None  # KV cache limit; None = from the board's memory plan when a board is given
+    memory_budget: int | str | None = None  # weights memory, bytes or "50%"; over it layers stream from storage (docs/paging.md)
     log_provider: bool = True
 
     def __post_init__(self):
@@ -41,6 +42,10 @@ class RuntimeOptions:
             raise ConfigError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.kv_budget_bytes is not None and self.kv_budget_bytes <= 0:
             raise ConfigError(f"kv_budget_bytes must be > 0, got {self.kv_budget_bytes}")
+        if self.memory_budget is not None:
+            from .paging.plan import parse_budget
+
+            parse_budget(self.memory_budget, 1)
         if self.board and self.emulate and self.board != self.emulate:
             raise ConfigError(f"board {self.board!r} and emulate {self.emulate!r} disagree", hint="pass one of them")
 

@@ -1,0 +1,196 @@
+"""Layer-streamed backend: the `Backend` interface over a model whose weights exceed the memory budget.
+
+Per forward pass: head graph (rotary tables, mask) -> embedding rows read from the weights file ->
+each decoder layer through one single-layer session, its weights bound by address from a resident
+buffer or from the slot the reader filled -> tail graph (final norm, lm_head; resident).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.errors import BundleError, RuntimeBackendError, require
+
+from ..backend import check_step
+from ..kv_cache import KVCache, ModelIO
+from .buffers import Ledger, TokenBucket
+from .plan import PagingPlan, plan_paging
+from .reader import LayerReader, WeightsFile
+from .surgery import HIDDEN_IN, HIDDEN_OUT, PAST, PRESENT, PagedGraphs, load_or_split
+
+log = logging.getLogger("edge_sdk.runtime")
+
+# manifest dtype -> onnx TensorProto element type (int4 has no numpy type; bound by enum)
+ONNX_TYPES = {"int4": 22, "uint4": 21, "float16": 10, "float32": 1, "bfloat16": 16, "int8": 3, "uint8": 2}
+EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
+EMBED = "model.embed_tokens.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class PagingOptions:
+    budget_bytes: int  # weights memory the executor may hold (fixed + resident layers + prefetch slots)
+    read_bytes_per_s: float | None = None  # storage throttle (emulated boards); None = what the disk gives
+    slots: int = 2
+    direct_io: bool = True
+    cache_root: str | None = None  # split graphs; default <bundle parent>/.edge-sdk-paging
+
+
+def layer_table(manifest: dict) -> list[tuple[int, int]]:
+    """[(offset, nbytes)] of every decoder layer, by index."""
+    layers = sorted(manifest["weights"]["layers"], key=lambda e: e["index"])
+    return [(int(e["offset"]), int(e["nbytes"])) for e in layers]
+
+
+def fixed_bytes(manifest: dict, graphs: PagedGraphs | None = None) -> int:
+    """Resident bytes outside the layers: every non-layer tensor except the embedding table."""
+    return sum(int(t["nbytes"]) for n, t in manifest["weights"]["tensors"].items()
+               if not n.startswith("model.layers.") and n != EMBED)
+
+
+class PagedBackend:
+    def __init__(self, root: Path, manifest: dict, graph_path: Path, io: ModelIO, options: PagingOptions, *,
+                 providers: list, threads: int, accuracy_level: int = 4):
+        ort = require("onnxruntime", "runtime")
+        from ..engine_cache import bundle_hash
+        from .surgery import cache_dir
+
+        self.root, self.options = Path(root), options
+        weights = manifest.get("weights") or {}
+        if not weights.get("layers") or not weights.get("tensors"):
+            raise BundleError(f"{root}: the manifest has no weights.layers/tensors table", hint="re-convert the model to page it")
+        self.tensors = weights["tensors"]
+        self.layers = layer_table(manifest)
+        self.plan: PagingPlan = plan_paging([n for _, n in self.layers], fixed_bytes(manifest), options.budget_bytes, options.slots)
+        self.graphs = load_or_split(graph_path, self.tensors, cache_dir(root, bundle_hash(root), options.cache_root))
+        needed = max(int(t["offset"]) + int(t["nbytes"]) for t in self.tensors.values())
+        throttle = TokenBucket(options.read_bytes_per_s) if options.read_bytes_per_s else None
+        self.file = WeightsFile(self.root / weights.get("file", "model.weights"), needed, throttle, options.direct_io)
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        so.add_session_config_entry(EXTERNAL_DIR_KEY, str(self.root.absolute()))
+        so.log_severity_level = 3
+        try:
+            self.sessions = {n: ort.InferenceSession(self.graphs.path(n).read_bytes(), so, providers=providers)
+                             for n in ("head", "layer", "tail")}
+        except Exception as exc:
+            raise RuntimeBackendError(f"onnxruntime could not load the paging graphs in {self.graphs.directory}: {exc}",
+                                      hint="delete that directory to split the bundle graph again") from exc
+        self.provider = self.sessions["layer"].get_providers()[0]
+        self.threads, self.accuracy_level = threads, accuracy_level
+        kv = next(i for i in self.sessions["layer"].get_inputs() if i.name == PAST["key"])
+        self.io = dataclasses.replace(io, kv_dtype="float16" if kv.type == "tensor(float16)" else "float32")
+        hid = next(i for i in self.sessions["layer"].get_inputs() if i.name == HIDDEN_IN)
+        self.hidden_dtype = np.float16 if hid.type == "tensor(float16)" else np.float32
+        self._embed_info()
+
+        self.ledger = Ledger(options.budget_bytes)
+        self.ledger.charge("lm_head+norms", self.plan.fixed_bytes)
+        self.resident: dict[int, np.ndarray] = {}
+        for i in self.plan.resident:
+            buf = self.ledger.aligned(f"layer{i}", self.layers[i][1])
+            self.file.read_into(buf, *self.layers[i])
+            self.resident[i] = buf
+        slots = [self.ledger.aligned(f"slot{k}", self.plan.slot_bytes) for k in range(self.plan.slots)]
+        self.reader = LayerReader(self.file, dict(enumerate(self.layers)), self.plan.paged, slots) if self.plan.paged else None
+        self._bindings = [self._weight_bindings(i) for i in range(len(self.layers))]
+        log.info("paging: %d of %d layers resident, %d streamed from %s (%s), %s bytes paged per token, budget %s bytes",
+                 len(self.plan.resident), len(self.layers), len(self.plan.paged), self.file.path.name, self.file.mode,
+                 f"{self.plan.bytes_paged_per_token:,}", f"{options.budget_bytes:,}")
+
+    def _embed_info(self) -> None:
+        t = self.tensors.get(EMBED)
+        if t is None or t["dtype"] not in ("float16", "float32"):
+            raise BundleError(f"{self.root}: no float16/float32 {EMBED} in the weights table", hint="re-convert the model")
+        self.embed_offset = int(t["offset"])
+        self.vocab, self.hidden = (int(x) for x in t["shape"])
+        self.embed_dtype = np.dtype(t["dtype"])
+
+    def _weight_bindings(self, i: int) -> list[tuple[str, int, int, list[int]]]:
+        """(input name, byte offset inside the layer, onnx element type, shape) of layer i's weights."""
+        base, out = self.layers[i][0], []
+        for role in self.graphs.roles:
+            t = self.tensors.get(f"model.layers.{i}.{role}")
+            if t is None:
+                raise BundleError(f"{self.root}: layer {i} has no tensor {role}", hint="re-convert the model")
+            out.append((role, int(t["offset"]) - base, ONNX_TYPES[t["dtype"]], [int(d) for d in t["shape"]]))
+        return out
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """[B, S] token ids -> [B, S, hidden] rows of the embedding table, read from the file."""
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            raise RuntimeBackendError(f"token id out of range [0, {self.vocab})")
+        row = self.hidden * self.embed_dtype.itemsize
+        uniq, inv = np.unique(ids, return_inverse=True)
+        rows = np.stack([np.frombuffer(self.file.pread(row, self.embed_offset + int(t) * row), self.embed_dtype)
+                         for t in uniq])
+        return rows.astype(self.hidden_dtype)[inv.reshape(ids.shape)]
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.io, batch, capacity)
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
+        ids, mask = check_step(input_ids, cache, new_mask)
+        attn, pos = cache.step_inputs(mask)
+        feeds = {"input_ids": ids, "attention_mask": attn, "position_ids": pos}
+        shared = self.sessions["head"].run(self.graphs.shared, {k: feeds[k] for k in self.graphs.head_inputs})
+        shared = [np.ascontiguousarray(s) for s in shared]
+        hidden = np.ascontiguousarray(self.embed(ids))
+        layer = self.sessions["layer"]
+        dt = np.dtype(self.io.kv_dtype)
+        new = ids.shape[1]
+        for i in range(len(self.layers)):
+            slot = None
+            if i in self.resident:
+                buf = self.resident[i]
+            else:
+                slot, buf = self.reader.get(i)
+            try:
+                b = layer.io_binding()
+                b.bind_cpu_input(HIDDEN_IN, hidden)
+                b.bind_output(HIDDEN_OUT, "cpu")  # first: get_outputs() follows binding order
+                for name, value in zip(self.graphs.shared, shared):
+                    b.bind_cpu_input(name, value)
+                for name in self.graphs.layer_inputs:
+                    b.bind_cpu_input(name, feeds[name])
+                for kind, k in (("key", 0), ("value", 1)):
+                    ptr, shape = cache.binding(i, k)
+                    b.bind_input(PAST[kind], cache.device, 0, dt, list(shape), ptr)
+                    ptr, shape = cache.binding(i, k, new)
+                    b.bind_output(PRESENT[kind], cache.device, 0, dt, list(shape), ptr)
+                addr = buf.ctypes.data
+                for name, off, etype, shape in self._bindings[i]:
+                    b.bind_input(name, "cpu", 0, etype, shape, addr + off)
+                layer.run_with_iobinding(b)
+                hidden = b.get_outputs()[0].numpy()
+            except Exception as exc:
+                raise RuntimeBackendError(f"onnxruntime failed running decoder layer {i}: {exc}") from exc
+            finally:
+                if slot is not None:
+                    self.reader.release(slot)
+        logits = self.sessions["tail"].run(["logits"], {HIDDEN_IN: hidden})[0]
+        cache.advance(mask)
+        return np.asarray(logits, dtype=np.float32)
+
+    def describe(self) -> dict:
+        return {"backend": "onnxruntime-paged", "provider": self.provider, "threads": self.threads,
+                "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "io": self.file.mode,
+                "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict()}
+
+    def close(self) -> None:
+        if self.reader:
+            self.reader.close()
+            self.reader = None
+        if self.file.fd is not None:
+            self.file.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,254 @@
+"""Storage paging: layer-streamed decoding equals the resident run, stays inside its budget, fails
+clearly on a truncated weights file, and idle KV caches come back exactly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import edge_sdk.runtime as rt
+from edge_sdk.errors import BundleError, ConfigError, MemoryBudgetError
+from edge_sdk.runtime.paging.backend import PagedBackend, PagingOptions
+from edge_sdk.runtime.paging.kv_store import load_kv, save_kv
+from edge_sdk.runtime.paging.plan import PAGE, page_round, parse_budget, plan_paging, spread
+from edge_sdk.runtime.paging.select import weight_bytes
+
+EXACT = dict(provider="cpu", accuracy_level=1, threads=1, log_provider=False)
+LAYERS = 10
+
+
+@pytest.fixture(scope="session")
+def deep_bundle(tmp_path_factory):
+    """Tiny Qwen2 / Llama models with 10 decoder layers (so that a quarter of the weights still
+    holds lm_head and two layer buffers), converted once per session."""
+    pytest.importorskip("torch")
+    from edge_sdk.converters import convert
+    from edge_sdk.converters.tiny import build_model_dir, build_tokenizer, default_calibration_text, tiny_config
+
+    from conftest import TINY_CONVERT
+
+    root = tmp_path_factory.mktemp("deep-bundles")
+    cache = {}
+
+    def make(arch: str = "qwen2"):
+        if arch not in cache:
+            tok = build_tokenizer([default_calibration_text()])
+            cfg = tiny_config(arch, tok.get_vocab_size(), num_hidden_layers=LAYERS)
+            model = build_model_dir(root / f"{arch}-model", arch, seed=1, config=cfg, tokenizer=tok)
+            convert(model, root / arch, **TINY_CONVERT)
+            cache[arch] = root / arch
+        return cache[arch]
+
+    return make
+
+
+def greedy(model, prompt, n=12):
+    return model.generate(prompt, max_new_tokens=n, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("budget", ["50%", "25%"])
+def test_paged_greedy_tokens_equal_resident(deep_bundle, arch, budget):
+    bundle = deep_bundle(arch)
+    resident = rt.load(bundle, **EXACT)
+    paged = rt.load(bundle, memory_budget=budget, **EXACT)
+    assert isinstance(paged.backend, PagedBackend)
+    plan = paged.backend.plan
+    assert plan.paged and plan.peak_bytes <= parse_budget(budget, weight_bytes(paged.manifest))
+    prompts = ["The runtime streams layers", "int4"]
+    want = [greedy(resident, p) for p in prompts]
+    got = [greedy(paged, p) for p in prompts]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert paged.backend.reader.layers_read >= len(plan.paged) * 12
+    # a left-padded batch of two prompts of different lengths
+    assert [c.token_ids for c in paged.generate(prompts, max_new_tokens=6, ignore_eos=True)] == \
+           [c.token_ids for c in resident.generate(prompts, max_new_tokens=6, ignore_eos=True)]
+    paged.backend.close()
+
+
+def test_paged_logits_match_resident_graph(deep_bundle):
+    bundle = deep_bundle("qwen2")
+    ref = rt.load(bundle, **EXACT).backend
+    paged = rt.load(bundle, memory_budget="25%", **EXACT).backend
+    ids = np.array([[5, 17, 300, 9, 44, 2, 8]], np.int64)
+    c1, c2 = ref.new_cache(1, 16), paged.new_cache(1, 16)
+    np.testing.assert_allclose(paged.forward(ids, c2), ref.forward(ids, c1), atol=1e-4)
+    for t in (3, 99):
+        np.testing.assert_allclose(paged.forward(np.array([[t]]), c2), ref.forward(np.array([[t]]), c1), atol=1e-4)
+    paged.close()
+
+
+def transient_peak(model) -> int:
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    greedy(model, "memory budget", n=10)
+    return tracemalloc.get_traced_memory()[1] - base
+
+
+def test_prefetch_stays_inside_the_budget(deep_bundle):
+    bundle = deep_bundle("llama")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        model = rt.load(bundle, memory_budget="25%", **EXACT)
+        be = model.backend
+        held = be.ledger.current - be.plan.fixed_bytes  # buffers this process allocated (lm_head is onnxruntime's)
+        loaded = tracemalloc.get_traced_memory()[0] - before
+        assert be.plan.slots == 2 and not be.plan.resident
+        # measured: our page-aligned buffers are what the ledger says (+ one page of alignment slack each)
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*paging/buffers.py")])
+        snap = snap.filter_traces([tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])  # numpy data only
+        traced = sum(s.size for s in snap.statistics("filename"))
+        assert held <= traced <= held + PAGE * (be.plan.slots + len(be.plan.resident))
+        assert loaded >= held
+        peak = transient_peak(model)
+        reference = transient_peak(rt.load(bundle, **EXACT))  # same generation, all weights resident
+    finally:
+        tracemalloc.stop()
+    assert be.reader.layers_read >= 10 * LAYERS  # every layer was streamed on every token
+    assert be.ledger.peak <= be.options.budget_bytes
+    # streaming allocates no layer-sized buffer beyond its slots: the transient peak of generating
+    # (KV cache, logits, activations) is the resident run's, give or take a fraction of one layer
+    assert peak - reference < be.plan.slot_bytes // 4, (peak, reference)
+    be.close()
+
+
+def test_truncated_weights_file_is_a_bundle_error(deep_bundle, tmp_path):
+    src = deep_bundle("qwen2")
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    model = rt.load(bundle, memory_budget="25%", **EXACT)
+    weights = bundle / "model.weights"
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    with pytest.raises(BundleError, match="truncated"):  # while running: the reader hits the end of the file
+        for _ in range(4):
+            greedy(model, "cut short", n=4)
+    with pytest.raises(BundleError, match="truncated"):  # every later step too, not a hang
+        greedy(model, "again", n=1)
+    model.backend.close()
+    with pytest.raises(BundleError):  # at load: the hashes catch it first
+        rt.load(bundle, memory_budget="25%", **EXACT)
+    manifest = rt.loader.open_bundle(src, rt.options.RuntimeOptions(**EXACT))
+    with pytest.raises(BundleError, match="truncated"):  # and the executor itself checks the size
+        PagedBackend(bundle, manifest, bundle / "model.onnx", rt.kv_cache.ModelIO.from_manifest(manifest),
+                     PagingOptions(10 << 20), providers=["CPUExecutionProvider"], threads=1)
+
+
+@pytest.mark.parametrize("budget", [None, "25%"])
+def test_restored_kv_session_continues_exactly(deep_bundle, tmp_path, budget):
+    bundle = deep_bundle("qwen2")
+    opts = dict(EXACT, memory_budget=budget) if budget else EXACT
+    be = rt.load(bundle, **opts).backend
+    prompt = np.array([[11, 42, 7, 300, 5]], np.int64)
+
+    def run(cache, first_logits, n):
+        out, logits = [], first_logits
+        for _ in range(n):
+            t = int(logits[0, -1].argmax())
+            out.append(t)
+            logits = be.forward(np.array([[t]]), cache)
+        return out, logits
+
+    full_cache = be.new_cache(1, 32)
+    want, want_logits = run(full_cache, be.forward(prompt, full_cache), 9)
+
+    cache = be.new_cache(1, 32)
+    head, logits = run(cache, be.forward(prompt, cache), 4)
+    path = tmp_path / "session.kv.npz"
+    assert save_kv(cache, path) > 0 and not (tmp_path / "session.kv.npz.tmp").exists()
+    del cache
+    be2 = rt.load(bundle, **opts).backend  # as after a restart
+    restored = load_kv(path, be2, capacity=32)
+    be = be2
+    tail, tail_logits = run(restored, logits, 5)
+    assert head + tail == want
+    np.testing.assert_array_equal(tail_logits, want_logits)
+    if budget:
+        be2.close()
+
+
+def test_restore_refuses_another_model(deep_bundle, tiny_bundle, tmp_path):
+    be = rt.load(deep_bundle("qwen2"), **EXACT).backend
+    cache = be.new_cache(1, 8)
+    be.forward(np.array([[1, 2, 3]]), cache)
+    save_kv(cache, tmp_path / "s.npz")
+    other = rt.load(tiny_bundle("qwen2"), **EXACT).backend
+    with pytest.raises(ConfigError, match="num_layers"):
+        load_kv(tmp_path / "s.npz", other)
+    with pytest.raises(ConfigError, match="no saved KV"):
+        load_kv(tmp_path / "missing.npz", be)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="damaged"):
+        load_kv(tmp_path / "bad.npz", be)
+
+
+def test_paging_graphs_cached_beside_the_bundle_not_inside(deep_bundle):
+    bundle = deep_bundle("llama")
+    before = sorted(p.name for p in bundle.iterdir())
+    be = rt.load(bundle, memory_budget="50%", **EXACT).backend
+    be.close()
+    assert sorted(p.name for p in bundle.iterdir()) == before
+    cached = list((bundle.parent / ".edge-sdk-paging").glob("*/layer.onnx"))
+    assert cached
+    rt.loader.open_bundle(bundle, rt.options.RuntimeOptions(**EXACT))  # hashes still verify
+
+
+def test_fitting_budget_stays_resident(deep_bundle):
+    bundle = deep_bundle("qwen2")
+    model = rt.load(bundle, memory_budget="100%", **EXACT)
+    assert not isinstance(model.backend, PagedBackend)
+    with pytest.raises(MemoryBudgetError, match="at least"):
+        rt.load(bundle, memory_budget="5%", **EXACT)
+
+
+# --- plan: which layers stay resident ---------------------------------------------------------
+
+def test_plan_hand_computed():
+    layer = 10 * PAGE
+    p = plan_paging([layer] * 8, fixed_bytes=3 * PAGE, budget_bytes=3 * PAGE + 2 * layer + 3 * layer + 5)
+    assert p.slots == 2 and p.slot_bytes == layer
+    assert p.resident == (1, 4, 6) and p.paged == (0, 2, 3, 5, 7)
+    assert p.bytes_paged_per_token == 5 * layer and p.peak_bytes <= p.budget_bytes
+    assert p.decode_tokens_per_s(50 * layer) == pytest.approx(10.0)
+    assert p.decode_tokens_per_s(50 * layer, resident_tokens_per_s=4.0) == 4.0
+    assert plan_paging([layer] * 8, 0, 8 * layer).paged == ()  # fits: nothing paged, no slots
+    with pytest.raises(MemoryBudgetError, match="at least 81,920"):
+        plan_paging([layer - 7] * 8, 0, 2 * layer - 1, slots=2)  # slots are page-rounded
+
+
+def test_spread_is_even():
+    assert spread(8, 0) == ()
+    assert spread(8, 2) == (2, 6)
+    assert spread(8, 4) == (1, 3, 5, 7)
+    assert spread(5, 5) == (0, 1, 2, 3, 4)
+    assert page_round(1) == PAGE and page_round(PAGE) == PAGE
+
+
+@pytest.mark.parametrize("text,want", [("50%", 500), ("12.5%", 125), ("700", 700), (300, 300), ("1e3", 1000)])
+def test_parse_budget(text, want):
+    assert parse_budget(text, 1000) == want
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "150%", "lots", "0%"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(ConfigError, match="--memory-budget"):
+        parse_budget(text, 1000)
+
+
+def test_runtime_options_validate_the_budget():
+    with pytest.raises(ConfigError):
+        rt.options.RuntimeOptions(memory_budget="half")
+
+
+def test_paging_imports_neither_torch_nor_transformers():
+    code = ("import sys, edge_sdk.runtime.paging.backend, edge_sdk.runtime.paging.select, edge_sdk.runtime.paging.kv_store; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

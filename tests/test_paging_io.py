@@ -1,0 +1,106 @@
+"""Paging I/O: the storage throttle (token bucket) and the aligned reader, against hand-computed values."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from edge_sdk.errors import BundleError, MemoryBudgetError
+from edge_sdk.runtime.paging.buffers import Ledger, TokenBucket
+from edge_sdk.runtime.paging.plan import PAGE
+from edge_sdk.runtime.paging.reader import LayerReader, WeightsFile
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+        self.slept = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.slept += s
+        self.t += s
+
+
+def test_token_bucket_paces_to_the_rate():
+    clock = FakeClock()
+    tb = TokenBucket(100e6, burst=10_000_000, clock=clock, sleep=clock.sleep)
+    for _ in range(30):
+        tb.take(10_000_000)
+    # 300 MB at 100 MB/s with a 10 MB burst: 2.9 s of waiting
+    assert clock.slept == pytest.approx(2.9)
+
+
+def test_token_bucket_refills_while_idle():
+    clock = FakeClock()
+    tb = TokenBucket(1e6, burst=1_000_000, clock=clock, sleep=clock.sleep)
+    tb.take(1_000_000)
+    clock.t += 0.5
+    tb.take(1_000_000)
+    assert clock.slept == pytest.approx(0.5)
+
+
+@pytest.fixture
+def weights(tmp_path):
+    data = (np.arange(12 * PAGE, dtype=np.uint32) * 2654435761 % 251).astype(np.uint8)
+    path = tmp_path / "model.weights"
+    path.write_bytes(data.tobytes())
+    return path, data
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_reader_reads_exact_bytes(weights, direct):
+    path, data = weights
+    ledger = Ledger(10 * PAGE)
+    wf = WeightsFile(path, len(data), direct=direct)
+    buf = ledger.aligned("a", 3 * PAGE - 100)
+    assert buf.ctypes.data % PAGE == 0 and buf.nbytes == 3 * PAGE
+    wf.read_into(buf, 4 * PAGE, 3 * PAGE - 100)
+    assert np.array_equal(buf[: 3 * PAGE - 100], data[4 * PAGE: 7 * PAGE - 100])
+    assert wf.pread(10, 5) == data[5:15].tobytes()
+    wf.close()
+
+
+def test_reader_is_throttled_to_the_board_speed(weights):
+    path, data = weights
+    clock = FakeClock()
+    wf = WeightsFile(path, len(data), TokenBucket(PAGE * 10, burst=PAGE, clock=clock, sleep=clock.sleep))
+    buf = np.empty(12 * PAGE + PAGE, np.uint8)
+    buf = buf[(-buf.ctypes.data) % PAGE:][: 12 * PAGE]
+    wf.read_into(buf, 0, 12 * PAGE)
+    assert clock.slept == pytest.approx(1.1)  # 12 pages at 10 pages/s, one page of burst
+    wf.close()
+
+
+def test_layer_reader_cycles_and_bounds_prefetch(weights):
+    path, data = weights
+    ledger = Ledger(4 * PAGE)
+    slots = [ledger.aligned(f"s{k}", 2 * PAGE) for k in range(2)]
+    layers = {i: (i * 2 * PAGE, 2 * PAGE) for i in range(6)}
+    with pytest.raises(MemoryBudgetError):
+        ledger.aligned("third", PAGE)
+    r = LayerReader(WeightsFile(path, len(data)), layers, (1, 3, 4), slots)
+    for _ in range(3):  # three forward passes
+        for i in (1, 3, 4):
+            slot, buf = r.get(i)
+            assert np.array_equal(buf, data[i * 2 * PAGE:(i + 1) * 2 * PAGE])
+            r.release(slot)
+    # a pass that stopped after layer 1 is skipped over: the next pass starts again at layer 1
+    slot, _ = r.get(1)
+    r.release(slot)
+    slot, buf = r.get(1)
+    assert np.array_equal(buf, data[2 * PAGE:4 * PAGE])
+    r.release(slot)
+    r.close()
+    assert not r.thread.is_alive()
+    assert ledger.peak == 4 * PAGE
+
+
+def test_weights_file_shorter_than_the_manifest(weights):
+    path, data = weights
+    with pytest.raises(BundleError, match="truncated"):
+        WeightsFile(path, len(data) + 1)
