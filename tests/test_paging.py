@@ -252,3 +252,26 @@ def test_paging_imports_neither_torch_nor_transformers():
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_run_and_bench_with_memory_budget(deep_bundle, capsys, caplog):
+    import json
+    import logging
+
+    from edge_sdk.cli.main import main
+
+    bundle = str(deep_bundle("qwen2"))
+    common = [bundle, "--provider", "cpu", "--accuracy-level", "1", "--threads", "1"]
+    outs = []
+    for extra in ([], ["--memory-budget", "25%"]):
+        with caplog.at_level(logging.INFO, logger="edge_sdk.runtime"):
+            assert main(["run", *common, "--prompt", "paging", "--max-tokens", "6", "--json", *extra]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["token_ids"] == outs[1]["token_ids"]
+    assert "streaming layers from storage" in caplog.text  # it says so
+    assert main(["bench", *common, "--memory-budget", "25%", "--prompt-tokens", "8", "--new-tokens", "4",
+                 "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"]["backend"] == "onnxruntime-paged"
+    assert len(result["backend"]["paging"]["paged_layers"]) == LAYERS
+    assert main(["run", *common, "--prompt", "x", "--memory-budget", "half"]) != 0

@@ -18,6 +18,8 @@ def _load_options(p) -> None:
     p.add_argument("--max-seq-len", type=int, help="KV capacity per sequence (tokens)")
     p.add_argument("--key", help="trusted ed25519 public key: the bundle's signature must verify")
     p.add_argument("--board", help="board the bundle runs on (checked against the bundle)")
+    p.add_argument("--memory-budget", metavar="BYTES|PERCENT",
+                   help="memory for weights, e.g. 2000000000 or 50%%; when the weights exceed it, layers stream from storage")
     add_device_options(p)
 
 
@@ -53,7 +55,8 @@ def _load(args, max_batch: int = 1):
 
     return load(args.bundle, provider=args.provider, threads=args.threads, accuracy_level=args.accuracy_level,
                 max_seq_len=args.max_seq_len, public_key=args.key, board=args.board,
-                emulate=None if args.board else args.emulate, root=args.root, max_batch=max_batch)
+                emulate=None if args.board else args.emulate, root=args.root, max_batch=max_batch,
+                memory_budget=args.memory_budget)
 
 
 def run(args) -> int:
@@ -108,6 +111,10 @@ def bench(args) -> int:
     print(f"prefill           {result['prefill_tokens_per_s']:.1f} tokens/s")
     print(f"decode            {result['decode_tokens_per_s']:.1f} tokens/s")
     print(f"first token       {result['time_to_first_token_s'] * 1000:.0f} ms")
+    if d.get("paging"):
+        pg = d["paging"]
+        print(f"paging            {len(pg['paged_layers'])} layers streamed ({d['io']}), {len(pg['resident_layers'])} resident, "
+              f"{pg['bytes_paged_per_token'] / 2**20:.1f} MiB paged per token")
     print(f"peak memory       {result['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(f"read per token    {result['bytes_read_per_token'] / 2**20:.1f} MiB")
     print(f"roofline          {result['roofline_tokens_per_s']:.1f} tokens/s at {result['read_bandwidth_gbps']:.1f} GB/s "
