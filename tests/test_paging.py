@@ -72,10 +72,16 @@ def test_paged_greedy_tokens_equal_resident(deep_bundle, arch, budget):
     paged.backend.close()
 
 
-def test_paged_logits_match_resident_graph(deep_bundle):
+@pytest.mark.parametrize("budget,fuse", [("25%", True), ("50%", False), ("50%", True)])
+def test_paged_logits_match_resident_graph(deep_bundle, budget, fuse):
     bundle = deep_bundle("qwen2")
     ref = rt.load(bundle, **EXACT).backend
-    paged = rt.load(bundle, memory_budget="25%", **EXACT).backend
+    m = rt.loader.open_bundle(bundle, rt.options.RuntimeOptions(**EXACT))
+    paged = PagedBackend(bundle, m, bundle / "model.onnx", ref.io,
+                         PagingOptions(parse_budget(budget, weight_bytes(m)), fuse_resident=fuse),
+                         providers=["CPUExecutionProvider"], threads=1, accuracy_level=1)
+    assert len(paged.fused) == (len(paged.plan.resident) if fuse else 0)
+    assert len(paged.resident) == (0 if fuse else len(paged.plan.resident))
     ids = np.array([[5, 17, 300, 9, 44, 2, 8]], np.int64)
     c1, c2 = ref.new_cache(1, 16), paged.new_cache(1, 16)
     np.testing.assert_allclose(paged.forward(ids, c2), ref.forward(ids, c1), atol=1e-4)
@@ -98,7 +104,8 @@ def test_prefetch_stays_inside_the_budget(deep_bundle):
         before = tracemalloc.get_traced_memory()[0]
         model = rt.load(bundle, memory_budget="25%", **EXACT)
         be = model.backend
-        held = be.ledger.current - be.plan.fixed_bytes  # buffers this process allocated (lm_head is onnxruntime's)
+        # buffers this process allocated (lm_head and fused resident layers are onnxruntime's)
+        held = sum(n for k, n in be.ledger.items.items() if k.startswith("slot")) + sum(b.nbytes for b in be.resident.values())
         loaded = tracemalloc.get_traced_memory()[0] - before
         assert be.plan.slots == 2 and not be.plan.resident
         # measured: our page-aligned buffers are what the ledger says (+ one page of alignment slack each)
@@ -216,8 +223,11 @@ def test_plan_hand_computed():
     assert p.slots == 2 and p.slot_bytes == layer
     assert p.resident == (1, 4, 6) and p.paged == (0, 2, 3, 5, 7)
     assert p.bytes_paged_per_token == 5 * layer and p.peak_bytes <= p.budget_bytes
-    assert p.decode_tokens_per_s(50 * layer) == pytest.approx(10.0)
-    assert p.decode_tokens_per_s(50 * layer, resident_tokens_per_s=4.0) == 4.0
+    assert p.decode_tokens_per_s(50 * layer) == pytest.approx(10.0)  # 5 layers paged at 50 layers/s
+    assert p.decode_tokens_per_s(50 * layer, resident_tokens_per_s=4.0) == pytest.approx(4.0)
+    # 3/8 of a token at 8 tokens/s + 5/8 at 1 token/s = 0.671875 s > 0.1 s of reading
+    assert p.decode_tokens_per_s(50 * layer, 8.0, 1.0) == pytest.approx(1 / 0.671875)
+    assert p.decode_tokens_per_s(5 * layer, 8.0, 100.0) == pytest.approx(1.0)  # storage-bound: 1 s of reading
     assert plan_paging([layer] * 8, 0, 8 * layer).paged == ()  # fits: nothing paged, no slots
     with pytest.raises(MemoryBudgetError, match="at least 81,920"):
         plan_paging([layer - 7] * 8, 0, 2 * layer - 1, slots=2)  # slots are page-rounded

@@ -18,7 +18,7 @@ from edge_sdk.errors import BundleError, RuntimeBackendError, require
 from ..backend import check_step
 from ..kv_cache import KVCache, ModelIO
 from .buffers import Ledger, TokenBucket
-from .plan import PagingPlan, plan_paging
+from .plan import PagingPlan, page_round, plan_paging
 from .reader import LayerReader, WeightsFile
 from .surgery import HIDDEN_IN, HIDDEN_OUT, PAST, PRESENT, PagedGraphs, load_or_split
 
@@ -37,6 +37,7 @@ class PagingOptions:
     slots: int = 2
     direct_io: bool = True
     cache_root: str | None = None  # split graphs; default <bundle parent>/.edge-sdk-paging
+    fuse_resident: bool = True  # resident layers: own session, weights as initializers (MatMulNBits)
 
 
 def layer_table(manifest: dict) -> list[tuple[int, int]]:
@@ -76,8 +77,8 @@ class PagedBackend:
         so.add_session_config_entry(EXTERNAL_DIR_KEY, str(self.root.absolute()))
         so.log_severity_level = 3
         try:
-            self.sessions = {n: ort.InferenceSession(self.graphs.path(n).read_bytes(), so, providers=providers)
-                             for n in ("head", "layer", "tail")}
+            self.sessions_bytes = {n: self.graphs.path(n).read_bytes() for n in ("head", "layer", "tail")}
+            self.sessions = {n: ort.InferenceSession(b, so, providers=providers) for n, b in self.sessions_bytes.items()}
         except Exception as exc:
             raise RuntimeBackendError(f"onnxruntime could not load the paging graphs in {self.graphs.directory}: {exc}",
                                       hint="delete that directory to split the bundle graph again") from exc
@@ -92,16 +93,45 @@ class PagedBackend:
         self.ledger = Ledger(options.budget_bytes)
         self.ledger.charge("lm_head+norms", self.plan.fixed_bytes)
         self.resident: dict[int, np.ndarray] = {}
+        self.fused: dict = {}
+        self._bindings = [self._weight_bindings(i) for i in range(len(self.layers))]
         for i in self.plan.resident:
-            buf = self.ledger.aligned(f"layer{i}", self.layers[i][1])
-            self.file.read_into(buf, *self.layers[i])
-            self.resident[i] = buf
+            if options.fuse_resident:
+                # onnxruntime holds these weights (prepacked for MatMulNBits); counted at their size
+                self.ledger.charge(f"layer{i}", page_round(self.layers[i][1]))
+                self.fused[i] = self._fused_session(ort, so, providers, i, weights.get("file", "model.weights"))
+            else:
+                buf = self.ledger.aligned(f"layer{i}", self.layers[i][1])
+                self.file.read_into(buf, *self.layers[i])
+                self.resident[i] = buf
         slots = [self.ledger.aligned(f"slot{k}", self.plan.slot_bytes) for k in range(self.plan.slots)]
         self.reader = LayerReader(self.file, dict(enumerate(self.layers)), self.plan.paged, slots) if self.plan.paged else None
-        self._bindings = [self._weight_bindings(i) for i in range(len(self.layers))]
         log.info("paging: %d of %d layers resident, %d streamed from %s (%s), %s bytes paged per token, budget %s bytes",
                  len(self.plan.resident), len(self.layers), len(self.plan.paged), self.file.path.name, self.file.mode,
                  f"{self.plan.bytes_paged_per_token:,}", f"{options.budget_bytes:,}")
+
+    def _fused_session(self, ort, so, providers, i: int, weights_file: str):
+        """Layer i with its weights as initializers in the bundle's weights file, so onnxruntime fuses
+        DequantizeLinear + MatMul into MatMulNBits as in the resident backend."""
+        onnx = require("onnx", "runtime")
+        m = onnx.load_from_string(self.sessions_bytes["layer"])
+        g = m.graph
+        roles = set(self.graphs.roles)
+        keep = [x for x in g.input if x.name not in roles]
+        del g.input[:]
+        g.input.extend(keep)
+        base = self.layers[i][0]
+        for name, off, etype, shape in self._bindings[i]:
+            t = onnx.TensorProto(name=name, data_type=etype, dims=shape, data_location=onnx.TensorProto.EXTERNAL)
+            nbytes = self.tensors[f"model.layers.{i}.{name}"]["nbytes"]
+            for k, v in (("location", weights_file), ("offset", str(base + off)), ("length", str(nbytes))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            g.initializer.append(t)
+        try:
+            return ort.InferenceSession(m.SerializeToString(), so, providers=providers)
+        except Exception as exc:
+            raise RuntimeBackendError(f"onnxruntime could not load resident layer {i}: {exc}") from exc
 
     def _embed_info(self) -> None:
         t = self.tensors.get(EMBED)
@@ -145,37 +175,42 @@ class PagedBackend:
         dt = np.dtype(self.io.kv_dtype)
         new = ids.shape[1]
         for i in range(len(self.layers)):
-            slot = None
+            slot, addr, sess = None, None, self.fused.get(i, layer)
             if i in self.resident:
-                buf = self.resident[i]
-            else:
+                addr = self.resident[i].ctypes.data
+            elif i not in self.fused:
                 slot, buf = self.reader.get(i)
-            try:
-                b = layer.io_binding()
-                b.bind_cpu_input(HIDDEN_IN, hidden)
-                b.bind_output(HIDDEN_OUT, "cpu")  # first: get_outputs() follows binding order
-                for name, value in zip(self.graphs.shared, shared):
-                    b.bind_cpu_input(name, value)
-                for name in self.graphs.layer_inputs:
-                    b.bind_cpu_input(name, feeds[name])
-                for kind, k in (("key", 0), ("value", 1)):
-                    ptr, shape = cache.binding(i, k)
-                    b.bind_input(PAST[kind], cache.device, 0, dt, list(shape), ptr)
-                    ptr, shape = cache.binding(i, k, new)
-                    b.bind_output(PRESENT[kind], cache.device, 0, dt, list(shape), ptr)
                 addr = buf.ctypes.data
-                for name, off, etype, shape in self._bindings[i]:
-                    b.bind_input(name, "cpu", 0, etype, shape, addr + off)
-                layer.run_with_iobinding(b)
-                hidden = b.get_outputs()[0].numpy()
-            except Exception as exc:
-                raise RuntimeBackendError(f"onnxruntime failed running decoder layer {i}: {exc}") from exc
+            try:
+                hidden = self._run_layer(sess, i, hidden, shared, feeds, cache, addr, dt, new)
             finally:
                 if slot is not None:
                     self.reader.release(slot)
         logits = self.sessions["tail"].run(["logits"], {HIDDEN_IN: hidden})[0]
         cache.advance(mask)
         return np.asarray(logits, dtype=np.float32)
+
+    def _run_layer(self, sess, i, hidden, shared, feeds, cache, addr, dt, new) -> np.ndarray:
+        try:
+            b = sess.io_binding()
+            b.bind_cpu_input(HIDDEN_IN, hidden)
+            b.bind_output(HIDDEN_OUT, "cpu")  # first: get_outputs() follows binding order
+            for name, value in zip(self.graphs.shared, shared):
+                b.bind_cpu_input(name, value)
+            for name in self.graphs.layer_inputs:
+                b.bind_cpu_input(name, feeds[name])
+            for kind, k in (("key", 0), ("value", 1)):
+                ptr, shape = cache.binding(i, k)
+                b.bind_input(PAST[kind], cache.device, 0, dt, list(shape), ptr)
+                ptr, shape = cache.binding(i, k, new)
+                b.bind_output(PRESENT[kind], cache.device, 0, dt, list(shape), ptr)
+            if addr is not None:  # weights bound by address: a resident buffer or the slot just read
+                for name, off, etype, shape in self._bindings[i]:
+                    b.bind_input(name, "cpu", 0, etype, shape, addr + off)
+            sess.run_with_iobinding(b)
+            return b.get_outputs()[0].numpy()
+        except Exception as exc:
+            raise RuntimeBackendError(f"onnxruntime failed running decoder layer {i}: {exc}") from exc
 
     def describe(self) -> dict:
         return {"backend": "onnxruntime-paged", "provider": self.provider, "threads": self.threads,

@@ -37,10 +37,20 @@ class PagingPlan:
     def bytes_paged_per_token(self) -> int:
         return sum(self.layer_bytes[i] for i in self.paged)
 
-    def decode_tokens_per_s(self, read_bytes_per_s: float, resident_tokens_per_s: float | None = None) -> float:
-        """Upper bound of decode speed (batch 1): storage-bound unless compute is slower."""
-        bound = read_bytes_per_s / self.bytes_paged_per_token if self.paged else float("inf")
-        return min(bound, resident_tokens_per_s) if resident_tokens_per_s else bound
+    def decode_tokens_per_s(self, read_bytes_per_s: float, resident_tokens_per_s: float | None = None,
+                            paged_compute_tokens_per_s: float | None = None) -> float:
+        """Decode speed (batch 1) of this plan. Reads overlap compute, so a token takes the longer of
+        reading the paged layers and computing every layer: resident layers at the resident speed,
+        paged ones at the speed of the weights-as-inputs graph (both whole-model tokens/s, given per
+        layer by dividing by the layer count). Without compute speeds: the storage bound alone."""
+        read_s = self.bytes_paged_per_token / read_bytes_per_s if self.paged else 0.0
+        n = len(self.layer_bytes)
+        compute_s = 0.0
+        if resident_tokens_per_s:
+            compute_s += len(self.resident) / n / resident_tokens_per_s
+            compute_s += len(self.paged) / n / (paged_compute_tokens_per_s or resident_tokens_per_s)
+        t = max(read_s, compute_s)
+        return 1.0 / t if t else float("inf")
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "fixed_bytes": self.fixed_bytes, "resident_layers": list(self.resident),

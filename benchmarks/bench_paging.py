@@ -1,0 +1,138 @@
+"""Paged decode speed of a DeepSeek-R1-Distill-Qwen-1.5B-shaped bundle at a memory budget of 50% of
+its weights, against the bound min(storage read bandwidth / bytes paged per token, resident speed)
+measured in the same run, and against the executor's own estimate (edge_sdk.runtime.paging.plan).
+
+    python benchmarks/bench_paging.py --bundle /path/to/bundle          # an existing bundle
+    python benchmarks/bench_paging.py --workdir /tmp/bench-1.5b [--layers 4 --vocab 32000]   # build one first
+
+Storage bandwidth is measured with the reader itself (O_DIRECT where the filesystem allows it, so the
+page cache is out of the measurement). The machine is shared: the load average is printed beside
+every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def storage_bandwidth(backend) -> dict:
+    """Bytes/s of cold aligned reads of the layers the plan pages, through the backend's own file."""
+    from edge_sdk.runtime.paging.buffers import Ledger
+
+    wf, plan = backend.file, backend.plan
+    buf = Ledger(plan.slot_bytes or 1).aligned("probe", plan.slot_bytes)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(wf.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    t0, n = time.perf_counter(), 0
+    for i in plan.paged:
+        off, nb = backend.layers[i]
+        wf.read_into(buf, off, nb)
+        n += nb
+    dt = time.perf_counter() - t0
+    return {"bytes": n, "seconds": round(dt, 4), "bytes_per_s": n / dt, "io": wf.mode}
+
+
+def decode(model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    from edge_sdk.runtime.bench import bench
+
+    r = bench(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, bandwidth_gbps=1.0)
+    return {k: r[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "load_average")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, help="an existing bundle (else one is built in --workdir)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/edge-sdk-bench-1.5b"))
+    ap.add_argument("--layers", type=int, help="reduced shape: real layer shapes, this many layers")
+    ap.add_argument("--vocab", type=int, help="reduced shape: this vocab size")
+    ap.add_argument("--budget", default="50%", help="memory budget, bytes or percent of the weights")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--accuracy-level", type=int, default=4)
+    ap.add_argument("--cache-root", help="where the split graphs go (default: beside the bundle)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import edge_sdk
+    from edge_sdk.runtime.loader import graph_file
+    from edge_sdk.runtime.model import Model
+    from edge_sdk.runtime.paging.backend import PagedBackend, PagingOptions
+    from edge_sdk.runtime.paging.plan import parse_budget
+    from edge_sdk.runtime.paging.select import weight_bytes
+
+    bundle = args.bundle
+    if bundle is None:
+        from bench_decode import build_ours, make_hf_dir
+
+        hf = make_hf_dir(args.workdir / "hf", layers=args.layers, vocab=args.vocab)
+        bundle = build_ours(hf, args.workdir / "bundle")
+    common = dict(provider="cpu", accuracy_level=args.accuracy_level, log_provider=False)
+    resident = edge_sdk.load(bundle, **common)
+    weights = weight_bytes(resident.manifest)
+    budget = parse_budget(args.budget, weights)
+    result = {"bundle": str(bundle), "weights_bytes": weights, "budget_bytes": budget,
+              "load_before": list(os.getloadavg())}
+    result["resident"] = decode(resident, args.prompt_tokens, args.new_tokens, args.repeats)
+    del resident
+
+    def paged_model(budget_bytes: int, fuse: bool = True):
+        m = edge_sdk.load(bundle, **common)  # verified manifest + tokenizer; the backend is replaced
+        be = PagedBackend(m.bundle, m.manifest, graph_file(m.manifest, "fp32", m.bundle), m.backend.io,
+                          PagingOptions(budget_bytes, cache_root=args.cache_root, fuse_resident=fuse), providers=["CPUExecutionProvider"],
+                          threads=m.options.num_threads, accuracy_level=args.accuracy_level)
+        return Model(m.bundle, m.manifest, be, m.tokenizer, m.options)
+
+    # every layer in memory but run as a paged layer is (weights bound as inputs): their compute speed
+    everything = paged_model(10 * weights, fuse=False)
+    result["paged_layers_compute"] = decode(everything, args.prompt_tokens, args.new_tokens, args.repeats)
+    everything.backend.close()
+    del everything
+
+    paged = paged_model(budget)
+    be = paged.backend
+    result["plan"] = be.plan.to_dict()
+    result["storage"] = storage_bandwidth(be)
+    result["paged"] = decode(paged, args.prompt_tokens, args.new_tokens, args.repeats)
+    result["paged"]["layers_read"] = be.reader.layers_read if be.reader else 0
+    be.close()
+    bw = result["storage"]["bytes_per_s"]
+    per_token = be.plan.bytes_paged_per_token
+    res_tps = result["resident"]["decode_tokens_per_s"]
+    exec_tps = result["paged_layers_compute"]["decode_tokens_per_s"]
+    storage_bound = bw / per_token if per_token else float("inf")
+    result["bound_tokens_per_s"] = round(min(storage_bound, res_tps), 3)
+    result["storage_bound_tokens_per_s"] = round(storage_bound, 3)
+    # the executor's model: max(reading the paged layers, computing resident + paged layers) per token
+    result["estimate_tokens_per_s"] = round(be.plan.decode_tokens_per_s(bw, res_tps, exec_tps), 3)
+    got = result["paged"]["decode_tokens_per_s"]
+    result["ratio_to_bound"] = round(got / result["bound_tokens_per_s"], 3)
+    result["ratio_to_estimate"] = round(got / result["estimate_tokens_per_s"], 3)
+    result["load_after"] = list(os.getloadavg())
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    p = result["plan"]
+    print(f"bundle {bundle}: weights {weights / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB ({args.budget})")
+    print(f"plan: {len(p['resident_layers'])} layers resident {p['resident_layers']}, {len(p['paged_layers'])} paged, "
+          f"{per_token / 2**20:.1f} MiB paged per token, peak {p['peak_bytes'] / 2**20:.0f} MiB")
+    print(f"storage: {bw / 1e6:.0f} MB/s ({result['storage']['io']}) -> storage bound {storage_bound:.2f} tokens/s")
+    for k in ("resident", "paged_layers_compute", "paged"):
+        r = result[k]
+        print(f"{k:30s} decode {r['decode_tokens_per_s']:7.2f} tokens/s  prefill {r['prefill_tokens_per_s']:7.1f}/s  "
+              f"load {r['load_average'][0]:.2f}")
+    print(f"bound min(storage, resident) {result['bound_tokens_per_s']:.2f} tokens/s -> {100 * result['ratio_to_bound']:.0f}% reached")
+    print(f"executor estimate            {result['estimate_tokens_per_s']:.2f} tokens/s -> measured/estimate {result['ratio_to_estimate']:.2f}")
+    print(f"load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
