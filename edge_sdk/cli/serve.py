@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or server.api_key / api_key_file in the config)")
     p.add_argument("--max-batch", type=int, help="sequences decoded together (scheduler.max_batch)")
     p.add_argument("--context", type=int, help="tokens per sequence (server.context_length; default: the model's)")
+    p.add_argument("--memory-budget", metavar="BYTES|PERCENT",
+                   help="memory for weights (memory.weights_budget); over it layers stream from storage")
     p.add_argument("--when-full", choices=("wait", "reject"), help="a request that does not fit now waits or gets 503")
     p.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
     add_device_options(p)
@@ -27,7 +29,8 @@ def register(sub) -> None:
 def overrides(args) -> dict:
     return {"bundle": args.bundle, "emulate": args.emulate, "root": args.root, "server_host": args.host,
             "server_port": args.port, "server_api_key": args.api_key, "scheduler_max_batch": args.max_batch,
-            "server_context_length": args.context, "scheduler_when_full": args.when_full}
+            "server_context_length": args.context, "scheduler_when_full": args.when_full,
+            "memory_weights_budget": args.memory_budget}
 
 
 def run(args) -> int:

@@ -98,6 +98,8 @@ class BundleStepModel:
 
 def graph_bytes(bundle: Path, manifest: dict, backend) -> int:
     """Bytes of what the backend maps: its graph file and the bundle's external weights file."""
+    if getattr(backend, "plan", None) is not None:  # storage paging: what the executor holds at most
+        return backend.plan.peak_bytes
     files = manifest.get("files", {})
     graph = getattr(backend, "graph_path", None)
     names = {Path(graph).name} if graph else {g["file"] for g in manifest.get("graphs", {}).values() if "file" in g}

@@ -44,6 +44,7 @@ class MemorySection:
     kv_block_tokens: int = 16
     kv_pool_max_mb: int = 0  # 0: everything left after weights and workspace
     workspace_mb: int = 0  # 0: estimated from the model shape
+    weights_budget: str = ""  # bytes or "50%" of the weights; over it layers stream from storage (docs/paging.md)
 
 
 @dataclass(frozen=True)

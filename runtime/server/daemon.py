@@ -86,6 +86,8 @@ def load_bundle_model(config: ServeConfig):
         options["root"] = config.root
     if config.server.context_length:
         options["max_seq_len"] = config.server.context_length
+    if config.memory.weights_budget:
+        options["memory_budget"] = config.memory.weights_budget
     return BundleStepModel(load(config.bundle, **options), max_batch=config.scheduler.max_batch)
 
 
