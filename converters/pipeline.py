@@ -140,6 +140,7 @@ def convert(model_dir, output, **options) -> dict:
         with stages("export"):
             tensors, fp16_names = onnx_export.stored_tensors(weights, quantized, ck.arch, shape.num_layers)
             wsec = write_weights(tmp / "model.weights", tensors)
+            del tensors  # 1.2 GB of bytes for a 1.5B model
             graphs = {}
             for g in opts.graphs:
                 fname, act = GRAPH_FILES[g]
