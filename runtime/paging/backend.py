@@ -76,6 +76,9 @@ class PagedBackend:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
         so.add_session_config_entry(EXTERNAL_DIR_KEY, str(self.root.absolute()))
         so.log_severity_level = 3
+        # one thread pool per session (head, layer, tail, each resident layer): idle pools must not
+        # spin on the cores the running session needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.sessions_bytes = {n: self.graphs.path(n).read_bytes() for n in ("head", "layer", "tail")}
             self.sessions = {n: ort.InferenceSession(b, so, providers=providers) for n, b in self.sessions_bytes.items()}
