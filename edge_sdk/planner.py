@@ -260,23 +260,26 @@ def plan(
 
 
 def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budget_for_weights: int) -> dict:
-    """Layer streaming: non-layer weights resident, as many layers as fit resident, two layer
-    buffers for prefetch, the rest read from storage on every token."""
-    layer = max(wb.per_layer)
-    fixed = wb.embeddings + wb.lm_head + s.hidden_size * 2
-    room = budget_for_weights - fixed - 2 * layer
-    feasible = room >= 0
-    resident = max(0, min(s.num_layers, room // layer)) if feasible else 0
-    paged_bytes = sum(sorted(wb.per_layer)[: s.num_layers - resident]) if feasible else wb.total
+    """Layer streaming, with the paging executor's own plan (edge_sdk.runtime.paging.plan): lm_head
+    and norms resident, embedding rows read on demand, two page-aligned layer buffers for prefetch,
+    as many layers resident as fit (spread evenly), the rest read from storage on every token."""
+    from .errors import MemoryBudgetError
+    from .runtime.paging.plan import plan_paging
+
     bw = b.storage[storage].read_mbps * 1e6
+    try:
+        p = plan_paging(wb.per_layer, wb.lm_head + s.hidden_size * 2, budget_for_weights)
+    except MemoryBudgetError:
+        p = None
+    paged_bytes = p.bytes_paged_per_token if p else wb.total
     return {
-        "feasible": feasible,
+        "feasible": p is not None,
         "storage": storage,
         "storage_bytes_per_s": bw,
-        "resident_layers": int(resident),
-        "paged_layers": int(s.num_layers - resident),
+        "resident_layers": len(p.resident) if p else 0,
+        "paged_layers": len(p.paged) if p else s.num_layers,
         "bytes_paged_per_token": int(paged_bytes),
-        "decode_tokens_per_s": bw / paged_bytes if feasible and paged_bytes else None,
+        "decode_tokens_per_s": bw / paged_bytes if p and paged_bytes else None,
     }
 
 
