@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from .boards import Board, PowerMode, all_boards, get_board
+from .bundle import bundle_quant_fields
 from .errors import ConfigError
 from .modelspec import (
     ModelShape,
@@ -209,7 +210,7 @@ def plan(
     cfg, name = resolve_model(model)
     s = shape_from_config(cfg, name)
     b = get_board(board)
-    q = quant or QuantSpec(bits=bits, group_size=group_size)
+    q = quant or QuantSpec(**(bundle_quant_fields(model) or {"bits": bits, "group_size": group_size}))
     selected = b.mode(mode)
     store = storage or b.default_storage
     if store not in b.storage:
