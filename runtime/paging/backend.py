@@ -20,7 +20,7 @@ from ..kv_cache import KVCache, ModelIO
 from .buffers import Ledger, TokenBucket
 from .plan import PagingPlan, page_round, plan_paging
 from .reader import LayerReader, WeightsFile
-from .surgery import HIDDEN_IN, HIDDEN_OUT, PAST, PRESENT, PagedGraphs, load_or_split
+from .surgery import HIDDEN_IN, HIDDEN_OUT, PAST, PRESENT, load_or_split
 
 log = logging.getLogger("edge_sdk.runtime")
 
@@ -46,7 +46,7 @@ def layer_table(manifest: dict) -> list[tuple[int, int]]:
     return [(int(e["offset"]), int(e["nbytes"])) for e in layers]
 
 
-def fixed_bytes(manifest: dict, graphs: PagedGraphs | None = None) -> int:
+def fixed_bytes(manifest: dict) -> int:
     """Resident bytes outside the layers: every non-layer tensor except the embedding table."""
     return sum(int(t["nbytes"]) for n, t in manifest["weights"]["tensors"].items()
                if not n.startswith("model.layers.") and n != EMBED)
