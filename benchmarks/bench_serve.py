@@ -7,7 +7,9 @@ official openai client from N threads, and reports per concurrency:
   throughput_tokens_per_s  all generated tokens / wall time of the round (prefill included)
   server_decode_tokens_per_s  from the daemon's /metrics: tokens of batched decode steps / time in
                        them (prefill stalls excluded): what batching itself delivers
-  ttft_p50_s / ttft_p95_s  request sent -> first token
+  ttft_p50_s / ttft_p95_s  request sent -> first text chunk (client side)
+  server_ttft_mean_s   arrival -> first token, from the daemon's TTFT histogram (also right when
+                       a random-weight model's tokens decode to no text)
 
     python benchmarks/bench_serve.py --bundle BUNDLE [--streams 1,2,4] [--max-tokens 64] [--json]
 """
@@ -70,11 +72,12 @@ def round_of(client, model: str, n: int, prompts: list[str], max_tokens: int) ->
             "ttfts": [r["ttft"] for r in out], "tokens": sum(r["tokens"] for r in out)}
 
 
-def decode_counters(url: str) -> tuple[float, float]:
-    """(seconds in decode steps, tokens they produced) from the daemon's /metrics."""
+def decode_counters(url: str) -> tuple[float, float, float, float]:
+    """(seconds in decode steps, tokens they produced, TTFT sum, TTFT count) from the daemon's /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         values = dict(l.rsplit(" ", 1) for l in r.read().decode().splitlines() if l and not l.startswith("#"))
-    return float(values["edge_sdk_decode_seconds_total"]), float(values["edge_sdk_decode_step_tokens_total"])
+    return tuple(float(values[f"edge_sdk_{k}"]) for k in ("decode_seconds_total", "decode_step_tokens_total",
+                                                           "ttft_seconds_sum", "ttft_seconds_count"))
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -105,13 +108,14 @@ def main(argv=None) -> int:
         round_of(client, model, 1, prompts, 8)  # warm-up
         rows = []
         for n in streams:
-            s0, t0 = decode_counters(url)
+            s0, t0, f0, n0 = decode_counters(url)
             rs = [round_of(client, model, n, prompts, args.max_tokens) for _ in range(args.rounds)]
-            s1, t1 = decode_counters(url)
+            s1, t1, f1, n1 = decode_counters(url)
             ttfts = [t for r in rs for t in r["ttfts"]]
             rows.append({"streams": n, "decode_tokens_per_s": round(statistics.mean(r["decode_tokens_per_s"] for r in rs), 2),
                          "throughput_tokens_per_s": round(statistics.mean(r["throughput_tokens_per_s"] for r in rs), 2),
                          "server_decode_tokens_per_s": round((t1 - t0) / (s1 - s0), 2) if s1 > s0 else None,
+                         "server_ttft_mean_s": round((f1 - f0) / (n1 - n0), 4) if n1 > n0 else None,
                          "ttft_p50_s": round(percentile(ttfts, 0.5), 4), "ttft_p95_s": round(percentile(ttfts, 0.95), 4),
                          "tokens": sum(r["tokens"] for r in rs)})
         with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
