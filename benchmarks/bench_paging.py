@@ -1,6 +1,7 @@
 """Paged decode speed of a DeepSeek-R1-Distill-Qwen-1.5B-shaped bundle at a memory budget of 50% of
 its weights, against the bound min(storage read bandwidth / bytes paged per token, resident speed)
-measured in the same run, and against the executor's own estimate (edge_sdk.runtime.paging.plan).
+measured in the same run, against the executor's own estimate (edge_sdk.runtime.paging.plan), and
+against naive mmap of the same file under the same budget (pages dropped after use, see naive_mmap.py).
 
     python benchmarks/bench_paging.py --bundle /path/to/bundle          # an existing bundle
     python benchmarks/bench_paging.py --workdir /tmp/bench-1.5b [--layers 4 --vocab 32000]   # build one first
@@ -83,10 +84,10 @@ def main(argv=None) -> int:
     result["resident"] = decode(resident, args.prompt_tokens, args.new_tokens, args.repeats)
     del resident
 
-    def paged_model(budget_bytes: int, fuse: bool = True):
+    def paged_model(budget_bytes: int, fuse: bool = True, io: str = "reader"):
         m = edge_sdk.load(bundle, **common)  # verified manifest + tokenizer; the backend is replaced
         be = PagedBackend(m.bundle, m.manifest, graph_file(m.manifest, "fp32", m.bundle), m.backend.io,
-                          PagingOptions(budget_bytes, cache_root=args.cache_root, fuse_resident=fuse), providers=["CPUExecutionProvider"],
+                          PagingOptions(budget_bytes, cache_root=args.cache_root, fuse_resident=fuse, io=io), providers=["CPUExecutionProvider"],
                           threads=m.options.num_threads, accuracy_level=args.accuracy_level)
         return Model(m.bundle, m.manifest, be, m.tokenizer, m.options)
 
@@ -103,6 +104,11 @@ def main(argv=None) -> int:
     result["paged"] = decode(paged, args.prompt_tokens, args.new_tokens, args.repeats)
     result["paged"]["layers_read"] = be.reader.layers_read if be.reader else 0
     be.close()
+    # the naive baseline: the same layers computed from an mmap of the file, evicted after use as a
+    # memory limit of the same budget would
+    naive = paged_model(budget, io="mmap")
+    result["naive_mmap"] = decode(naive, args.prompt_tokens, args.new_tokens, args.repeats)
+    naive.backend.close()
     bw = result["storage"]["bytes_per_s"]
     per_token = be.plan.bytes_paged_per_token
     res_tps = result["resident"]["decode_tokens_per_s"]
@@ -124,7 +130,7 @@ def main(argv=None) -> int:
     print(f"plan: {len(p['resident_layers'])} layers resident {p['resident_layers']}, {len(p['paged_layers'])} paged, "
           f"{per_token / 2**20:.1f} MiB paged per token, peak {p['peak_bytes'] / 2**20:.0f} MiB")
     print(f"storage: {bw / 1e6:.0f} MB/s ({result['storage']['io']}) -> storage bound {storage_bound:.2f} tokens/s")
-    for k in ("resident", "paged_layers_compute", "paged"):
+    for k in ("resident", "paged_layers_compute", "paged", "naive_mmap"):
         r = result[k]
         print(f"{k:30s} decode {r['decode_tokens_per_s']:7.2f} tokens/s  prefill {r['prefill_tokens_per_s']:7.1f}/s  "
               f"load {r['load_average'][0]:.2f}")

@@ -72,13 +72,14 @@ def test_paged_greedy_tokens_equal_resident(deep_bundle, arch, budget):
     paged.backend.close()
 
 
-@pytest.mark.parametrize("budget,fuse", [("25%", True), ("50%", False), ("50%", True)])
-def test_paged_logits_match_resident_graph(deep_bundle, budget, fuse):
+@pytest.mark.parametrize("budget,fuse,io", [("25%", True, "reader"), ("50%", False, "reader"), ("50%", True, "reader"),
+                                            ("25%", True, "mmap")])
+def test_paged_logits_match_resident_graph(deep_bundle, budget, fuse, io):
     bundle = deep_bundle("qwen2")
     ref = rt.load(bundle, **EXACT).backend
     m = rt.loader.open_bundle(bundle, rt.options.RuntimeOptions(**EXACT))
     paged = PagedBackend(bundle, m, bundle / "model.onnx", ref.io,
-                         PagingOptions(parse_budget(budget, weight_bytes(m)), fuse_resident=fuse),
+                         PagingOptions(parse_budget(budget, weight_bytes(m)), fuse_resident=fuse, io=io),
                          providers=["CPUExecutionProvider"], threads=1, accuracy_level=1)
     assert len(paged.fused) == (len(paged.plan.resident) if fuse else 0)
     assert len(paged.resident) == (0 if fuse else len(paged.plan.resident))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.errors import BundleError, RuntimeBackendError, require
+from edge_sdk.errors import BundleError, ConfigError, RuntimeBackendError, require
 
 from ..backend import check_step
 from ..kv_cache import KVCache, ModelIO
@@ -38,6 +38,11 @@ class PagingOptions:
     direct_io: bool = True
     cache_root: str | None = None  # split graphs; default <bundle parent>/.edge-sdk-paging
     fuse_resident: bool = True  # resident layers: own session, weights as initializers (MatMulNBits)
+    io: str = "reader"  # "reader": prefetch thread + aligned slots; "mmap": the naive baseline (naive_mmap.py)
+
+    def __post_init__(self):
+        if self.io not in ("reader", "mmap"):
+            raise ConfigError(f"paging io {self.io!r} is not 'reader' or 'mmap'")
 
 
 def layer_table(manifest: dict) -> list[tuple[int, int]]:
@@ -107,8 +112,13 @@ class PagedBackend:
                 buf = self.ledger.aligned(f"layer{i}", self.layers[i][1])
                 self.file.read_into(buf, *self.layers[i])
                 self.resident[i] = buf
-        slots = [self.ledger.aligned(f"slot{k}", self.plan.slot_bytes) for k in range(self.plan.slots)]
-        self.reader = LayerReader(self.file, dict(enumerate(self.layers)), self.plan.paged, slots) if self.plan.paged else None
+        if options.io == "mmap" and self.plan.paged:
+            from .naive_mmap import MmapPages
+
+            self.reader = MmapPages(self.file.path, dict(enumerate(self.layers)))
+        else:
+            slots = [self.ledger.aligned(f"slot{k}", self.plan.slot_bytes) for k in range(self.plan.slots)]
+            self.reader = LayerReader(self.file, dict(enumerate(self.layers)), self.plan.paged, slots) if self.plan.paged else None
         log.info("paging: %d of %d layers resident, %d streamed from %s (%s), %s bytes paged per token, budget %s bytes",
                  len(self.plan.resident), len(self.layers), len(self.plan.paged), self.file.path.name, self.file.mode,
                  f"{self.plan.bytes_paged_per_token:,}", f"{options.budget_bytes:,}")
@@ -217,7 +227,7 @@ class PagedBackend:
 
     def describe(self) -> dict:
         return {"backend": "onnxruntime-paged", "provider": self.provider, "threads": self.threads,
-                "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "io": self.file.mode,
+                "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "io": "mmap" if self.options.io == "mmap" else self.file.mode,
                 "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict()}
 
     def close(self) -> None:
