@@ -6,7 +6,10 @@ at once, the others need a restart (the daemon says which).
 
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (JetPack 6 / Ubuntu 22.04)
+    import tomli as tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
