@@ -12,6 +12,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from ..sampling import Sampler as RuntimeSampler
+from ..sampling import SamplingParams as RuntimeSamplingParams
+
+_NO_HISTORY = np.empty(0, dtype=np.int64)  # no repetition penalty over the OpenAI API
+
 
 class StepModel(Protocol):
     model_id: str
@@ -46,28 +51,17 @@ class SamplingParams:
 
 
 class Sampler:
-    """Per-request sampler: greedy at temperature 0, else temperature + nucleus (top_p) sampling."""
+    """Per-request sampler over the runtime's candidate-only sampler: greedy at temperature 0, else
+    temperature + nucleus (top_p) sampling with the request's seed."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        greedy = params.temperature <= 1e-5
+        self._sampler = RuntimeSampler(RuntimeSamplingParams(
+            temperature=0.0 if greedy else params.temperature, top_p=params.top_p, seed=params.seed))
 
     def __call__(self, logits: np.ndarray) -> int:
-        p = self.params
-        logits = np.asarray(logits, dtype=np.float64)
-        if p.temperature <= 1e-5:
-            return int(np.argmax(logits))
-        z = logits / p.temperature
-        probs = np.exp(z - z.max())
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]  # smallest prefix with mass >= top_p
-            mask = np.zeros_like(probs)
-            mask[keep] = probs[keep]
-            probs = mask / mask.sum()
-        return int(self.rng.choice(probs.shape[0], p=probs))
+        return self._sampler(np.asarray(logits), _NO_HISTORY)
 
 
 class TextStream:
