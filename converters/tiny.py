@@ -11,26 +11,15 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from edge_sdk.runtime.chat import DEEPSEEK_R1_TEMPLATE
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 
-# DeepSeek-R1's chat template (system prompt first, <｜User｜>/<｜Assistant｜> turns, the reasoning
-# part of earlier assistant turns dropped, generation opened with "<think>\n").
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system_prompt='') %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
-    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
-    "{%- endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
-)
+# DeepSeek-R1's chat template: the one the device runtime renders natively.
+CHAT_TEMPLATE = DEEPSEEK_R1_TEMPLATE
 
 TINY_CONFIGS = {
     # hidden sizes are multiples of 128 so every linear has whole int4 groups of 128
