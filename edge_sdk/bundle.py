@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BundleError, BundleIntegrityError, require
+from .fsutil import fsync_path
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -162,11 +163,7 @@ def generate_keypair(directory: str | Path) -> tuple[Path, Path]:
 
 def _fsync_tree(root: Path) -> None:
     for p in [*root.rglob("*"), root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(p)
 
 
 @contextmanager
@@ -191,11 +188,7 @@ def staged_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_sdk.bundle import MANIFEST
+from edge_sdk.fsutil import fsync_path
 
 METADATA = "engine.json"
 ENGINE = "engine.plan"
@@ -97,11 +98,7 @@ def write_entry(root: Path, key: EngineKey, engine_bytes: bytes, metadata: dict)
         if d.exists():
             shutil.rmtree(d)
         os.rename(tmp, d)
-        fd = os.open(d.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(d.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk.errors import ConfigError
+from edge_sdk.fsutil import fsync_path
 
 from ..kv_cache import KVCache, ModelIO
 
@@ -37,11 +38,7 @@ def save_kv(cache: KVCache, path: str | Path) -> int:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_path(path.parent)
     return path.stat().st_size
 
 
