@@ -106,21 +106,7 @@ class GroundStation:
             self.handle_bytes(data)
 
     def handle_bytes(self, data: bytes) -> None:
-        for raw in self._deframer.feed(data):
-            try:
-                frame = wire.decode(raw, self.key)
-            except wire.CrcError:
-                self.stats.crc_errors += 1
-                continue
-            except wire.AuthError:
-                self.stats.auth_failures += 1
-                if self.stats.auth_failures in (1, 10) or self.stats.auth_failures % 1000 == 0:
-                    log.warning("frame rejected: its MAC does not verify with this key (%d so far)",
-                                self.stats.auth_failures)
-                continue
-            except wire.FrameError:
-                self.stats.bad_frames += 1
-                continue
+        for frame in wire.verified_frames(self._deframer, data, self.key, self.stats):
             self.stats.frames += 1
             if frame.type == wire.FrameType.DATA:
                 self._on_data(frame)

@@ -188,18 +188,7 @@ class Sender:
         return True
 
     def _handle_bytes(self, data: bytes) -> None:
-        for raw in self._deframer.feed(data):
-            try:
-                frame = wire.decode(raw, self.key)
-            except wire.CrcError:
-                self.stats.crc_errors += 1
-                continue
-            except wire.AuthError:
-                self.stats.auth_failures += 1
-                continue
-            except wire.FrameError:
-                self.stats.bad_frames += 1
-                continue
+        for frame in wire.verified_frames(self._deframer, data, self.key, self.stats):
             if frame.stream != self.queue.stream_id:
                 self.stats.bad_frames += 1
             elif frame.type == wire.FrameType.ACK:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -23,6 +24,8 @@ from enum import IntEnum
 import crc32c as _crc32c
 
 from edge_sdk.errors import TelemetryError
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 HEADER = struct.Struct(">BBII6s")
@@ -155,3 +158,21 @@ class Deframer:
             elif part:
                 self.overflows += 1
         return frames
+
+
+def verified_frames(deframer: Deframer, data: bytes, key: bytes, stats) -> list[Frame]:
+    """Frames in `data` that pass CRC and MAC; the rest are counted on `stats` (crc_errors,
+    auth_failures, bad_frames) and dropped. Both ends of the link read through this."""
+    out = []
+    for raw in deframer.feed(data):
+        try:
+            out.append(decode(raw, key))
+        except CrcError:
+            stats.crc_errors += 1
+        except AuthError:
+            stats.auth_failures += 1
+            if stats.auth_failures in (1, 10) or stats.auth_failures % 1000 == 0:
+                log.warning("frame rejected: its MAC does not verify with this key (%d so far)", stats.auth_failures)
+        except FrameError:
+            stats.bad_frames += 1
+    return out
