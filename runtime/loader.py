@@ -78,12 +78,39 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
                             threads=options.num_threads, accuracy_level=options.accuracy_level)
     from .ort_backend import OrtBackend
 
+    fused, positions, embedding = fused_graph_for(root, manifest, options, providers), None, None
+    if fused is not None:
+        from .fused_graph import embedding as embedding_table
+
+        path, positions = fused
+        embedding = embedding_table(root, manifest)
     backend = OrtBackend(path, io, providers=prov.with_options(providers, ep_options), threads=options.num_threads,
-                         accuracy_level=options.accuracy_level)
+                         accuracy_level=options.accuracy_level, fused_positions=positions, embedding=embedding,
+                         huge_pages=options.huge_pages)
     if options.log_provider:
         log.info("runtime: %s on %s (%d threads, MatMulNBits accuracy level %d)", path.name,
                  " > ".join(backend.session.get_providers()), options.num_threads, options.accuracy_level)
     return backend
+
+
+def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, providers: list) -> tuple[Path, int] | None:
+    """(fused graph, positions it covers) when this load runs onnxruntime's fused graph, else None.
+    'auto' picks it on the CPU provider whenever the bundle allows; 'fused' insists (and says why not)."""
+    from . import fused_graph
+
+    if options.graph == "standard":
+        return None
+    why = fused_graph.supported(manifest)
+    if why is None and providers[0] != prov.CPU_EP:
+        why = f"the fused graph is built for the CPU provider, this load runs {providers[0]}"
+    if why is not None:
+        if options.graph == "fused":
+            raise ConfigError(f"graph='fused' is not available: {why}", hint="use graph='auto' or 'standard'")
+        return None
+    model_max = int(manifest["architecture"].get("max_position_embeddings") or fused_graph.DEFAULT_POSITIONS)
+    positions = max(options.max_seq_len or 0, min(model_max, fused_graph.DEFAULT_POSITIONS))
+    graph = fused_graph.ensure(root, manifest, bundle_hash(root), options.engine_root(root), options.accuracy_level, positions)
+    return graph, positions
 
 
 def _trt_version() -> str:

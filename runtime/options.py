@@ -9,6 +9,7 @@ from pathlib import Path
 from edge_sdk.errors import ConfigError
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt-ep", "tensorrt")
+GRAPH_CHOICES = ("auto", "fused", "standard")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class RuntimeOptions:
     provider: str = "auto"  # auto | cpu | cuda | tensorrt-ep | tensorrt (native engine)
     threads: int | None = None  # intra-op threads; None = all cores
     accuracy_level: int = 4  # MatMulNBits: 1 exact fp32 activations ... 4 int8 activations
+    huge_pages: bool = True  # back the session's weights with transparent huge pages (runtime/hugepages.py)
+    graph: str = "auto"  # CPU provider: "fused" onnxruntime contrib-op graph built from the bundle, or its "standard" graph
     max_batch: int = 1
     max_seq_len: int | None = None  # KV capacity per sequence; None = min(4096, model max)
     public_key: str | None = None  # trusted ed25519 key: manifest.sig must verify against it
@@ -31,6 +34,9 @@ class RuntimeOptions:
         if self.provider not in PROVIDER_CHOICES:
             raise ConfigError(f"provider {self.provider!r} is not one of {', '.join(PROVIDER_CHOICES)}",
                               hint="'auto' picks TensorRT EP, then CUDA EP, then CPU by availability")
+        if self.graph not in GRAPH_CHOICES:
+            raise ConfigError(f"graph {self.graph!r} is not one of {', '.join(GRAPH_CHOICES)}",
+                              hint="'auto' runs the fused graph on the CPU provider and the bundle's graph elsewhere")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}", hint="leave it unset to use all cores")
         if self.accuracy_level not in (0, 1, 2, 3, 4):

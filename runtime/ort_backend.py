@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.errors import RuntimeBackendError, require
+from edge_sdk.errors import ConfigError, RuntimeBackendError, require
 
 from . import providers as prov
 from .backend import check_step
@@ -23,7 +23,10 @@ QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 class OrtBackend:
     def __init__(self, graph_path: str | Path, io: ModelIO, *, providers: list, threads: int,
-                 accuracy_level: int = 4, optimized_model_path: str | Path | None = None):
+                 accuracy_level: int = 4, optimized_model_path: str | Path | None = None,
+                 fused_positions: int | None = None, embedding: np.ndarray | None = None, huge_pages: bool = True):
+        """fused_positions and embedding: set when `graph_path` is the fused graph (runtime/fused_graph.py):
+        the number of positions its rotary tables cover, and the embedding table it takes rows of."""
         ort = require("onnxruntime", "runtime")
         self.graph_path = Path(graph_path)
         so = ort.SessionOptions()
@@ -35,19 +38,26 @@ class OrtBackend:
         so.log_severity_level = 3
         if optimized_model_path:
             so.optimized_model_filepath = str(optimized_model_path)
+        from . import hugepages
+
+        before = hugepages.anonymous_regions() if huge_pages else None
         try:
             self.session = ort.InferenceSession(str(self.graph_path), so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RuntimeBackendError(f"onnxruntime could not load {self.graph_path.name}: {exc}",
                                       hint="check the bundle with `edge-sdk verify`, or try provider='cpu'") from exc
         self.threads, self.accuracy_level = threads, accuracy_level
+        # the prepacked weights on 2 MiB pages: a decode step streams all of them (runtime/hugepages.py)
+        self.huge_pages = hugepages.advise_new(before) if huge_pages else hugepages.Advice(reason="disabled")
+        self.fused_positions, self.embedding = fused_positions, embedding
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider in (prov.TRT_EP, prov.CUDA_EP) else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._input_names = set(inputs)
         past0 = io.past_name.format(i=0, kind="key")
-        if past0 not in inputs or "input_ids" not in inputs:
-            raise RuntimeBackendError(f"{self.graph_path.name} lacks inputs input_ids/{past0} (has {', '.join(sorted(inputs))})",
+        ids_name = "input_ids" if embedding is None else "inputs_embeds"
+        if past0 not in inputs or ids_name not in inputs:
+            raise RuntimeBackendError(f"{self.graph_path.name} lacks inputs {ids_name}/{past0} (has {', '.join(sorted(inputs))})",
                                       hint="the graph does not follow the bundle I/O contract: re-convert the model")
         kv_dtype = ORT_TYPES.get(inputs[past0].type)
         if kv_dtype is None:
@@ -56,16 +66,39 @@ class OrtBackend:
         self._names = [(self.io.past_name.format(i=i, kind=k), self.io.present_name.format(i=i, kind=k))
                        for i in range(self.io.num_layers) for k in ("key", "value")]
 
+    @property
+    def mapped_bytes(self) -> int | None:
+        """Bytes of what the fused graph maps (graph, sidecar weights, embedding table); None for the
+        bundle's own graph, whose files the manifest lists."""
+        if self.embedding is None:
+            return None
+        from .fused_graph import WEIGHTS_NAME
+
+        return self.graph_path.stat().st_size + (self.graph_path.parent / WEIGHTS_NAME).stat().st_size + self.embedding.nbytes
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
+        if self.fused_positions is not None and capacity > self.fused_positions:
+            raise ConfigError(f"a KV cache of {capacity} tokens exceeds the {self.fused_positions} positions the fused graph was built for",
+                              hint="load with a smaller max_seq_len, or graph='standard'")
         if self.device == "cpu":
             return KVCache(self.io, batch, capacity)
         return OrtValueKVCache(self.io, batch, capacity, device=self.device)
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
         ids, mask = check_step(input_ids, cache, new_mask)
+        if self.fused_positions is not None and ids.shape[0] > 1 and ids.shape[1] > 1 and cache.length:
+            # onnxruntime's GroupQueryAttention takes several new tokens over a past for one row at a
+            # time only: feed such steps token by token (same result; a prompt has no past)
+            return np.concatenate([self._run(ids[:, t:t + 1], cache, mask[:, t:t + 1]) for t in range(ids.shape[1])], axis=1)
+        return self._run(ids, cache, mask)
+
+    def _run(self, ids: np.ndarray, cache: KVCache, mask: np.ndarray) -> np.ndarray:
         attn, pos = cache.step_inputs(mask)
         b = self.session.io_binding()
-        b.bind_cpu_input("input_ids", ids)
+        if self.embedding is None:
+            b.bind_cpu_input("input_ids", ids)
+        else:
+            b.bind_cpu_input("inputs_embeds", self.embedding[ids].astype(np.float32))
         if "attention_mask" in self._input_names:
             b.bind_cpu_input("attention_mask", attn)
         if "position_ids" in self._input_names:
@@ -90,8 +123,10 @@ class OrtBackend:
 
     def describe(self) -> dict:
         return {"backend": "onnxruntime", "provider": self.provider, "providers": self.session.get_providers(),
-                "graph": self.graph_path.name, "threads": self.threads, "accuracy_level": self.accuracy_level,
-                "kv_dtype": self.io.kv_dtype}
+                "graph": self.graph_path.name, "graph_form": "fused" if self.fused_positions is not None else "standard", "threads": self.threads, "accuracy_level": self.accuracy_level,
+                "kv_dtype": self.io.kv_dtype,
+                "huge_pages": {"advised_bytes": self.huge_pages.bytes, "collapsed_bytes": self.huge_pages.collapsed,
+                               "mode": self.huge_pages.mode, **({"reason": self.huge_pages.reason} if self.huge_pages.reason else {})}}
 
 
 @dataclasses.dataclass

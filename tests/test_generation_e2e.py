@@ -3,6 +3,7 @@ on the same dequantized int4 weights (the bundle's weights are read back, dequan
 and loaded into the Hugging Face model), for prompt lengths 1 and > 1 and batches 1 and 2."""
 
 import numpy as np
+from pathlib import Path
 import pytest
 
 pytest.importorskip("torch")
@@ -140,14 +141,16 @@ def test_streaming_equals_non_streaming_on_real_tokenizer(pair):
 
 @pytest.mark.parametrize("level", [1, 4])
 def test_int4_matmuls_fused_to_matmulnbits(pair, tmp_path, level):
-    """onnxruntime turns every DequantizeLinear -> MatMul pair into MatMulNBits at the chosen accuracy level."""
+    """onnxruntime turns every DequantizeLinear -> MatMul pair of the bundle's graph into MatMulNBits at the
+    chosen accuracy level (the standard graph, as the CUDA and TensorRT providers get it)."""
     from edge_sdk.runtime.ort_backend import OrtBackend
 
     model, _ = pair
+    graph = Path(model.bundle) / model.manifest["graphs"]["fp32"]["file"]
     opt = tmp_path / "optimized.onnx"
-    OrtBackend(model.backend.graph_path, model.backend.io, providers=["CPUExecutionProvider"], threads=1,
+    OrtBackend(graph, model.backend.io, providers=["CPUExecutionProvider"], threads=1,
                accuracy_level=level, optimized_model_path=opt)
-    src = onnx.load(str(model.backend.graph_path), load_external_data=False)
+    src = onnx.load(str(graph), load_external_data=False)
     fused = onnx.load(str(opt), load_external_data=False)
     n_dq = sum(n.op_type == "DequantizeLinear" for n in src.graph.node)
     nbits = [n for n in fused.graph.node if n.op_type == "MatMulNBits"]

@@ -56,5 +56,8 @@ def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle, prefill_chun
     assert got == want
     assert step_model._rows == [] and step_model._batch is None and step_model._pending == {}
     assert step_model.kv_bytes_per_token == 2 * model.backend.io.kv_bytes_per_token()
-    files = model.manifest["files"]
-    assert step_model.weights_bytes == files["model.onnx"]["size"] + files[model.manifest["weights"]["file"]]["size"]
+    # the fused graph (runtime/fused_graph.py) maps its graph, its repacked weights and the bundle's embedding table
+    g = model.backend.graph_path
+    table = model.manifest["weights"]["tensors"]["model.embed_tokens.weight"]["nbytes"]
+    assert model.backend.describe()["graph_form"] == "fused"
+    assert step_model.weights_bytes == g.stat().st_size + (g.parent / "fused.weights").stat().st_size + table

@@ -97,9 +97,12 @@ class BundleStepModel:
 
 
 def graph_bytes(bundle: Path, manifest: dict, backend) -> int:
-    """Bytes of what the backend maps: its graph file and the bundle's external weights file."""
+    """Bytes of what the backend maps: its graph file and the bundle's external weights file (or the
+    fused graph's files)."""
     if getattr(backend, "plan", None) is not None:  # storage paging: what the executor holds at most
         return backend.plan.peak_bytes
+    if getattr(backend, "mapped_bytes", None) is not None:  # onnxruntime's fused graph (runtime/fused_graph.py)
+        return backend.mapped_bytes
     files = manifest.get("files", {})
     graph = getattr(backend, "graph_path", None)
     names = {Path(graph).name} if graph else {g["file"] for g in manifest.get("graphs", {}).values() if "file" in g}

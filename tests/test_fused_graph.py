@@ -1,0 +1,187 @@
+"""The fused onnxruntime graph (runtime/fused_graph.py) against the bundle's own graph and hand references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edge_sdk
+from edge_sdk.errors import ConfigError
+from edge_sdk.runtime import fused_graph as fg
+from edge_sdk.runtime import hugepages as hp
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def pack_onnx_int4(q: np.ndarray) -> np.ndarray:
+    """Reference ONNX INT4 packing of signed values, row-major, first element in the low nibble."""
+    flat = (q.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def run_matmulnbits(a, b, scales, k, n, block, level=1):
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block, accuracy_level=level)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+                          initializer=[numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+
+
+@pytest.mark.parametrize("k,n,block", [(256, 96, 128), (512, 40, 32), (128, 7, 64)])
+def test_repacked_int4_reproduces_q_times_scale(k, n, block):
+    rng = np.random.default_rng(k + n)
+    q = rng.integers(-8, 8, (k, n)).astype(np.int8)  # the bundle's signed int4, [in, out]
+    scales = (rng.random((k // block, n)) * 0.02 + 0.001).astype(np.float16)
+    b, s = fg.to_matmulnbits(pack_onnx_int4(q), scales, k, n, block)
+    assert b.shape == (n, k // block, block // 2) and b.dtype == np.uint8 and s.shape == (n, k // block)
+    # bit level: nibble j of column c, block i is q[i * block + j, c] + 8
+    lo, hi = b & 0xF, b >> 4
+    unpacked = np.stack([lo, hi], axis=-1).reshape(n, k).astype(np.int16) - 8
+    np.testing.assert_array_equal(unpacked.T, q)
+    # numerically: MatMulNBits at level 1 equals x @ (q * scale) in fp32
+    w = q.astype(np.float32) * np.repeat(scales.astype(np.float32), block, axis=0)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(run_matmulnbits(x, b, s.reshape(-1), k, n, block), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_repack_refuses_a_partial_block():
+    with pytest.raises(Exception, match="group size"):
+        fg.to_matmulnbits(np.zeros(96 * 4 // 2, np.uint8), np.zeros((1, 4), np.float16), 96, 4, 64)
+
+
+def load_pair(bundle, tmp_path, level=1, **kw):
+    common = dict(provider="cpu", accuracy_level=level, threads=1, engine_cache_dir=str(tmp_path / "engines"), log_provider=False)
+    return (edge_sdk.load(bundle, graph="fused", **common, **kw), edge_sdk.load(bundle, graph="standard", **common, **kw))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_fused_graph_equals_bundle_graph(tiny_bundle, tmp_path, arch):
+    """Logits and KV cache of every step: prompt with left padding (batch 2), decode steps, and several new
+    tokens over a past in batch 2 (fed token by token) and in batch 1."""
+    fused, std = load_pair(tiny_bundle(arch), tmp_path)
+    f, s = fused.backend, std.backend
+    assert f.describe()["graph_form"] == "fused" and s.describe()["graph_form"] == "standard"
+    vocab = f.io.vocab_size
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, vocab, (2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    cf, cs = f.new_cache(2, 64), s.new_cache(2, 64)
+
+    def same(a, b, rows_mask=None):
+        sel = (slice(None),) if rows_mask is None else (rows_mask.astype(bool),)
+        np.testing.assert_allclose(a[sel], b[sel], rtol=1e-4, atol=1e-4)
+        for layer in range(f.io.num_layers):
+            for kind in range(2):
+                keep = cs.mask.astype(bool)  # padded slots hold don't-care values
+                np.testing.assert_allclose(cf.past(layer, kind).transpose(0, 2, 1, 3)[keep],
+                                           cs.past(layer, kind).transpose(0, 2, 1, 3)[keep], rtol=1e-4, atol=1e-4)
+
+    same(f.forward(ids, cf, mask), s.forward(ids, cs, mask), mask)
+    for _ in range(3):
+        nxt = rng.integers(3, vocab, (2, 1))
+        lf, ls = f.forward(nxt, cf), s.forward(nxt, cs)
+        same(lf, ls)
+        assert (lf.argmax(-1) == ls.argmax(-1)).all()
+    more = rng.integers(3, vocab, (2, 4))
+    same(f.forward(more, cf), s.forward(more, cs))
+    one_f, one_s = f.new_cache(1, 32), s.new_cache(1, 32)
+    np.testing.assert_allclose(f.forward(ids[:1, :5], one_f), s.forward(ids[:1, :5], one_s), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(f.forward(ids[:1, 5:], one_f), s.forward(ids[:1, 5:], one_s), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_and_standard_generate_the_same_text(tiny_bundle, tmp_path):
+    fused, std = load_pair(tiny_bundle("qwen2"), tmp_path, level=4)
+    a = fused.generate("The sky is", max_new_tokens=12, ignore_eos=True)
+    b = std.generate("The sky is", max_new_tokens=12, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+
+
+def test_rotary_tables_come_from_the_bundle_graph(tiny_bundle):
+    """Default rope (qwen2) against the formula; llama3-scaled rope (llama) against transformers' tables."""
+    for arch in ("qwen2", "llama"):
+        bundle = Path(tiny_bundle(arch))
+        m = json.loads((bundle / "manifest.json").read_text())
+        inv_freq, scaling = fg.rope_from_graph(bundle / m["graphs"]["fp32"]["file"])
+        if arch == "qwen2":
+            d = m["architecture"]["head_dim"]
+            want, want_scale = 1.0 / m["architecture"]["rope_theta"] ** (np.arange(0, d, 2, dtype=np.float64) / d), 1.0
+        else:
+            pytest.importorskip("transformers")
+            from edge_sdk.converters.archs import arch_for
+            from edge_sdk.converters.decoder import rope_tables
+
+            cfg = m["source"]["config"]
+            t, want_scale = rope_tables(cfg, arch_for(cfg))
+            want = t.numpy()
+        np.testing.assert_allclose(inv_freq, want, rtol=1e-6)
+        assert scaling == pytest.approx(want_scale)
+
+
+def test_sidecar_is_built_once_and_rebuilt_when_damaged(tiny_bundle, tmp_path):
+    bundle = tiny_bundle("qwen2")
+    opts = dict(provider="cpu", threads=1, engine_cache_dir=str(tmp_path / "e"), log_provider=False)
+    m1 = edge_sdk.load(bundle, **opts)
+    side = m1.backend.graph_path.parent / fg.WEIGHTS_NAME
+    stamp = side.stat().st_mtime_ns
+    edge_sdk.load(bundle, **opts)
+    assert side.stat().st_mtime_ns == stamp  # reused
+    ids = np.array([[5, 6, 7]])
+    want = m1.backend.forward(ids, m1.backend.new_cache(1, 8))
+    del m1  # its session maps the file that is cut short next
+    with open(side, "r+b") as f:  # a write cut short
+        f.truncate(side.stat().st_size // 2)
+    m3 = edge_sdk.load(bundle, **opts)
+    assert side.stat().st_size == json.loads((side.parent / fg.METADATA).read_text())["weights_bytes"]
+    np.testing.assert_array_equal(m3.backend.forward(ids, m3.backend.new_cache(1, 8)), want)
+    assert not list(side.parent.parent.glob(".*partial*"))
+
+
+def test_graph_choice_and_limits(tiny_bundle, tmp_path):
+    bundle = tiny_bundle("qwen2")
+    with pytest.raises(ConfigError, match="graph"):
+        edge_sdk.load(bundle, graph="fast")
+    m = edge_sdk.load(bundle, provider="cpu", max_seq_len=64, engine_cache_dir=str(tmp_path), log_provider=False)
+    limit = m.backend.fused_positions
+    assert limit >= 64
+    with pytest.raises(ConfigError, match="positions"):
+        m.backend.new_cache(1, limit + 1)
+
+
+def test_huge_range_arithmetic():
+    mib = 1 << 20
+    regions = {(3 * mib, 13 * mib), (64 * mib, 66 * mib), (100 * mib, 108 * mib)}
+    # 3..13 MiB -> 4..12 MiB; 64..66 MiB is below the size floor; 100..108 is exactly aligned
+    assert hp.huge_ranges(regions) == [(4 * mib, 12 * mib), (100 * mib, 108 * mib)]
+
+
+def test_anonymous_regions_reads_private_writable_unnamed_mappings(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "55d0a0000000-55d0a0021000 rw-p 00000000 00:00 0                          [heap]\n"
+        "7f0000000000-7f0010000000 rw-p 00000000 00:00 0 \n"
+        "7f0010000000-7f0020000000 r--p 00000000 08:01 123                        /usr/lib/libfoo.so\n"
+        "7f0020000000-7f0030000000 rw-s 00000000 00:05 9                          /dev/shm/x\n"
+        "7f0030000000-7f0031000000 rw-p 00000000 08:01 124                        /data/file\n")
+    assert hp.anonymous_regions(str(maps)) == {(0x55D0A0000000, 0x55D0A0021000), (0x7F0000000000, 0x7F0010000000)}
+
+
+def test_new_mappings_are_advised(tmp_path):
+    if hp.thp_mode() in ("never", "unavailable"):
+        pytest.skip(f"transparent huge pages are {hp.thp_mode()} here")
+    before = hp.anonymous_regions()
+    block = np.ones(64 << 20, np.uint8)  # a fresh 64 MiB mapping
+    advice = hp.advise_new(before)
+    start = block.ctypes.data
+    assert advice.bytes >= (start + block.nbytes) // hp.HUGE * hp.HUGE - -(-start // hp.HUGE) * hp.HUGE
+    assert advice.mode == hp.thp_mode()
