@@ -12,8 +12,8 @@ model with onnxruntime's contrib operators, one to a few nodes per block:
 It is built on the device from the bundle's verified weights file, never shipped: the int4 weights
 are repacked into MatMulNBits' layout ([out, in / block, block / 2] bytes, zero point 8; exact, the
 values are the bundle's q * scale bit for bit) into a sidecar file in the engine cache. The embedding
-table stays in the bundle's weights file: the backend maps it and feeds each step's rows as
-`inputs_embeds` (no copy of the table on disk or in memory). Otherwise the I/O is the bundle's
+table stays in the bundle's weights file: the backend reads each step's rows (EmbeddingRows) and
+feeds them as `inputs_embeds` (no copy of the table on disk or in memory). Otherwise the I/O is the bundle's
 (attention_mask, position_ids, past/present BHSD), so KV caches, batching and left padding work
 unchanged: padded keys are masked through GroupQueryAttention's attention_bias.
 """
@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import numpy as np
 from edge_sdk.errors import BundleError, require
 from edge_sdk.fsutil import fsync_path
 
-BUILDER_VERSION = 1  # bump when the graph or the sidecar layout changes: old entries are rebuilt
+BUILDER_VERSION = 2  # bump when the graph or the sidecar layout changes: old entries are rebuilt
 ALIGN = 4096
 DEFAULT_POSITIONS = 32768  # rotary table rows when the model allows more (a larger max_seq_len extends it)
 GRAPH_NAME = "fused-level{level}.onnx"
@@ -81,15 +82,43 @@ def key(bundle_hash: str, ort_version: str) -> str:
     return hashlib.sha256(f"{bundle_hash}:{ort_version}:{BUILDER_VERSION}".encode()).hexdigest()[:16]
 
 
-def embedding(bundle: Path, manifest: dict) -> np.ndarray:
-    """The fp16 embedding table [vocab, hidden], mapped read-only from the bundle's weights file."""
-    w = manifest["weights"]
-    t = w["tensors"]["model.embed_tokens.weight"]
-    path = Path(bundle) / w["file"]
-    if path.stat().st_size < t["offset"] + t["nbytes"]:
-        raise BundleError(f"{path.name} is shorter than the manifest says (the embeddings end at byte {t['offset'] + t['nbytes']})",
-                          hint="the bundle is truncated: copy it again and run `edge-sdk verify`")
-    return np.memmap(path, np.float16, mode="r", offset=t["offset"], shape=tuple(t["shape"]))
+class EmbeddingRows:
+    """Rows of the bundle's fp16 embedding table, read on demand (a few KB per token) with pread: the
+    table is never held, and a weights file cut short gives a BundleError, not a crash."""
+
+    def __init__(self, bundle: Path, manifest: dict):
+        w = manifest["weights"]
+        t = w["tensors"]["model.embed_tokens.weight"]
+        if t["dtype"] not in ("float16", "float32"):
+            raise BundleError(f"the embedding table is {t['dtype']}, not float16/float32", hint="re-convert the model")
+        self.path = Path(bundle) / w["file"]
+        self.offset, self.nbytes = int(t["offset"]), int(t["nbytes"])
+        self.vocab, self.hidden = (int(x) for x in t["shape"])
+        self.dtype = np.dtype(t["dtype"])
+        self.row = self.hidden * self.dtype.itemsize
+        self.fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+        if os.fstat(self.fd).st_size < self.offset + self.nbytes:
+            raise self._truncated()
+
+    def _truncated(self) -> BundleError:
+        return BundleError(f"{self.path} is truncated: the embedding table ends at byte {self.offset + self.nbytes:,}",
+                           hint="copy the bundle again and check it with `edge-sdk verify`")
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """int64 [B, S] -> float32 [B, S, hidden]."""
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            from edge_sdk.errors import RuntimeBackendError
+
+            raise RuntimeBackendError(f"token id out of range [0, {self.vocab})")
+        uniq, inv = np.unique(ids, return_inverse=True)
+        rows = np.empty((len(uniq), self.hidden), self.dtype)
+        for k, t in enumerate(uniq):
+            data = os.pread(self.fd, self.row, self.offset + int(t) * self.row)
+            if len(data) != self.row:
+                raise self._truncated()
+            rows[k] = np.frombuffer(data, self.dtype)
+        return rows.astype(np.float32)[inv.reshape(ids.shape)]
 
 
 def ensure(bundle: Path, manifest: dict, bundle_hash: str, cache_root: Path, accuracy_level: int, max_positions: int) -> Path:
@@ -190,9 +219,9 @@ def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_
         with open(tmp / WEIGHTS_NAME, "wb") as f:
             out = _Sidecar(f)
             inv_freq, scaling = rope_from_graph(bundle / manifest["graphs"]["fp32"]["file"])
-            pos = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-            out.add("rope.cos", (np.cos(pos) * np.float32(scaling)).astype(np.float32))
-            out.add("rope.sin", (np.sin(pos) * np.float32(scaling)).astype(np.float32))
+            cos, sin = rope_rows(np.arange(max_positions), inv_freq, scaling)
+            out.add("rope.cos", cos)
+            out.add("rope.sin", sin)
             for i in range(s.layers):
                 p = f"model.layers.{i}"
                 parts = [linear(f"{p}.self_attn.{x}") for x in ATTN]
@@ -233,6 +262,12 @@ def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_
         raise
 
 
+def rope_rows(positions: np.ndarray, inv_freq: np.ndarray, scaling: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin rows [len(positions), head_dim / 2] of the rotary tables (float32, as the tables are built)."""
+    angle = np.asarray(positions, np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
+    return (np.cos(angle) * np.float32(scaling)).astype(np.float32), (np.sin(angle) * np.float32(scaling)).astype(np.float32)
+
+
 def rope_from_graph(graph_path: Path) -> tuple[np.ndarray, float]:
     """inv_freq and attention scaling as the bundle's graph computes rotary angles:
     Cast(position_ids) -> Unsqueeze -> Mul(inv_freq) -> Concat -> Cos -> [Mul(scaling)]."""
@@ -269,60 +304,70 @@ def rope_from_graph(graph_path: Path) -> tuple[np.ndarray, float]:
 # --- graph ---------------------------------------------------------------------------------------------------------
 
 
-def build_graph(s: Shape, tensors: dict, accuracy_level: int, *, qkv_bias: bool):
-    onnx = require("onnx", "runtime")
-    from onnx import TensorProto, helper
+class _Builder:
+    """Collects nodes and initializers of one fused graph (the whole model, one layer, or the tail)."""
 
-    nodes, inits = [], []
-    ms = "com.microsoft"
-    dtypes = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+    MS = "com.microsoft"
 
-    def init(name: str, tensor_key: str | None = None) -> str:
-        t = tensors[tensor_key or name]
-        p = TensorProto(name=name, data_type=dtypes[t["dtype"]], dims=t["shape"])
+    def __init__(self, s: Shape, tensors: dict, accuracy_level: int, placeholders: bool = False):
+        onnx = require("onnx", "runtime")
+        self.onnx, self.s, self.tensors, self.level = onnx, s, tensors, accuracy_level
+        self.placeholders = placeholders  # initializers filled in by the session (add_external_initializers)
+        self.nodes, self.inits = [], []
+        self.dtypes = {"uint8": onnx.TensorProto.UINT8, "float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
+
+    def init(self, name: str, key: str | None = None) -> str:
+        TensorProto = self.onnx.TensorProto
+        t = self.tensors[key or name]
+        p = TensorProto(name=name, data_type=self.dtypes[t["dtype"]], dims=t["shape"])
         p.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", t["file"]), ("offset", str(t["offset"])), ("length", str(t["nbytes"]))):
+        where = (("location", "session-provided"),) if self.placeholders else (
+            ("location", t["file"]), ("offset", str(t["offset"])), ("length", str(t["nbytes"])))
+        for k, v in where:
             e = p.external_data.add()
             e.key, e.value = k, v
-        inits.append(p)
+        self.inits.append(p)
         return name
 
-    def const(name: str, value) -> str:
-        inits.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    def const(self, name: str, value) -> str:
+        self.inits.append(self.onnx.numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def node(op, inputs, outputs, name, domain="", **attrs):
-        nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+    def node(self, op, inputs, outputs, name, domain="", **attrs):
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def matmul(x, prefix, k, n, name, bias=None):
-        b = init(f"{prefix}.B")
-        sc = init(f"{prefix}.scales")
-        block = tensors[f"{prefix}.B"]["shape"][2] * 2
+    def matmul(self, x, prefix, k, n, name, bias=None):
+        b, sc = self.init(f"{prefix}.B"), self.init(f"{prefix}.scales")
+        block = self.tensors[f"{prefix}.B"]["shape"][2] * 2
         ins = [x, b, sc] + (["", "", bias] if bias else [])
-        return node("MatMulNBits", ins, [f"{name}/out"], name, ms, K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
+        return self.node("MatMulNBits", ins, [f"{name}/out"], name, self.MS, K=k, N=n, bits=4, block_size=block,
+                         accuracy_level=self.level)
 
-    h, kv, q = s.hidden, s.kv_heads * s.head_dim, s.heads * s.head_dim
-    # shared per-step inputs of every attention node, computed once from attention_mask
-    node("Shape", ["attention_mask"], ["/total64"], "/mask/Shape", start=1, end=2)
-    node("Cast", ["/total64"], ["/total32"], "/mask/Cast", to=TensorProto.INT32)
-    node("Squeeze", ["/total32"], ["/total_len"], "/mask/Squeeze")
-    node("Shape", ["inputs_embeds"], ["/batch64"], "/embeds/Shape", start=0, end=1)
-    node("Sub", ["/total32", const("/one32", np.array([1], np.int32))], ["/last32"], "/mask/Sub")
-    node("Expand", ["/last32", "/batch64"], ["/seqlens_k"], "/mask/Expand")
-    node("Cast", ["attention_mask"], ["/mask_bool"], "/mask/CastBool", to=TensorProto.BOOL)
-    node("Where", ["/mask_bool", const("/zero", np.array(0.0, np.float32)), const("/min", np.array(MASK_MIN, np.float32))],
-         ["/mask_add"], "/mask/Where")
-    node("Unsqueeze", ["/mask_add", const("/axes12", np.array([1, 2], np.int64))], ["/mask_b11t"], "/mask/Unsqueeze")
-    node("Shape", ["inputs_embeds"], ["/seq64"], "/embeds/ShapeSeq", start=1, end=2)
-    node("Concat", ["/batch64", const("/one64", np.array([1], np.int64)), "/seq64", "/total64"], ["/bias_shape"], "/mask/Concat", axis=0)
-    node("Expand", ["/mask_b11t", "/bias_shape"], ["/attn_bias"], "/mask/ExpandBias")
+    def mask_inputs(self, like: str) -> None:
+        """/seqlens_k, /total_len and /attn_bias (0 or MASK_MIN per key) from attention_mask."""
+        TP, node, const = self.onnx.TensorProto, self.node, self.const
+        node("Shape", ["attention_mask"], ["/total64"], "/mask/Shape", start=1, end=2)
+        node("Cast", ["/total64"], ["/total32"], "/mask/Cast", to=TP.INT32)
+        node("Squeeze", ["/total32"], ["/total_len"], "/mask/Squeeze")
+        node("Shape", [like], ["/batch64"], "/hidden/Shape", start=0, end=1)
+        node("Sub", ["/total32", const("/one32", np.array([1], np.int32))], ["/last32"], "/mask/Sub")
+        node("Expand", ["/last32", "/batch64"], ["/seqlens_k"], "/mask/Expand")
+        node("Cast", ["attention_mask"], ["/mask_bool"], "/mask/CastBool", to=TP.BOOL)
+        node("Where", ["/mask_bool", const("/zero", np.array(0.0, np.float32)), const("/min", np.array(MASK_MIN, np.float32))],
+             ["/mask_add"], "/mask/Where")
+        node("Unsqueeze", ["/mask_add", const("/axes12", np.array([1, 2], np.int64))], ["/mask_b11t"], "/mask/Unsqueeze")
+        node("Shape", [like], ["/seq64"], "/hidden/ShapeSeq", start=1, end=2)
+        node("Concat", ["/batch64", const("/one64", np.array([1], np.int64)), "/seq64", "/total64"], ["/bias_shape"], "/mask/Concat", axis=0)
+        node("Expand", ["/mask_b11t", "/bias_shape"], ["/attn_bias"], "/mask/ExpandBias")
+        s = self.s
+        const("/qkv_split", np.array([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], np.int64))
 
-    const("/qkv_split", np.array([q, kv, kv], np.int64))
-    residual, pending = "inputs_embeds", None
-    cos, sin = init("rope.cos"), init("rope.sin")
-    for i in range(s.layers):
-        p, n_ = f"model.layers.{i}", f"/model/layers.{i}"
+    def layer(self, p: str, n_: str, residual: str, pending: str | None, cos: str, sin: str, past: tuple[str, str],
+              present: tuple[str, str], qkv_bias: bool) -> tuple[str, str]:
+        """One decoder layer; weights named `{p}.<role>`. Returns (residual, pending) for the next."""
+        s, node, init, matmul, ms = self.s, self.node, self.init, self.matmul, self.MS
+        h, kv, q = s.hidden, s.kv_heads * s.head_dim, s.heads * s.head_dim
         if pending is None:
             normed = node("SimplifiedLayerNormalization", [residual, init(f"{p}.input_layernorm")], [f"{n_}/input_norm/out"],
                           f"{n_}/input_norm", epsilon=s.eps, axis=-1, stash_type=1)
@@ -338,10 +383,8 @@ def build_graph(s: Shape, tensors: dict, accuracy_level: int, *, qkv_bias: bool)
                   num_heads=s.heads, interleaved=0)
         ks = node("RotaryEmbedding", [ks, "position_ids", cos, sin], [f"{n_}/attn/k_rot"], f"{n_}/attn/k_rotary", ms,
                   num_heads=s.kv_heads, interleaved=0)
-        attn = node("GroupQueryAttention",
-                    [qs, ks, vs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "/seqlens_k", "/total_len", "", "",
-                     "", "/attn_bias"],
-                    [f"{n_}/attn/out", f"present.{i}.key", f"present.{i}.value"], f"{n_}/attn/GroupQueryAttention", ms,
+        attn = node("GroupQueryAttention", [qs, ks, vs, past[0], past[1], "/seqlens_k", "/total_len", "", "", "", "/attn_bias"],
+                    [f"{n_}/attn/out", present[0], present[1]], f"{n_}/attn/GroupQueryAttention", ms,
                     num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.head_dim ** -0.5))[0]
         o = matmul(attn, f"{p}.self_attn.o_proj", q, h, f"{n_}/attn/o_proj/MatMulNBits")
         normed, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, init(f"{p}.post_attention_layernorm")],
@@ -351,30 +394,92 @@ def build_graph(s: Shape, tensors: dict, accuracy_level: int, *, qkv_bias: bool)
         sig = node("Sigmoid", [gate], [f"{n_}/mlp/Sigmoid/out"], f"{n_}/mlp/Sigmoid")
         act = node("Mul", [gate, sig], [f"{n_}/mlp/silu/out"], f"{n_}/mlp/silu")
         act = node("Mul", [act, up], [f"{n_}/mlp/gated/out"], f"{n_}/mlp/gated")
-        pending = matmul(act, f"{p}.mlp.down_proj", s.intermediate, h, f"{n_}/mlp/down_proj/MatMulNBits")
-    final = node("SkipSimplifiedLayerNormalization", [pending, residual, init("model.norm")], ["/model/norm/out"], "/model/norm", ms, epsilon=s.eps)
-    if "lm_head.B" in tensors:
-        logits = matmul(final, "lm_head", h, s.vocab, "/lm_head/MatMulNBits")
-    else:
-        w = node("Cast", [init("lm_head.fp16")], ["/lm_head/weight"], "/lm_head/Cast", to=TensorProto.FLOAT)
-        logits = node("MatMul", [final, w], ["/lm_head/out"], "/lm_head/MatMul")
-    node("Identity", [logits], ["logits"], "/logits")
+        return residual, matmul(act, f"{p}.mlp.down_proj", s.intermediate, h, f"{n_}/mlp/down_proj/MatMulNBits")
 
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    kv_in = [helper.make_tensor_value_info(f"past_key_values.{i}.{k}", f32, ["batch", s.kv_heads, "past_seq", s.head_dim])
-             for i in range(s.layers) for k in ("key", "value")]
-    kv_out = [helper.make_tensor_value_info(f"present.{i}.{k}", f32, ["batch", s.kv_heads, "total_seq", s.head_dim])
-              for i in range(s.layers) for k in ("key", "value")]
-    graph = helper.make_graph(
-        nodes, "edge-sdk-decoder-fused",
-        [helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "seq", s.hidden]),
-         helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_seq"]),
-         helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]), *kv_in],
-        [helper.make_tensor_value_info("logits", f32, ["batch", "seq", s.vocab]), *kv_out], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ms, 1)],
+    def tail(self, residual: str, pending: str) -> str:
+        s, node = self.s, self.node
+        final = node("SkipSimplifiedLayerNormalization", [pending, residual, self.init("model.norm")], ["/model/norm/out"],
+                     "/model/norm", self.MS, epsilon=s.eps)
+        if "lm_head.B" in self.tensors:
+            logits = self.matmul(final, "lm_head", s.hidden, s.vocab, "/lm_head/MatMulNBits")
+        else:
+            w = node("Cast", [self.init("lm_head.fp16")], ["/lm_head/weight"], "/lm_head/Cast", to=self.onnx.TensorProto.FLOAT)
+            logits = node("MatMul", [final, w], ["/lm_head/out"], "/lm_head/MatMul")
+        return node("Identity", [logits], ["logits"], "/logits")
+
+    def model(self, name: str, inputs: list, outputs: list):
+        helper = self.onnx.helper
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(self.MS, 1)],
                               producer_name="edge-sdk")
-    model.ir_version = 10
-    return model
+        m.ir_version = 10
+        return m
+
+
+def _vi(name: str, elem: int, dims: list):
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def build_graph(s: Shape, tensors: dict, accuracy_level: int, *, qkv_bias: bool):
+    """The whole decoder: inputs_embeds, attention_mask, position_ids, past -> logits, present."""
+    b = _Builder(s, tensors, accuracy_level)
+    TP = b.onnx.TensorProto
+    b.mask_inputs("inputs_embeds")
+    residual, pending = "inputs_embeds", None
+    cos, sin = b.init("rope.cos"), b.init("rope.sin")
+    for i in range(s.layers):
+        residual, pending = b.layer(f"model.layers.{i}", f"/model/layers.{i}", residual, pending, cos, sin,
+                                    (f"past_key_values.{i}.key", f"past_key_values.{i}.value"),
+                                    (f"present.{i}.key", f"present.{i}.value"), qkv_bias)
+    b.tail(residual, pending)
+    f32, i64 = TP.FLOAT, TP.INT64
+    kv_in = [_vi(f"past_key_values.{i}.{k}", f32, ["batch", s.kv_heads, "past_seq", s.head_dim]) for i in range(s.layers) for k in ("key", "value")]
+    kv_out = [_vi(f"present.{i}.{k}", f32, ["batch", s.kv_heads, "total_seq", s.head_dim]) for i in range(s.layers) for k in ("key", "value")]
+    return b.model("edge-sdk-decoder-fused",
+                   [_vi("inputs_embeds", f32, ["batch", "seq", s.hidden]), _vi("attention_mask", i64, ["batch", "total_seq"]),
+                    _vi("position_ids", i64, ["batch", "seq"]), *kv_in],
+                   [_vi("logits", f32, ["batch", "seq", s.vocab]), *kv_out])
+
+
+# single-layer and tail graphs of the layer-streamed executor (runtime/paging/fused.py): weights are
+# placeholders the session fills from memory; layers pass (residual, pending) on, the first one
+# with pending = 0 (SkipSimplifiedLayerNormalization then adds exactly nothing)
+LAYER_IO = {"residual": "residual", "pending": "pending", "residual_out": "residual_out", "pending_out": "pending_out",
+            "past_key": "past_key", "past_value": "past_value", "present_key": "present_key", "present_value": "present_value",
+            "cos": "rope.cos", "sin": "rope.sin"}
+
+
+def build_layer_graph(s: Shape, roles: dict, accuracy_level: int, *, qkv_bias: bool):
+    """roles: {role (e.g. 'qkv.B', 'input_layernorm'): tensor meta} of any one layer."""
+    b = _Builder(s, {f"layer.{r}": t for r, t in roles.items()}, accuracy_level, placeholders=True)
+    TP = b.onnx.TensorProto
+    b.mask_inputs("residual")
+    residual, pending = b.layer("layer", "/layer", "residual", "pending", "rope.cos", "rope.sin", ("past_key", "past_value"),
+                                ("present_key", "present_value"), qkv_bias)
+    b.node("Identity", [residual], ["residual_out"], "/residual_out")
+    b.node("Identity", [pending], ["pending_out"], "/pending_out")
+    f32, i64 = TP.FLOAT, TP.INT64
+    half = s.head_dim // 2
+    return b.model("edge-sdk-layer-fused",
+                   [_vi("residual", f32, ["batch", "seq", s.hidden]), _vi("pending", f32, ["batch", "seq", s.hidden]),
+                    _vi("attention_mask", i64, ["batch", "total_seq"]), _vi("position_ids", i64, ["batch", "seq"]),
+                    _vi("rope.cos", f32, ["positions", half]), _vi("rope.sin", f32, ["positions", half]),
+                    _vi("past_key", f32, ["batch", s.kv_heads, "past_seq", s.head_dim]),
+                    _vi("past_value", f32, ["batch", s.kv_heads, "past_seq", s.head_dim])],
+                   [_vi("residual_out", f32, ["batch", "seq", s.hidden]), _vi("pending_out", f32, ["batch", "seq", s.hidden]),
+                    _vi("present_key", f32, ["batch", s.kv_heads, "total_seq", s.head_dim]),
+                    _vi("present_value", f32, ["batch", s.kv_heads, "total_seq", s.head_dim])])
+
+
+def build_tail_graph(s: Shape, tensors: dict, accuracy_level: int):
+    b = _Builder(s, tensors, accuracy_level, placeholders=True)
+    f32 = b.onnx.TensorProto.FLOAT
+    b.tail("residual", "pending")
+    return b.model("edge-sdk-tail-fused",
+                   [_vi("residual", f32, ["batch", "seq", s.hidden]), _vi("pending", f32, ["batch", "seq", s.hidden])],
+                   [_vi("logits", f32, ["batch", "seq", s.vocab])])
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

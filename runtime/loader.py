@@ -72,6 +72,12 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
 
     paging = paging_options(manifest, options)
     if paging is not None:
+        fused = fused_graph_for(root, manifest, options, providers, paging.io == "reader")
+        if fused is not None:
+            from .paging.fused import FusedPagedBackend
+
+            return FusedPagedBackend(root, manifest, io, paging, sidecar_dir=fused[0].parent, providers=providers,
+                                     threads=options.num_threads, accuracy_level=options.accuracy_level)
         from .paging.backend import PagedBackend
 
         return PagedBackend(root, manifest, path, io, paging, providers=prov.with_options(providers, ep_options),
@@ -80,10 +86,10 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
 
     fused, positions, embedding = fused_graph_for(root, manifest, options, providers), None, None
     if fused is not None:
-        from .fused_graph import embedding as embedding_table
+        from .fused_graph import EmbeddingRows
 
         path, positions = fused
-        embedding = embedding_table(root, manifest)
+        embedding = EmbeddingRows(root, manifest)
     backend = OrtBackend(path, io, providers=prov.with_options(providers, ep_options), threads=options.num_threads,
                          accuracy_level=options.accuracy_level, fused_positions=positions, embedding=embedding,
                          huge_pages=options.huge_pages)
@@ -93,12 +99,13 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
     return backend
 
 
-def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, providers: list) -> tuple[Path, int] | None:
+def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, providers: list,
+                    applicable: bool = True) -> tuple[Path, int] | None:
     """(fused graph, positions it covers) when this load runs onnxruntime's fused graph, else None.
     'auto' picks it on the CPU provider whenever the bundle allows; 'fused' insists (and says why not)."""
     from . import fused_graph
 
-    if options.graph == "standard":
+    if options.graph == "standard" or not applicable:
         return None
     why = fused_graph.supported(manifest)
     if why is None and providers[0] != prov.CPU_EP:

@@ -24,9 +24,9 @@ QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 class OrtBackend:
     def __init__(self, graph_path: str | Path, io: ModelIO, *, providers: list, threads: int,
                  accuracy_level: int = 4, optimized_model_path: str | Path | None = None,
-                 fused_positions: int | None = None, embedding: np.ndarray | None = None, huge_pages: bool = True):
+                 fused_positions: int | None = None, embedding=None, huge_pages: bool = True):
         """fused_positions and embedding: set when `graph_path` is the fused graph (runtime/fused_graph.py):
-        the number of positions its rotary tables cover, and the embedding table it takes rows of."""
+        the number of positions its rotary tables cover, and the embedding rows reader (fused_graph.EmbeddingRows)."""
         ort = require("onnxruntime", "runtime")
         self.graph_path = Path(graph_path)
         so = ort.SessionOptions()
@@ -68,13 +68,13 @@ class OrtBackend:
 
     @property
     def mapped_bytes(self) -> int | None:
-        """Bytes of what the fused graph maps (graph, sidecar weights, embedding table); None for the
-        bundle's own graph, whose files the manifest lists."""
+        """Bytes of what the fused graph loads (graph and sidecar weights; embedding rows are read per
+        step); None for the bundle's own graph, whose files the manifest lists."""
         if self.embedding is None:
             return None
         from .fused_graph import WEIGHTS_NAME
 
-        return self.graph_path.stat().st_size + (self.graph_path.parent / WEIGHTS_NAME).stat().st_size + self.embedding.nbytes
+        return self.graph_path.stat().st_size + (self.graph_path.parent / WEIGHTS_NAME).stat().st_size
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         if self.fused_positions is not None and capacity > self.fused_positions:
@@ -98,7 +98,7 @@ class OrtBackend:
         if self.embedding is None:
             b.bind_cpu_input("input_ids", ids)
         else:
-            b.bind_cpu_input("inputs_embeds", self.embedding[ids].astype(np.float32))
+            b.bind_cpu_input("inputs_embeds", self.embedding(ids))
         if "attention_mask" in self._input_names:
             b.bind_cpu_input("attention_mask", attn)
         if "position_ids" in self._input_names:

@@ -15,11 +15,15 @@ import pytest
 import edge_sdk.runtime as rt
 from edge_sdk.errors import BundleError, ConfigError, MemoryBudgetError
 from edge_sdk.runtime.paging.backend import PagedBackend, PagingOptions
+from edge_sdk.runtime.paging.fused import FusedPagedBackend
 from edge_sdk.runtime.paging.kv_store import load_kv, save_kv
 from edge_sdk.runtime.paging.plan import PAGE, page_round, parse_budget, plan_paging, spread
 from edge_sdk.runtime.paging.select import weight_bytes
 
 EXACT = dict(provider="cpu", accuracy_level=1, threads=1, log_provider=False)
+# the two executors: the fused graph's (sessions prepacked per paged layer, the CPU default) and the
+# bundle graph's (weights bound as graph inputs; what the CUDA / TensorRT providers get)
+EXECUTORS = {"fused": FusedPagedBackend, "standard": PagedBackend}
 LAYERS = 10
 
 
@@ -52,13 +56,14 @@ def greedy(model, prompt, n=12):
     return model.generate(prompt, max_new_tokens=n, ignore_eos=True)
 
 
+@pytest.mark.parametrize("graph", list(EXECUTORS))
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("budget", ["50%", "25%"])
-def test_paged_greedy_tokens_equal_resident(deep_bundle, arch, budget):
+def test_paged_greedy_tokens_equal_resident(deep_bundle, arch, budget, graph):
     bundle = deep_bundle(arch)
-    resident = rt.load(bundle, **EXACT)
-    paged = rt.load(bundle, memory_budget=budget, **EXACT)
-    assert isinstance(paged.backend, PagedBackend)
+    resident = rt.load(bundle, graph=graph, **EXACT)
+    paged = rt.load(bundle, memory_budget=budget, graph=graph, **EXACT)
+    assert type(paged.backend) is EXECUTORS[graph]
     plan = paged.backend.plan
     assert plan.paged and plan.peak_bytes <= parse_budget(budget, weight_bytes(paged.manifest))
     prompts = ["The runtime streams layers", "int4"]
@@ -103,7 +108,7 @@ def test_prefetch_stays_inside_the_budget(deep_bundle):
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        model = rt.load(bundle, memory_budget="25%", **EXACT)
+        model = rt.load(bundle, memory_budget="25%", graph="standard", **EXACT)
         be = model.backend
         # buffers this process allocated (lm_head and fused resident layers are onnxruntime's)
         held = sum(n for k, n in be.ledger.items.items() if k.startswith("slot")) + sum(b.nbytes for b in be.resident.values())
@@ -116,7 +121,7 @@ def test_prefetch_stays_inside_the_budget(deep_bundle):
         assert held <= traced <= held + PAGE * (be.plan.slots + len(be.plan.resident))
         assert loaded >= held
         peak = transient_peak(model)
-        reference = transient_peak(rt.load(bundle, **EXACT))  # same generation, all weights resident
+        reference = transient_peak(rt.load(bundle, graph="standard", **EXACT))  # same generation, all weights resident
     finally:
         tracemalloc.stop()
     assert be.reader.layers_read >= 10 * LAYERS  # every layer was streamed on every token
@@ -127,12 +132,56 @@ def test_prefetch_stays_inside_the_budget(deep_bundle):
     be.close()
 
 
-def test_truncated_weights_file_is_a_bundle_error(deep_bundle, tmp_path):
+def test_fused_prefetch_stays_inside_the_budget(deep_bundle):
+    """The fused executor's prefetch, measured: its slot buffers are what the ledger charges (tracemalloc),
+    and the sessions holding prepacked copies of paged layers never outnumber the slots (each counted
+    live from creation to release)."""
+    import weakref
+
+    bundle = deep_bundle("qwen2")
+    tracemalloc.start()
+    try:
+        model = rt.load(bundle, memory_budget="50%", **EXACT)
+        be = model.backend
+        assert type(be) is FusedPagedBackend and be.plan.paged and be.plan.slot_copies == 2
+        slots = sum(n for k, n in be.ledger.items.items() if k.startswith("slot") and not k.endswith("prepacked"))
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*paging/buffers.py")])
+        snap = snap.filter_traces([tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
+        traced = sum(x.size for x in snap.statistics("filename"))
+        assert slots <= traced <= slots + PAGE * be.plan.slots
+    finally:
+        tracemalloc.stop()
+    live, most = set(), [0]
+    build = be._layer_session
+
+    def counted(i, buf, base):
+        sess = build(i, buf, base)
+        if i in be.plan.paged:
+            key = id(sess)
+            live.add(key)
+            most[0] = max(most[0], len(live))
+            weakref.finalize(sess, live.discard, key)
+        return sess
+
+    be._layer_session = counted
+    read_before = be.reader.layers_read
+    greedy(model, "memory budget", n=8)
+    assert be.reader.layers_read - read_before >= 8 * len(be.plan.paged)
+    assert 1 <= most[0] <= be.plan.slots
+    assert be.ledger.peak <= be.options.budget_bytes and be.plan.peak_bytes <= be.options.budget_bytes
+    be.close()
+
+
+@pytest.mark.parametrize("graph", list(EXECUTORS))
+def test_truncated_weights_file_is_a_bundle_error(deep_bundle, tmp_path, graph):
     src = deep_bundle("qwen2")
     bundle = tmp_path / "b"
     shutil.copytree(src, bundle)
-    model = rt.load(bundle, memory_budget="25%", **EXACT)
-    weights = bundle / "model.weights"
+    model = rt.load(bundle, memory_budget="25%", graph=graph, **EXACT)
+    if graph == "fused":  # it streams layers from its sidecar in the engine cache; cut that one short
+        weights = model.backend.file.path
+    else:
+        weights = bundle / "model.weights"
     size = weights.stat().st_size
     os.truncate(weights, size // 2)
     with pytest.raises(BundleError, match="truncated"):  # while running: the reader hits the end of the file
@@ -141,8 +190,12 @@ def test_truncated_weights_file_is_a_bundle_error(deep_bundle, tmp_path):
     with pytest.raises(BundleError, match="truncated"):  # every later step too, not a hang
         greedy(model, "again", n=1)
     model.backend.close()
+    if graph == "fused":  # at load: the sidecar's size is checked and it is rebuilt from the bundle
+        again = rt.load(bundle, memory_budget="25%", graph=graph, **EXACT)
+        assert again.backend.file.size > size // 2
+        os.truncate(bundle / "model.weights", (bundle / "model.weights").stat().st_size // 2)
     with pytest.raises(BundleError):  # at load: the hashes catch it first
-        rt.load(bundle, memory_budget="25%", **EXACT)
+        rt.load(bundle, memory_budget="25%", graph=graph, **EXACT)
     manifest = rt.loader.open_bundle(src, rt.options.RuntimeOptions(**EXACT))
     with pytest.raises(BundleError, match="truncated"):  # and the executor itself checks the size
         PagedBackend(bundle, manifest, bundle / "model.onnx", rt.kv_cache.ModelIO.from_manifest(manifest),
@@ -200,9 +253,12 @@ def test_restore_refuses_another_model(deep_bundle, tiny_bundle, tmp_path):
 def test_paging_graphs_cached_beside_the_bundle_not_inside(deep_bundle):
     bundle = deep_bundle("llama")
     before = sorted(p.name for p in bundle.iterdir())
+    be = rt.load(bundle, memory_budget="50%", graph="standard", **EXACT).backend
+    be.close()
     be = rt.load(bundle, memory_budget="50%", **EXACT).backend
     be.close()
     assert sorted(p.name for p in bundle.iterdir()) == before
+    assert list((bundle.parent / ".edge-sdk-engines").glob("ort-fused/*/fused.weights"))
     cached = list((bundle.parent / ".edge-sdk-paging").glob("*/layer.onnx"))
     assert cached
     rt.loader.open_bundle(bundle, rt.options.RuntimeOptions(**EXACT))  # hashes still verify
@@ -211,7 +267,7 @@ def test_paging_graphs_cached_beside_the_bundle_not_inside(deep_bundle):
 def test_fitting_budget_stays_resident(deep_bundle):
     bundle = deep_bundle("qwen2")
     model = rt.load(bundle, memory_budget="100%", **EXACT)
-    assert not isinstance(model.backend, PagedBackend)
+    assert not isinstance(model.backend, (PagedBackend, FusedPagedBackend))
     with pytest.raises(MemoryBudgetError, match="at least"):
         rt.load(bundle, memory_budget="5%", **EXACT)
 

@@ -12,6 +12,7 @@ import edge_sdk  # noqa: E402
 from edge_sdk.cli.serve import overrides  # noqa: E402
 from edge_sdk.runtime.generation import GenerationConfig  # noqa: E402
 from edge_sdk.runtime.paging.backend import PagedBackend  # noqa: E402
+from edge_sdk.runtime.paging.fused import FusedPagedBackend  # noqa: E402
 from edge_sdk.runtime.server.config import ServeConfig, parse_config  # noqa: E402
 from edge_sdk.runtime.server.daemon import build_service  # noqa: E402
 from test_paging import deep_bundle  # noqa: E402,F401  (fixture)
@@ -23,7 +24,7 @@ def test_serve_pages_when_the_weights_exceed_the_budget(deep_bundle):  # noqa: F
     config = ServeConfig(bundle=str(bundle), emulate="agx-orin-64gb").with_overrides(memory_weights_budget="25%")
     service = build_service(config)
     backend = service.state.model.backend
-    assert isinstance(backend, PagedBackend)
+    assert isinstance(backend, (PagedBackend, FusedPagedBackend))
     assert backend.options.read_bytes_per_s > 0  # the emulated board's storage speed
     assert service.state.memory.layout.weights_bytes >= backend.plan.peak_bytes
     reference = edge_sdk.load(bundle, memory_budget="25%", emulate="agx-orin-64gb")

@@ -24,6 +24,7 @@ class PagingPlan:
     paged: tuple[int, ...]  # layer indices read from storage on every forward pass
     slots: int  # prefetch buffers
     slot_bytes: int
+    slot_copies: int = 1  # layer-sized allocations per slot (2 where a session prepacks a copy of the slot)
 
     @property
     def resident_bytes(self) -> int:
@@ -31,7 +32,7 @@ class PagingPlan:
 
     @property
     def peak_bytes(self) -> int:
-        return self.fixed_bytes + self.resident_bytes + self.slots * self.slot_bytes
+        return self.fixed_bytes + self.resident_bytes + self.slots * self.slot_bytes * self.slot_copies
 
     @property
     def bytes_paged_per_token(self) -> int:
@@ -54,7 +55,7 @@ class PagingPlan:
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "fixed_bytes": self.fixed_bytes, "resident_layers": list(self.resident),
-                "paged_layers": list(self.paged), "slots": self.slots, "slot_bytes": self.slot_bytes,
+                "paged_layers": list(self.paged), "slots": self.slots, "slot_bytes": self.slot_bytes, "slot_copies": self.slot_copies,
                 "peak_bytes": self.peak_bytes, "bytes_paged_per_token": self.bytes_paged_per_token}
 
 
@@ -66,23 +67,24 @@ def spread(n: int, k: int) -> tuple[int, ...]:
     return tuple(sorted({int((j + 0.5) * n / k) for j in range(k)}))
 
 
-def plan_paging(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int, slots: int = DEFAULT_SLOTS) -> PagingPlan:
+def plan_paging(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int, slots: int = DEFAULT_SLOTS,
+                slot_copies: int = 1) -> PagingPlan:
     layers = tuple(int(b) for b in layer_bytes)
     total = fixed_bytes + sum(page_round(b) for b in layers)
     if total <= budget_bytes:
-        return PagingPlan(budget_bytes, fixed_bytes, layers, tuple(range(len(layers))), (), 0, 0)
+        return PagingPlan(budget_bytes, fixed_bytes, layers, tuple(range(len(layers))), (), 0, 0, slot_copies)
     slot = page_round(max(layers))
-    room = budget_bytes - fixed_bytes - slots * slot
+    room = budget_bytes - fixed_bytes - slots * slot * slot_copies
     if room < 0:
-        need = fixed_bytes + slots * slot
+        need = fixed_bytes + slots * slot * slot_copies
         raise MemoryBudgetError(
             f"a memory budget of {budget_bytes:,} bytes cannot page this model: lm_head and norms take {fixed_bytes:,} "
-            f"bytes and {slots} layer buffers {slots * slot:,} bytes (at least {need:,} in all)",
+            f"bytes and {slots} layer buffers {slots * slot * slot_copies:,} bytes (at least {need:,} in all)",
             hint=f"raise --memory-budget to at least {need:,} bytes, or use a board with more memory")
     keep = min(len(layers), room // slot)
     resident = spread(len(layers), keep)
     paged = tuple(i for i in range(len(layers)) if i not in resident)
-    return PagingPlan(budget_bytes, fixed_bytes, layers, resident, paged, slots, slot)
+    return PagingPlan(budget_bytes, fixed_bytes, layers, resident, paged, slots, slot, slot_copies)
 
 
 def parse_budget(value: int | str, weight_bytes: int) -> int:
