@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--accuracy-level", type=int, default=4)
     ap.add_argument("--cache-root", help="where the split graphs go (default: beside the bundle)")
+    ap.add_argument("--emulate", help="board whose storage speed the reader is throttled to (and the planner uses)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
     common = dict(provider="cpu", accuracy_level=args.accuracy_level, log_provider=False)
     resident = edge_sdk.load(bundle, **common)
     weights = weight_bytes(resident.manifest)
+    resident_manifest = resident.manifest
     budget = parse_budget(args.budget, weights)
     result = {"bundle": str(bundle), "weights_bytes": weights, "budget_bytes": budget,
               "load_before": list(os.getloadavg())}
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
         return Model(m.bundle, m.manifest, be, m.tokenizer, m.options)
 
     # the default executor (fused graph): paged layers get a session prepacked from the slot per use
-    paged = edge_sdk.load(bundle, memory_budget=budget, **common)
+    paged = edge_sdk.load(bundle, memory_budget=budget, emulate=args.emulate, **common)
     be = paged.backend
     result["executor"] = type(be).__name__
     result["plan"] = be.plan.to_dict()
@@ -143,7 +145,26 @@ def main(argv=None) -> int:
     result["bound_tokens_per_s"] = round(min(storage_bound, res_tps), 3)
     result["storage_bound_tokens_per_s"] = round(storage_bound, 3)
     # the executor's model: max(reading the paged layers, computing resident + paged layers) per token
-    result["estimate_tokens_per_s"] = round(be.plan.decode_tokens_per_s(bw, res_tps, exec_tps), 3)
+    threads = len(os.sched_getaffinity(0))
+    result["estimate_tokens_per_s"] = round(be.plan.decode_tokens_per_s(
+        bw, res_tps, res_tps, build_s=result["paged_layer_session_s"], cores=threads, threads=threads), 3)
+    # the planner's paged estimate (edge_sdk.planner.paged_estimate, fused executor) for this budget:
+    # the board's storage speed under --emulate, else the storage speed measured here
+    from edge_sdk.boards import get_board
+    from edge_sdk.modelspec import shape_from_config
+    from edge_sdk.planner import QuantSpec, paged_estimate, weight_bytes as planned_weights
+
+    shape = shape_from_config(resident_manifest["source"]["config"])
+    q = QuantSpec(group_size=int(resident_manifest["quantization"]["group_size"]))
+    board = get_board(args.emulate or "agx-orin-64gb")
+    store = board.default_storage
+    if not args.emulate:  # this machine's disk in place of the board's
+        from dataclasses import replace
+
+        board = replace(board, storage={**board.storage, store: replace(board.storage[store], read_mbps=bw / 1e6)})
+    est = paged_estimate(shape, planned_weights(shape, q), board, store, budget, executor="fused", q=q)
+    result["planner"] = est
+    result["ratio_to_planner"] = round(result["paged"]["decode_tokens_per_s"] / est["decode_tokens_per_s"], 3)
     got = result["paged"]["decode_tokens_per_s"]
     result["ratio_to_bound"] = round(got / result["bound_tokens_per_s"], 3)
     result["ratio_to_estimate"] = round(got / result["estimate_tokens_per_s"], 3)
@@ -164,6 +185,8 @@ def main(argv=None) -> int:
               f"load {r['load_average'][0]:.2f}")
     print(f"bound min(storage, resident) {result['bound_tokens_per_s']:.2f} tokens/s -> {100 * result['ratio_to_bound']:.0f}% reached")
     print(f"executor estimate            {result['estimate_tokens_per_s']:.2f} tokens/s -> measured/estimate {result['ratio_to_estimate']:.2f}")
+    print(f"planner paged estimate       {result['planner']['decode_tokens_per_s']:.2f} tokens/s "
+          f"({result['planner']['paged_layers']} layers paged) -> measured/planner {result['ratio_to_planner']:.2f}")
     print(f"load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}")
     return 0
 

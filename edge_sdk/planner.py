@@ -260,21 +260,50 @@ def plan(
     )
 
 
-def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budget_for_weights: int) -> dict:
+def fused_layer_bytes(s: ModelShape, q: QuantSpec) -> tuple[list[int], int] | None:
+    """(bytes of each layer, bytes of lm_head + final norm) in the fused executor's sidecar, as
+    runtime/fused_graph.py writes it: q/k/v packed into one int4 matrix, fp32 scales and norms, every
+    tensor page aligned. None where the fused graph does not apply (MoE, other than int4)."""
+    from .runtime.paging.plan import page_round as pr
+
+    if s.spec.moe or q.bits != 4:
+        return None
+
+    def mat(i: int, o: int) -> int:
+        return pr(i * o // 2) + pr(-(-i // q.group_size) * o * 4)
+
+    h, qd, kv = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    layer = (mat(h, qd + 2 * kv) + (pr((qd + 2 * kv) * 4) if s.qkv_bias else 0) + mat(qd, h)
+             + 2 * mat(h, s.intermediate_size) + mat(s.intermediate_size, h) + pr(h * 4) + h * 4)  # the last norm unpadded
+    head = mat(h, s.vocab_size) if q.lm_head_dtype == "int4" else pr(h * s.vocab_size * 2)
+    return [layer] * s.num_layers, head + pr(h * 4)
+
+
+def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budget_for_weights: int,
+                   executor: str = "standard", q: QuantSpec | None = None) -> dict:
     """Layer streaming, with the paging executor's own plan (edge_sdk.runtime.paging.plan): lm_head
-    and norms resident, embedding rows read on demand, two page-aligned layer buffers for prefetch,
-    as many layers resident as fit (spread evenly), the rest read from storage on every token."""
+    and norms resident, embedding rows read on demand, page-aligned layer buffers for prefetch, as
+    many layers resident as fit (spread evenly), the rest read from storage on every token.
+
+    executor "standard": the bundle graph's executor (weights bound as inputs; what the CUDA and
+    TensorRT providers of a device run), two slots. "fused": the CPU provider's executor over the
+    fused sidecar (runtime/paging/fused.py), two slots and three prepacked sessions."""
     from .errors import MemoryBudgetError
-    from .runtime.paging.plan import plan_paging
+    from .runtime.paging.plan import plan_paging, plan_pipelined
 
     bw = b.storage[storage].read_mbps * 1e6
+    fused = fused_layer_bytes(s, q or QuantSpec()) if executor == "fused" else None
     try:
-        p = plan_paging(wb.per_layer, wb.lm_head + s.hidden_size * 2, budget_for_weights)
+        if fused is not None:
+            p = plan_pipelined(fused[0], fused[1], budget_for_weights)
+        else:
+            p = plan_paging(wb.per_layer, wb.lm_head + s.hidden_size * 2, budget_for_weights)
     except MemoryBudgetError:
         p = None
     paged_bytes = p.bytes_paged_per_token if p else wb.total
     return {
         "feasible": p is not None,
+        "executor": "fused" if fused is not None else "standard",
         "storage": storage,
         "storage_bytes_per_s": bw,
         "resident_layers": len(p.resident) if p else 0,

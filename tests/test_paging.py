@@ -134,8 +134,8 @@ def test_prefetch_stays_inside_the_budget(deep_bundle):
 
 def test_fused_prefetch_stays_inside_the_budget(deep_bundle):
     """The fused executor's prefetch, measured: its slot buffers are what the ledger charges (tracemalloc),
-    and the sessions holding prepacked copies of paged layers never outnumber the slots (each counted
-    live from creation to release)."""
+    and the sessions holding prepacked copies of paged layers never outnumber what the plan charges
+    (each counted live from creation to release)."""
     import weakref
 
     bundle = deep_bundle("qwen2")
@@ -143,8 +143,9 @@ def test_fused_prefetch_stays_inside_the_budget(deep_bundle):
     try:
         model = rt.load(bundle, memory_budget="50%", **EXACT)
         be = model.backend
-        assert type(be) is FusedPagedBackend and be.plan.paged and be.plan.slot_copies == 2
-        slots = sum(n for k, n in be.ledger.items.items() if k.startswith("slot") and not k.endswith("prepacked"))
+        assert type(be) is FusedPagedBackend and be.plan.paged and be.plan.sessions >= 1
+        slots = sum(n for k, n in be.ledger.items.items() if k.startswith("slot"))
+        assert slots == be.plan.slots * be.plan.slot_bytes
         snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*paging/buffers.py")])
         snap = snap.filter_traces([tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
         traced = sum(x.size for x in snap.statistics("filename"))
@@ -156,20 +157,36 @@ def test_fused_prefetch_stays_inside_the_budget(deep_bundle):
 
     def counted(i, buf, base):
         sess = build(i, buf, base)
-        if i in be.plan.paged:
-            key = id(sess)
-            live.add(key)
-            most[0] = max(most[0], len(live))
-            weakref.finalize(sess, live.discard, key)
+        key = id(sess)
+        live.add(key)
+        most[0] = max(most[0], len(live))
+        weakref.finalize(sess, live.discard, key)
         return sess
 
     be._layer_session = counted
     read_before = be.reader.layers_read
     greedy(model, "memory budget", n=8)
     assert be.reader.layers_read - read_before >= 8 * len(be.plan.paged)
-    assert 1 <= most[0] <= be.plan.slots
+    assert 1 <= most[0] <= be.plan.sessions
     assert be.ledger.peak <= be.options.budget_bytes and be.plan.peak_bytes <= be.options.budget_bytes
     be.close()
+
+
+def test_fused_pipeline_reuses_slots_only_when_sessions_own_their_weights(deep_bundle, monkeypatch):
+    """Where a session would still read its slot after being built, slots wait for the session to be
+    dropped; the tokens are the same either way."""
+    from edge_sdk.runtime.paging import fused
+
+    bundle = deep_bundle("llama")
+    want = greedy(rt.load(bundle, **EXACT), "pipeline", n=6).token_ids
+    fast = rt.load(bundle, memory_budget="50%", **EXACT)
+    assert fast.backend.release_early  # onnxruntime's CPU MatMulNBits prepacks into its own memory
+    monkeypatch.setattr(fused.FusedPagedBackend, "_prepack_owns_weights", lambda self, slot: False)
+    safe = rt.load(bundle, memory_budget="50%", **EXACT)
+    assert not safe.backend.release_early and not safe.backend.reader.release_early
+    assert greedy(fast, "pipeline", n=6).token_ids == want == greedy(safe, "pipeline", n=6).token_ids
+    fast.backend.close()
+    safe.backend.close()
 
 
 @pytest.mark.parametrize("graph", list(EXECUTORS))
@@ -342,3 +359,41 @@ def test_cli_run_and_bench_with_memory_budget(deep_bundle, capsys, caplog):
     assert result["backend"]["backend"] == "onnxruntime-paged"
     assert len(result["backend"]["paging"]["paged_layers"]) == LAYERS
     assert main(["run", *common, "--prompt", "x", "--memory-budget", "half"]) != 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_planner_models_the_fused_executor_exactly(deep_bundle, arch):
+    """The planner's sidecar sizes (edge_sdk.planner.fused_layer_bytes) equal the bytes the fused
+    executor streams per layer and holds outside the layers, so its paged plan is the executor's."""
+    import json
+
+    from edge_sdk.modelspec import shape_from_config
+    from edge_sdk.planner import QuantSpec, fused_layer_bytes
+    from edge_sdk.runtime.paging.fused import layer_spans, sidecar_fixed_bytes
+
+    bundle = deep_bundle(arch)
+    model = rt.load(bundle, memory_budget="50%", **EXACT)
+    be = model.backend
+    meta = json.loads((be.file.path.parent / "fused.json").read_text())
+    shape = shape_from_config(model.manifest["source"]["config"])
+    layers, fixed = fused_layer_bytes(shape, QuantSpec(group_size=model.manifest["quantization"]["group_size"]))
+    assert layers == [n for _, n in layer_spans(meta["tensors"], LAYERS)]
+    assert fixed == sidecar_fixed_bytes(meta["tensors"])
+    assert be.plan == rt.paging.plan.plan_pipelined(layers, fixed, be.options.budget_bytes)
+    be.close()
+
+
+def test_decode_model_with_session_builds_by_hand():
+    layer = 10 * PAGE
+    # 8 layers; 5 layer-sized buffers (2 slots + 3 sessions) and 2 resident layers fit
+    p = plan_paging([layer] * 8, fixed_bytes=PAGE, budget_bytes=PAGE + 7 * layer, slots=2, sessions=3)
+    assert len(p.resident) == 2 and len(p.paged) == 6 and p.peak_bytes == PAGE + 7 * layer
+    # reading 6 paged layers at 1 layer per second: 6 s bounds it
+    assert p.decode_tokens_per_s(layer, 4.0, 4.0, build_s=0.5, cores=2, threads=2) == pytest.approx(1 / 6.0)
+    # fast storage: compute 8/8 / 4 = 0.25 s, builds 6 * 0.5 = 3 s on 2 builders = 1.5 s,
+    # the CPU (0.25 * 2 + 3) / 2 = 1.75 s bounds it
+    assert p.decode_tokens_per_s(1000 * layer, 4.0, 4.0, build_s=0.5, cores=2, threads=2) == pytest.approx(1 / 1.75)
+    # one builder (two sessions alive at most): the builds in series, 3 s
+    q = plan_paging([layer] * 8, fixed_bytes=PAGE, budget_bytes=PAGE + 5 * layer, slots=1, sessions=2)
+    assert len(q.paged) == 6
+    assert q.decode_tokens_per_s(1000 * layer, 4.0, 4.0, build_s=0.5, cores=2, threads=1) == pytest.approx(1 / 3.0)

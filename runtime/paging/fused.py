@@ -18,26 +18,25 @@ import dataclasses
 import json
 import logging
 import os
+import queue
+import threading
 import weakref
 from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.errors import BundleError, MemoryBudgetError, RuntimeBackendError, require
+from edge_sdk.errors import BundleError, EdgeSDKError, RuntimeBackendError, require
 
 from .. import fused_graph as fg
 from ..backend import check_step
 from ..kv_cache import KVCache, ModelIO
 from .backend import PagingOptions
 from .buffers import Ledger, TokenBucket
-from .plan import PagingPlan, page_round, plan_paging
-from .reader import LayerReader, WeightsFile
+from .plan import PagingPlan, page_round, plan_pipelined
+from .reader import WeightsFile
 
 log = logging.getLogger("edge_sdk.runtime")
 
-# prepacked weights live in onnxruntime next to the slot they were read into until the session is
-# dropped: a slot costs two layers
-SLOT_COPIES = 2
 NP = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
 
 
@@ -64,16 +63,99 @@ def sidecar_fixed_bytes(tensors: dict) -> int:
     return sum(page_round(t["nbytes"]) for n, t in tensors.items() if not n.startswith(("model.layers.", "rope.")))
 
 
-def plan_for(tensors: dict, layers: int, budget: int, slots: int) -> PagingPlan:
-    """Two prefetch slots where the budget allows, else one (the reader then reads while resident
-    layers compute only)."""
-    sizes = [n for _, n in layer_spans(tensors, layers)]
-    try:
-        return plan_paging(sizes, sidecar_fixed_bytes(tensors), budget, slots, slot_copies=SLOT_COPIES)
-    except MemoryBudgetError:
-        if slots <= 1:
-            raise
-        return plan_paging(sizes, sidecar_fixed_bytes(tensors), budget, 1, slot_copies=SLOT_COPIES)
+def plan_for(tensors: dict, layers: int, budget: int) -> PagingPlan:
+    """The plan with the most pipelining the budget allows (plan.PIPELINE_SHAPES)."""
+    return plan_pipelined([n for _, n in layer_spans(tensors, layers)], sidecar_fixed_bytes(tensors), budget)
+
+
+class SessionPipeline:
+    """Reads paged layers into raw slots (one thread, large aligned reads) and builds each layer's
+    session on a small pool of builder threads (onnxruntime prepacks the weights there), at most
+    `max_sessions` alive at once. get(layer) hands the next session out in forward order; done()
+    after it has run and been dropped. With `release_early` (the platform's MatMulNBits keeps its own
+    prepacked copy, checked at load), a slot is reused as soon as its session is built."""
+
+    def __init__(self, wf: WeightsFile, spans: list[tuple[int, int]], order: tuple[int, ...], slots: list[np.ndarray],
+                 build, *, max_sessions: int, builders: int, release_early: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.wf, self.spans, self.order, self.slots, self.build = wf, spans, order, slots, build
+        self.release_early = release_early
+        self.free: queue.Queue = queue.Queue()
+        for k in range(len(slots)):
+            self.free.put(k)
+        self.ready: queue.Queue = queue.Queue()
+        self.sessions = threading.Semaphore(max_sessions)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.layers_read = 0
+        self.pool = ThreadPoolExecutor(max(1, builders), thread_name_prefix="edge-sdk-layer-build")
+        self.thread = threading.Thread(target=self._run, name="edge-sdk-layer-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for layer in self.order:
+                slot = self.free.get()
+                if slot is None or self.stop.is_set():
+                    return
+                offset, nbytes = self.spans[layer]
+                try:
+                    self.wf.read_into(self.slots[slot], offset, nbytes)
+                except Exception as exc:  # handed to the computing thread, which raises it
+                    self.ready.put((layer, slot, exc))
+                    return
+                self.layers_read += 1
+                while not self.sessions.acquire(timeout=0.1):
+                    if self.stop.is_set():
+                        return
+                try:
+                    job = self.pool.submit(self._build, layer, slot)
+                except RuntimeError:  # the pool was shut down: closing
+                    return
+                self.ready.put((layer, slot, job))
+
+    def _build(self, layer: int, slot: int):
+        try:
+            return self.build(layer, self.slots[slot], self.spans[layer][0])
+        finally:
+            if self.release_early:
+                self.free.put(slot)
+
+    def get(self, layer: int):
+        """(token, session) of `layer`; pass the token to done() once the session is dropped."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            got, slot, job = self.ready.get()
+            try:
+                if isinstance(job, BaseException):
+                    raise job
+                sess = job.result()
+            except BaseException as exc:
+                if isinstance(exc, EdgeSDKError):
+                    self.error = exc
+                else:
+                    self.error = BundleError(f"streaming layer {got} from {self.wf.path} failed: {exc}",
+                                             hint="check the storage device")
+                    self.error.__cause__ = exc
+                raise self.error
+            if got == layer:
+                return slot, sess
+            del sess  # left over from a forward pass that stopped early
+            self.done(slot)
+
+    def done(self, slot: int) -> None:
+        self.sessions.release()
+        if not self.release_early:
+            self.free.put(slot)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.free.put(None)
+        self.sessions.release()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.thread.join(timeout=10)
 
 
 class FusedPagedBackend:
@@ -85,7 +167,7 @@ class FusedPagedBackend:
         meta = json.loads((Path(sidecar_dir) / fg.METADATA).read_text())
         self.tensors = meta["tensors"]
         self.spans = layer_spans(self.tensors, s.layers)
-        self.plan = plan_for(self.tensors, s.layers, options.budget_bytes, options.slots)
+        self.plan = plan_for(self.tensors, s.layers, options.budget_bytes)
         throttle = TokenBucket(options.read_bytes_per_s) if options.read_bytes_per_s else None
         self.file = WeightsFile(Path(sidecar_dir) / fg.WEIGHTS_NAME, meta["weights_bytes"], throttle, options.direct_io)
         self.embedding = fg.EmbeddingRows(root, manifest)
@@ -118,20 +200,22 @@ class FusedPagedBackend:
             os.posix_fadvise(self.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.reader = None
         if self.plan.paged:
-            slots = []
-            for k in range(self.plan.slots):
-                slots.append(self.ledger.aligned(f"slot{k}", self.plan.slot_bytes))
-                self.ledger.charge(f"slot{k}.prepacked", self.plan.slot_bytes)  # the session built from it
-            me = weakref.ref(self)  # the reader must not keep this backend alive
+            slots = [self.ledger.aligned(f"slot{k}", self.plan.slot_bytes) for k in range(self.plan.slots)]
+            for k in range(self.plan.sessions):  # the sessions' prepacked copies
+                self.ledger.charge(f"session{k}", self.plan.slot_bytes)
+            self.release_early = self._prepack_owns_weights(slots[0])
+            me = weakref.ref(self)  # the pipeline must not keep this backend alive
 
-            def prepare(layer: int, buf: np.ndarray):
+            def build(layer: int, buf: np.ndarray, base: int):
                 backend = me()
                 if backend is None:
                     raise RuntimeBackendError("the paged backend was closed")
-                return backend._layer_session(layer, buf, backend.spans[layer][0])
+                return backend._layer_session(layer, buf, base)
 
-            self.reader = LayerReader(self.file, dict(enumerate(self.spans)), self.plan.paged, slots, prepare=prepare)
-            # the reader thread may be inside onnxruntime: stop it before the interpreter exits
+            sessions = self.plan.sessions if self.release_early else min(self.plan.sessions, self.plan.slots)
+            self.reader = SessionPipeline(self.file, self.spans, self.plan.paged, slots, build, max_sessions=sessions,
+                                          builders=min(sessions, threads), release_early=self.release_early)
+            # the pipeline's threads may be inside onnxruntime: stop them before the interpreter exits
             weakref.finalize(self, self.reader.close)
         log.info("paging (fused graph): %d of %d layers resident, %d streamed from %s (%s), %s bytes paged per token, "
                  "budget %s bytes", len(self.plan.resident), s.layers, len(self.plan.paged), self.file.path.name,
@@ -171,6 +255,26 @@ class FusedPagedBackend:
             weights[f"layer.{role}"] = np.array(v) if role in self.small_roles else v
         return self._session(self.layer_graph, weights, f"decoder layer {i}")
 
+    def _prepack_owns_weights(self, slot: np.ndarray) -> bool:
+        """Whether a layer session keeps working after the slot it was built from is overwritten (its
+        int4 matrices prepacked into onnxruntime's own memory): then slots are reused right after a
+        build. Checked once per load on the first paged layer."""
+        i = self.plan.paged[0]
+        off, nbytes = self.spans[i]
+        self.file.read_into(slot, off, nbytes)
+        sess = self._layer_session(i, slot, off)
+        s, rng = self.shape, np.random.default_rng(0)
+        cos, sin = fg.rope_rows(np.array([0]), self.inv_freq, self.rope_scaling)
+        empty = np.zeros((1, s.kv_heads, 0, s.head_dim), np.float32)
+        feeds = {"residual": rng.standard_normal((1, 1, s.hidden)).astype(np.float32),
+                 "pending": np.zeros((1, 1, s.hidden), np.float32), "attention_mask": np.ones((1, 1), np.int64),
+                 "position_ids": np.zeros((1, 1), np.int64), "rope.cos": cos, "rope.sin": sin,
+                 "past_key": empty, "past_value": empty}
+        before = sess.run(["pending_out"], feeds)[0]
+        slot[:nbytes] = np.uint8(0x5A)
+        after = sess.run(["pending_out"], feeds)[0]
+        return bool(np.array_equal(before, after))
+
     # --- Backend interface -------------------------------------------------------------------------------------
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -191,16 +295,15 @@ class FusedPagedBackend:
         pending = np.zeros_like(residual)
         new = ids.shape[1]
         for i in range(self.shape.layers):
-            sess, slot = self.resident.get(i), None
+            sess, token = self.resident.get(i), None
             if sess is None:
-                slot, _ = self.reader.get(i)
-                sess = self.reader.prepared(slot)
+                token, sess = self.reader.get(i)
             try:
                 residual, pending = self._run_layer(sess, i, residual, pending, attn, pos, rope, cache, new)
             finally:
-                if slot is not None:
-                    del sess  # frees the prepacked weights before the slot is refilled
-                    self.reader.release(slot)
+                if token is not None:
+                    del sess  # frees the prepacked weights before another session is built
+                    self.reader.done(token)
         try:
             logits = self.tail.run(["logits"], {"residual": residual, "pending": pending})[0]
         except Exception as exc:
@@ -231,7 +334,8 @@ class FusedPagedBackend:
     def describe(self) -> dict:
         return {"backend": "onnxruntime-paged", "graph_form": "fused", "provider": self.provider, "threads": self.threads,
                 "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "io": self.file.mode,
-                "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict()}
+                "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict(),
+                "slots_reused_after_build": bool(self.reader and self.reader.release_early)}
 
     def close(self) -> None:
         if self.reader:

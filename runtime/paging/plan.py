@@ -24,7 +24,7 @@ class PagingPlan:
     paged: tuple[int, ...]  # layer indices read from storage on every forward pass
     slots: int  # prefetch buffers
     slot_bytes: int
-    slot_copies: int = 1  # layer-sized allocations per slot (2 where a session prepacks a copy of the slot)
+    sessions: int = 0  # layer sessions holding a prepacked copy of a paged layer, alive at once (fused executor)
 
     @property
     def resident_bytes(self) -> int:
@@ -32,18 +32,21 @@ class PagingPlan:
 
     @property
     def peak_bytes(self) -> int:
-        return self.fixed_bytes + self.resident_bytes + self.slots * self.slot_bytes * self.slot_copies
+        return self.fixed_bytes + self.resident_bytes + (self.slots + self.sessions) * self.slot_bytes
 
     @property
     def bytes_paged_per_token(self) -> int:
         return sum(self.layer_bytes[i] for i in self.paged)
 
     def decode_tokens_per_s(self, read_bytes_per_s: float, resident_tokens_per_s: float | None = None,
-                            paged_compute_tokens_per_s: float | None = None) -> float:
-        """Decode speed (batch 1) of this plan. Reads overlap compute, so a token takes the longer of
-        reading the paged layers and computing every layer: resident layers at the resident speed,
-        paged ones at the speed of the weights-as-inputs graph (both whole-model tokens/s, given per
-        layer by dividing by the layer count). Without compute speeds: the storage bound alone."""
+                            paged_compute_tokens_per_s: float | None = None, build_s: float | None = None,
+                            cores: int = 1, threads: int = 1) -> float:
+        """Decode speed (batch 1) of this plan. Reads overlap compute, so a token takes the longest of:
+        reading the paged layers; computing every layer (resident layers at the resident speed, paged
+        ones at `paged_compute_tokens_per_s`, whole-model tokens/s divided by the layer count); and,
+        for the fused executor, building the paged layers' sessions (`build_s` each, on up to
+        `sessions - 1` builder threads) with the whole CPU work shared by `cores` (compute runs on
+        `threads`). Without compute speeds: the storage bound alone."""
         read_s = self.bytes_paged_per_token / read_bytes_per_s if self.paged else 0.0
         n = len(self.layer_bytes)
         compute_s = 0.0
@@ -51,11 +54,15 @@ class PagingPlan:
             compute_s += len(self.resident) / n / resident_tokens_per_s
             compute_s += len(self.paged) / n / (paged_compute_tokens_per_s or resident_tokens_per_s)
         t = max(read_s, compute_s)
+        if build_s and self.paged:
+            builds = len(self.paged) * build_s
+            builders = max(1, min(self.sessions - 1, cores) if self.sessions > 1 else 1)
+            t = max(t, builds / builders, (compute_s * threads + builds) / max(1, cores))
         return 1.0 / t if t else float("inf")
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "fixed_bytes": self.fixed_bytes, "resident_layers": list(self.resident),
-                "paged_layers": list(self.paged), "slots": self.slots, "slot_bytes": self.slot_bytes, "slot_copies": self.slot_copies,
+                "paged_layers": list(self.paged), "slots": self.slots, "slot_bytes": self.slot_bytes, "sessions": self.sessions,
                 "peak_bytes": self.peak_bytes, "bytes_paged_per_token": self.bytes_paged_per_token}
 
 
@@ -68,23 +75,39 @@ def spread(n: int, k: int) -> tuple[int, ...]:
 
 
 def plan_paging(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int, slots: int = DEFAULT_SLOTS,
-                slot_copies: int = 1) -> PagingPlan:
+                sessions: int = 0) -> PagingPlan:
     layers = tuple(int(b) for b in layer_bytes)
     total = fixed_bytes + sum(page_round(b) for b in layers)
     if total <= budget_bytes:
-        return PagingPlan(budget_bytes, fixed_bytes, layers, tuple(range(len(layers))), (), 0, 0, slot_copies)
+        return PagingPlan(budget_bytes, fixed_bytes, layers, tuple(range(len(layers))), (), 0, 0, 0)
     slot = page_round(max(layers))
-    room = budget_bytes - fixed_bytes - slots * slot * slot_copies
+    room = budget_bytes - fixed_bytes - (slots + sessions) * slot
     if room < 0:
-        need = fixed_bytes + slots * slot * slot_copies
+        need = fixed_bytes + (slots + sessions) * slot
         raise MemoryBudgetError(
             f"a memory budget of {budget_bytes:,} bytes cannot page this model: lm_head and norms take {fixed_bytes:,} "
-            f"bytes and {slots} layer buffers {slots * slot * slot_copies:,} bytes (at least {need:,} in all)",
+            f"bytes and {slots + sessions} layer buffers {(slots + sessions) * slot:,} bytes (at least {need:,} in all)",
             hint=f"raise --memory-budget to at least {need:,} bytes, or use a board with more memory")
     keep = min(len(layers), room // slot)
     resident = spread(len(layers), keep)
     paged = tuple(i for i in range(len(layers)) if i not in resident)
-    return PagingPlan(budget_bytes, fixed_bytes, layers, resident, paged, slots, slot, slot_copies)
+    return PagingPlan(budget_bytes, fixed_bytes, layers, resident, paged, slots, slot, sessions)
+
+
+# fused executor (runtime/paging/fused.py): (raw read slots, prepacked sessions alive at once), most
+# overlap first: two slots keep the reader reading while sessions build; three sessions let two build
+# (one per core) while one computes
+PIPELINE_SHAPES = ((2, 3), (1, 2), (1, 1))
+
+
+def plan_pipelined(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int) -> PagingPlan:
+    """The fused executor's plan: the most pipelining the budget allows, the rest to resident layers."""
+    for k, (slots, sessions) in enumerate(PIPELINE_SHAPES):
+        try:
+            return plan_paging(layer_bytes, fixed_bytes, budget_bytes, slots, sessions=sessions)
+        except MemoryBudgetError:
+            if k == len(PIPELINE_SHAPES) - 1:
+                raise
 
 
 def parse_budget(value: int | str, weight_bytes: int) -> int:

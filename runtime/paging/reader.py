@@ -9,11 +9,10 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from edge_sdk.errors import BundleError, EdgeSDKError
+from edge_sdk.errors import BundleError
 
 from .buffers import TokenBucket
 from .plan import PAGE, page_round
@@ -94,12 +93,8 @@ class LayerReader:
     """get(i) returns layer i's bytes in a slot buffer; release(slot) hands the slot back for the
     next read. The thread reads the paged layers cyclically, as far ahead as free slots allow."""
 
-    def __init__(self, wf: WeightsFile, layers: dict[int, tuple[int, int]], order: tuple[int, ...], slots: list[np.ndarray],
-                 prepare: Callable[[int, np.ndarray], object] | None = None):
-        """prepare(layer, slot buffer), when given, runs on the reader thread after each read; what it
-        returns is handed out by prepared(slot) (the fused executor builds the layer's session there)."""
-        self.wf, self.layers, self.order, self.slots, self.prepare = wf, layers, order, slots, prepare
-        self._prepared: dict[int, object] = {}
+    def __init__(self, wf: WeightsFile, layers: dict[int, tuple[int, int]], order: tuple[int, ...], slots: list[np.ndarray]):
+        self.wf, self.layers, self.order, self.slots = wf, layers, order, slots
         self.free: queue.Queue = queue.Queue()
         self.ready: queue.Queue = queue.Queue()
         for k in range(len(slots)):
@@ -118,8 +113,6 @@ class LayerReader:
                 offset, nbytes = self.layers[layer]
                 try:
                     self.wf.read_into(self.slots[slot], offset, nbytes)
-                    if self.prepare is not None:
-                        self._prepared[slot] = self.prepare(layer, self.slots[slot])
                 except Exception as exc:  # handed to the computing thread, which raises it
                     self.ready.put((layer, slot, exc))
                     return
@@ -131,20 +124,13 @@ class LayerReader:
             got, slot, exc = self.ready.get()
             if exc is not None:
                 self.ready.put((got, slot, exc))  # every later call fails the same way
-                if isinstance(exc, (BundleError, EdgeSDKError)):
-                    raise exc
-                raise BundleError(
+                raise exc if isinstance(exc, BundleError) else BundleError(
                     f"reading layer {got} from {self.wf.path} failed: {exc}", hint="check the storage device") from exc
             if got == layer:
                 return slot, self.slots[slot]
             self.release(slot)  # left over from a forward pass that stopped early
 
-    def prepared(self, slot: int) -> object:
-        """What prepare() returned for the layer now in `slot` (handed over once)."""
-        return self._prepared.pop(slot)
-
     def release(self, slot: int) -> None:
-        self._prepared.pop(slot, None)
         self.free.put(slot)
 
     def close(self) -> None:
