@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class WeightsFile:
 
     def __init__(self, path: Path, needed_bytes: int, throttle: TokenBucket | None = None, direct: bool = True):
         self.path, self.throttle = Path(path), throttle
+        self.read_bytes, self.read_seconds = 0, 0.0  # totals of read_into: the storage speed as used
         self.fd = os.open(self.path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
         self.direct_fd = None
@@ -50,6 +52,7 @@ class WeightsFile:
     def read_into(self, buf: np.ndarray, offset: int, nbytes: int) -> None:
         """Fill buf[:nbytes] from the file at `offset` (page aligned)."""
         assert offset % PAGE == 0 and buf.ctypes.data % PAGE == 0
+        start = time.perf_counter()
         end, pos = page_round(nbytes), 0
         view = memoryview(buf)
         while pos < nbytes:
@@ -63,6 +66,8 @@ class WeightsFile:
             pos += got
         if self.direct_fd is None and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, offset, end, os.POSIX_FADV_DONTNEED)
+        self.read_bytes += nbytes
+        self.read_seconds += time.perf_counter() - start
 
     def _pread(self, view: memoryview, offset: int) -> int:
         if self.direct_fd is not None:
