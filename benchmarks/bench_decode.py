@@ -143,10 +143,10 @@ class Peer:
 class Ours:
     """edge-sdk's runtime (edge_sdk.load + runtime.bench) over a bundle."""
 
-    def __init__(self, bundle: Path, accuracy_level: int, bandwidth: float):
+    def __init__(self, bundle: Path, accuracy_level: int, bandwidth: float, graph: str = "auto"):
         import edge_sdk
 
-        self.model = edge_sdk.load(bundle, provider="cpu", accuracy_level=accuracy_level, log_provider=False)
+        self.model = edge_sdk.load(bundle, provider="cpu", accuracy_level=accuracy_level, graph=graph, log_provider=False)
         self.bandwidth = bandwidth
 
     def once(self, prompt: list[int], new_tokens: int) -> dict:
@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--levels", type=int, nargs="+", default=[4, 1], help="MatMulNBits accuracy levels to run ours at")
+    ap.add_argument("--no-standard", action="store_true", help="skip our runtime on the bundle's own (unfused) graph")
     ap.add_argument("--skip", nargs="*", default=[], choices=("ours", "peer", "peer-graph"))
     ap.add_argument("--convert-options", default="{}", help="JSON keywords for edge_sdk.convert")
     ap.add_argument("--layers", type=int, help="keep the real layer shapes but only this many layers (less memory to convert)")
@@ -204,18 +205,21 @@ def main(argv=None) -> int:
 
     from edge_sdk.runtime.bench import read_bandwidth_gbps
 
-    bw = read_bandwidth_gbps(threads)
+    bw = read_bandwidth_gbps(threads, mb_per_thread=512)  # well past the last-level cache
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     prompt = np.random.default_rng(0).integers(100, min(100_000, vocab), args.prompt_tokens).tolist()
-    result = {"machine": {"threads": threads, "read_bandwidth_gbps": round(bw, 2), "load_before": list(os.getloadavg())}}
+    result = {"machine": {"threads": threads, "read_bandwidth_gbps": round(bw, 2), "load_before": list(os.getloadavg()),
+                          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}}
     contenders = {}
     if "peer" not in args.skip:
         contenders["onnxruntime-genai"] = Peer(peer)
     if "peer-graph" not in args.skip:
-        contenders["edge-sdk runtime, peer's graph (level 4)"] = Ours(w / "peer-graph-bundle", 4, bw)
+        contenders["edge-sdk runtime, peer's graph (level 4)"] = Ours(w / "peer-graph-bundle", 4, bw, graph="standard")
     if "ours" not in args.skip:
         for level in args.levels:
             contenders[f"edge-sdk (accuracy level {level})"] = Ours(ours, level, bw)
+        if not args.no_standard:
+            contenders["edge-sdk, bundle graph unfused (level 4)"] = Ours(ours, 4, bw, graph="standard")
     result.update(interleaved(contenders, prompt, args.new_tokens, args.repeats))
     result["machine"]["load_after"] = list(os.getloadavg())
     if args.json:
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
         if name == "machine":
             continue
         extra = f"  roofline {r['roofline_tokens_per_s']:.1f}/s ({100 * r['roofline_ratio']:.0f}%)" if "roofline_ratio" in r else ""
-        print(f"{name:32s} prefill {r['prefill_tokens_per_s']:7.1f}/s  decode {r['decode_tokens_per_s']:6.1f}/s  "
+        print(f"{name:42s} prefill {r['prefill_tokens_per_s']:7.1f}/s  decode {r['decode_tokens_per_s']:6.1f}/s  "
               f"first token {1000 * r['time_to_first_token_s']:6.0f} ms{extra}")
     return 0
 
