@@ -107,6 +107,12 @@ def bench(args) -> int:
     d = result["backend"]
     print(f"provider          {d['provider']} ({d.get('providers', [d['provider']])}, threads {d.get('threads')}, "
           f"accuracy level {d.get('accuracy_level')})")
+    if d.get("graph_form"):
+        print(f"graph             {d.get('graph', '')} ({d['graph_form']})")
+    if d.get("huge_pages"):
+        hp = d["huge_pages"]
+        print(f"huge pages        {hp['collapsed_bytes'] / 2**20:.0f} of {hp['advised_bytes'] / 2**20:.0f} MiB advised "
+              f"now huge (THP mode {hp['mode']}){'; ' + hp['reason'] if hp.get('reason') else ''}")
     print(f"prompt/new/batch  {args.prompt_tokens}/{args.new_tokens}/{args.batch}, median of {args.repeats}")
     print(f"prefill           {result['prefill_tokens_per_s']:.1f} tokens/s")
     print(f"decode            {result['decode_tokens_per_s']:.1f} tokens/s")

@@ -332,7 +332,8 @@ class FusedPagedBackend:
             raise RuntimeBackendError(f"onnxruntime failed running decoder layer {i}: {exc}") from exc
 
     def describe(self) -> dict:
-        return {"backend": "onnxruntime-paged", "graph_form": "fused", "provider": self.provider, "threads": self.threads,
+        return {"backend": "onnxruntime-paged", "graph": f"single-layer graph over {self.file.path.name}",
+                "graph_form": "fused", "provider": self.provider, "threads": self.threads,
                 "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "io": self.file.mode,
                 "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict(),
                 "slots_reused_after_build": bool(self.reader and self.reader.release_early)}
