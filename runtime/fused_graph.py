@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ import numpy as np
 
 from edge_sdk.errors import BundleError, require
 from edge_sdk.fsutil import fsync_path
+
+log = logging.getLogger("edge_sdk.runtime")
 
 BUILDER_VERSION = 2  # bump when the graph or the sidecar layout changes: old entries are rebuilt
 ALIGN = 4096
@@ -127,13 +130,43 @@ def ensure(bundle: Path, manifest: dict, bundle_hash: str, cache_root: Path, acc
     d = Path(cache_root) / "ort-fused" / key(bundle_hash, ort.__version__)
     meta = d / METADATA
     if not _valid(d, bundle_hash, max_positions):
+        log.info("building the fused CPU graph for %s (once per bundle and onnxruntime version) in %s", Path(bundle).name, d)
         _build_weights(Path(bundle), manifest, d, bundle_hash, max_positions)
+        prune(Path(cache_root), Path(bundle), keep=d)
     graph = d / GRAPH_NAME.format(level=accuracy_level)
     if not graph.is_file():
         model = build_graph(Shape.from_manifest(manifest), json.loads(meta.read_text())["tensors"], accuracy_level,
                             qkv_bias=_has_qkv_bias(manifest))
         _write_atomic(graph, model.SerializeToString(deterministic=True))
     return graph
+
+
+def progress(it, **kw):
+    """A progress bar on a terminal (tqdm, part of edge-sdk[runtime]); the plain iterable elsewhere."""
+    import sys
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, disable=not sys.stderr.isatty(), leave=False, **kw)
+
+
+def prune(cache_root: Path, bundle: Path, keep: Path) -> list[Path]:
+    """Remove fused entries built earlier for the same bundle directory (another version of it)."""
+    removed = []
+    here = str(Path(bundle).absolute())
+    for meta in (Path(cache_root) / "ort-fused").glob(f"*/{METADATA}"):
+        if meta.parent == keep:
+            continue
+        try:
+            same = json.loads(meta.read_text()).get("bundle_path") == here
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            shutil.rmtree(meta.parent, ignore_errors=True)
+            removed.append(meta.parent)
+    return removed
 
 
 def _valid(d: Path, bundle_hash: str, max_positions: int) -> bool:
@@ -222,7 +255,7 @@ def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_
             cos, sin = rope_rows(np.arange(max_positions), inv_freq, scaling)
             out.add("rope.cos", cos)
             out.add("rope.sin", sin)
-            for i in range(s.layers):
+            for i in progress(range(s.layers), desc="fused graph", unit="layer"):
                 p = f"model.layers.{i}"
                 parts = [linear(f"{p}.self_attn.{x}") for x in ATTN]
                 out.add(f"{p}.qkv.B", np.concatenate([b for b, _ in parts]))
@@ -247,7 +280,8 @@ def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_
             os.fsync(f.fileno())
             size = f.tell()
         tensors = out.tensors
-        meta = {"bundle_hash": bundle_hash, "builder_version": BUILDER_VERSION, "max_positions": max_positions,
+        meta = {"bundle_hash": bundle_hash, "bundle_path": str(bundle.absolute()), "builder_version": BUILDER_VERSION,
+                "max_positions": max_positions,
                 "weights_bytes": size, "tensors": tensors}
         with open(tmp / METADATA, "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)

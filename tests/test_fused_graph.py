@@ -185,3 +185,24 @@ def test_new_mappings_are_advised(tmp_path):
     start = block.ctypes.data
     assert advice.bytes >= (start + block.nbytes) // hp.HUGE * hp.HUGE - -(-start // hp.HUGE) * hp.HUGE
     assert advice.mode == hp.thp_mode()
+
+
+def test_a_new_version_of_the_bundle_replaces_its_old_sidecar(tiny_bundle, tmp_path):
+    import shutil
+
+    bundle, other = tmp_path / "b", tmp_path / "other"
+    shutil.copytree(tiny_bundle("qwen2"), bundle)
+    shutil.copytree(tiny_bundle("llama"), other)
+    engines = tmp_path / "engines"
+    opts = dict(provider="cpu", threads=1, engine_cache_dir=str(engines), log_provider=False)
+    first = edge_sdk.load(bundle, **opts).backend.graph_path.parent
+    edge_sdk.load(other, **opts)
+    assert len(list(engines.glob("ort-fused/*/fused.json"))) == 2
+    # a new release of the model copied over the same directory (here: another manifest)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["created_by"] += " (rebuilt)"
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    second = edge_sdk.load(bundle, **opts).backend.graph_path.parent
+    assert second != first and not first.exists()  # the old entry of this directory is gone
+    metas = [json.loads(p.read_text()) for p in engines.glob("ort-fused/*/fused.json")]
+    assert sorted(x["bundle_path"] for x in metas) == sorted([str(bundle.absolute()), str(other.absolute())])
