@@ -206,3 +206,25 @@ def test_a_new_version_of_the_bundle_replaces_its_old_sidecar(tiny_bundle, tmp_p
     assert second != first and not first.exists()  # the old entry of this directory is gone
     metas = [json.loads(p.read_text()) for p in engines.glob("ort-fused/*/fused.json")]
     assert sorted(x["bundle_path"] for x in metas) == sorted([str(bundle.absolute()), str(other.absolute())])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fp16_lm_head_and_tied_embeddings(tmp_path, tied):
+    """Bundles converted with an fp16 lm_head (untied, or tied to the embeddings): the fused graph reads
+    it from the sidecar ([in, out]; the embedding table transposed when tied) and matches the bundle's graph."""
+    pytest.importorskip("torch")
+    from edge_sdk.converters import convert
+    from edge_sdk.converters.tiny import build_model_dir, build_tokenizer, default_calibration_text, tiny_config
+
+    tok = build_tokenizer([default_calibration_text()])
+    cfg = tiny_config("qwen2", tok.get_vocab_size(), tie_word_embeddings=tied)
+    src = build_model_dir(tmp_path / "hf", "qwen2", seed=3, config=cfg, tokenizer=tok)
+    bundle = tmp_path / "bundle"
+    convert(src, bundle, method="rtn", lm_head_dtype="fp16", eval_tokens=128, progress=False)
+    meta = json.loads((bundle / "manifest.json").read_text())
+    assert "lm_head.qweight" not in meta["weights"]["tensors"]
+    fused, std = load_pair(bundle, tmp_path)
+    ids = np.array([[4, 9, 33, 7, 100]])
+    cf, cs = fused.backend.new_cache(1, 16), std.backend.new_cache(1, 16)
+    np.testing.assert_allclose(fused.backend.forward(ids, cf), std.backend.forward(ids, cs), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused.backend.forward(ids[:, :1], cf), std.backend.forward(ids[:, :1], cs), rtol=1e-4, atol=1e-4)
