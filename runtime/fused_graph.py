@@ -126,18 +126,26 @@ class EmbeddingRows:
 
 def ensure(bundle: Path, manifest: dict, bundle_hash: str, cache_root: Path, accuracy_level: int, max_positions: int) -> Path:
     """Path of the fused graph for this bundle and accuracy level, built into the cache when missing."""
+    import fcntl
+
     ort = require("onnxruntime", "runtime")
-    d = Path(cache_root) / "ort-fused" / key(bundle_hash, ort.__version__)
+    root = Path(cache_root) / "ort-fused"
+    d = root / key(bundle_hash, ort.__version__)
     meta = d / METADATA
-    if not _valid(d, bundle_hash, max_positions):
-        log.info("building the fused CPU graph for %s (once per bundle and onnxruntime version) in %s", Path(bundle).name, d)
-        _build_weights(Path(bundle), manifest, d, bundle_hash, max_positions)
-        prune(Path(cache_root), Path(bundle), keep=d)
-    graph = d / GRAPH_NAME.format(level=accuracy_level)
-    if not graph.is_file():
-        model = build_graph(Shape.from_manifest(manifest), json.loads(meta.read_text())["tensors"], accuracy_level,
-                            qkv_bias=_has_qkv_bias(manifest))
-        _write_atomic(graph, model.SerializeToString(deterministic=True))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as lock:
+        # one builder at a time (a daemon and a CLI loading the same bundle): the second one waits and
+        # finds the entry built
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _valid(d, bundle_hash, max_positions):
+            log.info("building the fused CPU graph for %s (once per bundle and onnxruntime version) in %s", Path(bundle).name, d)
+            _build_weights(Path(bundle), manifest, d, bundle_hash, max_positions)
+            prune(Path(cache_root), Path(bundle), keep=d)
+        graph = d / GRAPH_NAME.format(level=accuracy_level)
+        if not graph.is_file():
+            model = build_graph(Shape.from_manifest(manifest), json.loads(meta.read_text())["tensors"], accuracy_level,
+                                qkv_bias=_has_qkv_bias(manifest))
+            _write_atomic(graph, model.SerializeToString(deterministic=True))
     return graph
 
 

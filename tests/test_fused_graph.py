@@ -228,3 +228,20 @@ def test_fp16_lm_head_and_tied_embeddings(tmp_path, tied):
     cf, cs = fused.backend.new_cache(1, 16), std.backend.new_cache(1, 16)
     np.testing.assert_allclose(fused.backend.forward(ids, cf), std.backend.forward(ids, cs), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fused.backend.forward(ids[:, :1], cf), std.backend.forward(ids[:, :1], cs), rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_loads_build_the_sidecar_once(tiny_bundle, tmp_path):
+    """Two processes loading the same bundle at once (a daemon and a CLI): one builds, the other waits
+    and uses the same entry; both generate the same tokens."""
+    import subprocess
+    import sys
+
+    bundle = tiny_bundle("llama")
+    code = ("import edge_sdk, sys; m = edge_sdk.load(sys.argv[1], provider='cpu', threads=1, engine_cache_dir=sys.argv[2], "
+            "log_provider=False); print(m.generate('x', max_new_tokens=5, ignore_eos=True).token_ids, "
+            "m.backend.graph_path.parent.name)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(bundle), str(tmp_path / "e")], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1] and len(list((tmp_path / "e").glob("ort-fused/*/fused.json"))) == 1
