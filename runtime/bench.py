@@ -85,7 +85,8 @@ def bench(model, *, prompt_tokens: int = 128, new_tokens: int = 128, batch: int 
     med = lambda f: statistics.median(f(t) for t in runs)  # noqa: E731
     decode_tps = med(lambda t: t.decode_tokens_per_s) * batch
     io = model.backend.io
-    weights = weight_bytes_per_token(model.manifest)
+    # what the backend's graph reads (the fused graph: fp32 scales), else the bundle's weights table
+    weights = getattr(model.backend, "weight_bytes_per_token", None) or weight_bytes_per_token(model.manifest)
     avg_context = prompt_tokens + new_tokens / 2
     kv = int(io.kv_bytes_per_token() * avg_context * batch)
     per_step = weights + kv

@@ -76,6 +76,19 @@ class OrtBackend:
 
         return self.graph_path.stat().st_size + (self.graph_path.parent / WEIGHTS_NAME).stat().st_size
 
+    @property
+    def weight_bytes_per_token(self) -> int | None:
+        """Weight bytes one decode step of the fused graph reads (its sidecar tensors, rotary tables
+        excepted, plus one embedding row); None for the bundle's own graph (the manifest says)."""
+        if self.embedding is None:
+            return None
+        import json
+
+        from .fused_graph import METADATA
+
+        tensors = json.loads((self.graph_path.parent / METADATA).read_text())["tensors"]
+        return sum(t["nbytes"] for n, t in tensors.items() if not n.startswith("rope.")) + self.embedding.row
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         if self.fused_positions is not None and capacity > self.fused_positions:
             raise ConfigError(f"a KV cache of {capacity} tokens exceeds the {self.fused_positions} positions the fused graph was built for",

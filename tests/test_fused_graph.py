@@ -245,3 +245,20 @@ def test_concurrent_loads_build_the_sidecar_once(tiny_bundle, tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1] and len(list((tmp_path / "e").glob("ort-fused/*/fused.json"))) == 1
+
+
+def test_bench_counts_the_bytes_the_fused_graph_reads(tiny_bundle, tmp_path):
+    """By hand from the manifest: int4 matrices as stored, scales at 4 bytes instead of 2, norms and biases
+    at 4 instead of 2, q/k/v packed, plus one fp16 embedding row; every tensor in the sidecar page aligned
+    does not change what is read."""
+    m = edge_sdk.load(tiny_bundle("qwen2"), provider="cpu", threads=1, engine_cache_dir=str(tmp_path), log_provider=False)
+    t = m.manifest["weights"]["tensors"]
+    want = 0
+    for name, meta in t.items():
+        if name == "model.embed_tokens.weight":
+            want += meta["shape"][1] * 2
+        elif meta["dtype"] == "int4":
+            want += meta["nbytes"]
+        else:  # fp16 scales, norms, biases -> fp32
+            want += 2 * meta["nbytes"]
+    assert m.backend.weight_bytes_per_token == want
