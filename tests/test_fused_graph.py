@@ -262,3 +262,16 @@ def test_bench_counts_the_bytes_the_fused_graph_reads(tiny_bundle, tmp_path):
         else:  # fp16 scales, norms, biases -> fp32
             want += 2 * meta["nbytes"]
     assert m.backend.weight_bytes_per_token == want
+
+
+def test_cli_chooses_the_graph(tiny_bundle, capsys):
+    from edge_sdk.cli.main import main
+
+    bundle = str(tiny_bundle("qwen2"))
+    forms = {}
+    for graph in ("auto", "standard"):
+        assert main(["bench", bundle, "--graph", graph, "--no-huge-pages", "--prompt-tokens", "4", "--new-tokens", "2",
+                     "--repeats", "1", "--threads", "1", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        forms[graph] = (out["backend"]["graph_form"], out["backend"]["huge_pages"]["advised_bytes"])
+    assert forms == {"auto": ("fused", 0), "standard": ("standard", 0)}

@@ -15,6 +15,9 @@ def _load_options(p) -> None:
                    help="auto: TensorRT EP > CUDA EP > CPU by availability; tensorrt: native engine from `edge-sdk engine build`")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--accuracy-level", type=int, default=4, help="int4 MatMul activations: 1 exact fp32 ... 4 int8 (fastest)")
+    p.add_argument("--graph", default="auto", choices=("auto", "fused", "standard"),
+                   help="CPU provider: fused onnxruntime graph built from the bundle (auto) or the bundle's own graph")
+    p.add_argument("--no-huge-pages", action="store_true", help="keep the weights on small pages")
     p.add_argument("--max-seq-len", type=int, help="KV capacity per sequence (tokens)")
     p.add_argument("--key", help="trusted ed25519 public key: the bundle's signature must verify")
     p.add_argument("--board", help="board the bundle runs on (checked against the bundle)")
@@ -56,7 +59,7 @@ def _load(args, max_batch: int = 1):
     return load(args.bundle, provider=args.provider, threads=args.threads, accuracy_level=args.accuracy_level,
                 max_seq_len=args.max_seq_len, public_key=args.key, board=args.board,
                 emulate=None if args.board else args.emulate, root=args.root, max_batch=max_batch,
-                memory_budget=args.memory_budget)
+                memory_budget=args.memory_budget, graph=args.graph, huge_pages=not args.no_huge_pages)
 
 
 def run(args) -> int:
