@@ -40,13 +40,14 @@ class PagingPlan:
 
     def decode_tokens_per_s(self, read_bytes_per_s: float, resident_tokens_per_s: float | None = None,
                             paged_compute_tokens_per_s: float | None = None, build_s: float | None = None,
-                            cores: int = 1, threads: int = 1) -> float:
+                            cores: int = 1, threads: int = 1, builds_per_s: float | None = None) -> float:
         """Decode speed (batch 1) of this plan. Reads overlap compute, so a token takes the longest of:
         reading the paged layers; computing every layer (resident layers at the resident speed, paged
         ones at `paged_compute_tokens_per_s`, whole-model tokens/s divided by the layer count); and,
         for the fused executor, building the paged layers' sessions (`build_s` each, on up to
-        `sessions - 1` builder threads) with the whole CPU work shared by `cores` (compute runs on
-        `threads`). Without compute speeds: the storage bound alone."""
+        `sessions - 1` builder threads, or at `builds_per_s` measured with all builders busy) with the
+        whole CPU work shared by `cores` (compute runs on `threads`). Without compute speeds: the
+        storage bound alone."""
         read_s = self.bytes_paged_per_token / read_bytes_per_s if self.paged else 0.0
         n = len(self.layer_bytes)
         compute_s = 0.0
@@ -57,7 +58,8 @@ class PagingPlan:
         if build_s and self.paged:
             builds = len(self.paged) * build_s
             builders = max(1, min(self.sessions - 1, cores) if self.sessions > 1 else 1)
-            t = max(t, builds / builders, (compute_s * threads + builds) / max(1, cores))
+            in_parallel = len(self.paged) / builds_per_s if builds_per_s else builds / builders
+            t = max(t, in_parallel, (compute_s * threads + builds) / max(1, cores))
         return 1.0 / t if t else float("inf")
 
     def to_dict(self) -> dict:
