@@ -35,6 +35,8 @@ import numpy as np
 from edge_sdk.errors import BundleError, require
 from edge_sdk.fsutil import fsync_path
 
+from .engine_cache import write_atomic
+
 log = logging.getLogger("edge_sdk.runtime")
 
 BUILDER_VERSION = 2  # bump when the graph or the sidecar layout changes: old entries are rebuilt
@@ -145,7 +147,7 @@ def ensure(bundle: Path, manifest: dict, bundle_hash: str, cache_root: Path, acc
         if not graph.is_file():
             model = build_graph(Shape.from_manifest(manifest), json.loads(meta.read_text())["tensors"], accuracy_level,
                                 qkv_bias=_has_qkv_bias(manifest))
-            _write_atomic(graph, model.SerializeToString(deterministic=True))
+            write_atomic(graph, model.SerializeToString(deterministic=True))
     return graph
 
 
@@ -522,16 +524,3 @@ def build_tail_graph(s: Shape, tensors: dict, accuracy_level: int):
     return b.model("edge-sdk-tail-fused",
                    [_vi("residual", f32, ["batch", "seq", s.hidden]), _vi("pending", f32, ["batch", "seq", s.hidden])],
                    [_vi("logits", f32, ["batch", "seq", s.vocab])])
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

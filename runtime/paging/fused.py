@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import queue
 import threading
 import weakref
 from pathlib import Path
@@ -30,10 +29,10 @@ from edge_sdk.errors import BundleError, EdgeSDKError, RuntimeBackendError, requ
 from .. import fused_graph as fg
 from ..backend import check_step
 from ..kv_cache import KVCache, ModelIO
-from .backend import PagingOptions
+from .backend import PagedBackend, PagingOptions
 from .buffers import Ledger, TokenBucket
 from .plan import PagingPlan, page_round, plan_pipelined
-from .reader import WeightsFile
+from .reader import LayerReader, WeightsFile
 
 log = logging.getLogger("edge_sdk.runtime")
 
@@ -68,10 +67,10 @@ def plan_for(tensors: dict, layers: int, budget: int) -> PagingPlan:
     return plan_pipelined([n for _, n in layer_spans(tensors, layers)], sidecar_fixed_bytes(tensors), budget)
 
 
-class SessionPipeline:
-    """Reads paged layers into raw slots (one thread, large aligned reads) and builds each layer's
-    session on a small pool of builder threads (onnxruntime prepacks the weights there), at most
-    `max_sessions` alive at once. get(layer) hands the next session out in forward order; done()
+class SessionPipeline(LayerReader):
+    """Reads paged layers into raw slots (the LayerReader thread, large aligned reads) and builds each
+    layer's session on a small pool of builder threads (onnxruntime prepacks the weights there), at
+    most `max_sessions` alive at once. get(layer) hands the next session out in forward order; done()
     after it has run and been dropped. With `release_early` (the platform's MatMulNBits keeps its own
     prepacked copy, checked at load), a slot is reused as soon as its session is built."""
 
@@ -79,41 +78,22 @@ class SessionPipeline:
                  build, *, max_sessions: int, builders: int, release_early: bool):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.wf, self.spans, self.order, self.slots, self.build = wf, spans, order, slots, build
-        self.release_early = release_early
-        self.free: queue.Queue = queue.Queue()
-        for k in range(len(slots)):
-            self.free.put(k)
-        self.ready: queue.Queue = queue.Queue()
+        self.spans, self.build, self.release_early = spans, build, release_early
         self.sessions = threading.Semaphore(max_sessions)
-        self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.layers_read = 0
         self.pool = ThreadPoolExecutor(max(1, builders), thread_name_prefix="edge-sdk-layer-build")
-        self.thread = threading.Thread(target=self._run, name="edge-sdk-layer-reader", daemon=True)
-        self.thread.start()
+        super().__init__(wf, dict(enumerate(spans)), order, slots)
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            for layer in self.order:
-                slot = self.free.get()
-                if slot is None or self.stop.is_set():
-                    return
-                offset, nbytes = self.spans[layer]
-                try:
-                    self.wf.read_into(self.slots[slot], offset, nbytes)
-                except Exception as exc:  # handed to the computing thread, which raises it
-                    self.ready.put((layer, slot, exc))
-                    return
-                self.layers_read += 1
-                while not self.sessions.acquire(timeout=0.1):
-                    if self.stop.is_set():
-                        return
-                try:
-                    job = self.pool.submit(self._build, layer, slot)
-                except RuntimeError:  # the pool was shut down: closing
-                    return
-                self.ready.put((layer, slot, job))
+    def _handoff(self, layer: int, slot: int) -> bool:
+        while not self.sessions.acquire(timeout=0.1):
+            if self.stop.is_set():
+                return False
+        try:
+            job = self.pool.submit(self._build, layer, slot)
+        except RuntimeError:  # the pool was shut down: closing
+            return False
+        self.ready.put((layer, slot, job))
+        return True
 
     def _build(self, layer: int, slot: int):
         try:
@@ -152,10 +132,9 @@ class SessionPipeline:
 
     def close(self) -> None:
         self.stop.set()
-        self.free.put(None)
         self.sessions.release()
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.thread.join(timeout=10)
+        super().close()
 
 
 class FusedPagedBackend:
@@ -338,15 +317,5 @@ class FusedPagedBackend:
                 "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict(),
                 "slots_reused_after_build": bool(self.reader and self.reader.release_early)}
 
-    def close(self) -> None:
-        if self.reader:
-            self.reader.close()
-            self.reader = None
-        if self.file.fd is not None:
-            self.file.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+    close = PagedBackend.close
+    __del__ = PagedBackend.__del__

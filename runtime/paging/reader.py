@@ -122,7 +122,13 @@ class LayerReader:
                     self.ready.put((layer, slot, exc))
                     return
                 self.layers_read += 1
-                self.ready.put((layer, slot, None))
+                if not self._handoff(layer, slot):
+                    return
+
+    def _handoff(self, layer: int, slot: int) -> bool:
+        """Hand a filled slot to the computing thread; False stops the thread (closing)."""
+        self.ready.put((layer, slot, None))
+        return True
 
     def get(self, layer: int) -> tuple[int, np.ndarray]:
         while True:
