@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_sdk.bundle import MANIFEST
-from edge_sdk.fsutil import fsync_path
 
 METADATA = "engine.json"
 ENGINE = "engine.plan"
@@ -85,23 +84,13 @@ def lookup_bundle(root: Path, board: str, tensorrt_version: str, bundle_hash: st
 
 def write_entry(root: Path, key: EngineKey, engine_bytes: bytes, metadata: dict) -> Path:
     """Write engine + metadata into a temporary sibling directory, fsync, then rename into place."""
+    from edge_sdk.bundle import staged_directory
+
     d = key.directory(root)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.partial-", dir=d.parent))
-    try:
+    with staged_directory(d, overwrite=True) as tmp:  # fsynced, then renamed into place
         meta = dict(metadata, key=asdict(key), engine_bytes=len(engine_bytes))
-        for name, data in ((ENGINE, engine_bytes), (METADATA, json.dumps(meta, indent=2, sort_keys=True).encode())):
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        if d.exists():
-            shutil.rmtree(d)
-        os.rename(tmp, d)
-        fsync_path(d.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / ENGINE).write_bytes(engine_bytes)
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return d / ENGINE
 
 

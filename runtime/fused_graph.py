@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk.errors import BundleError, require
-from edge_sdk.fsutil import fsync_path
+from edge_sdk.bundle import staged_directory
 
 from .engine_cache import write_atomic
 
@@ -256,9 +255,7 @@ def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_
         k, n = meta_t[f"{module}.qweight"]["shape"]
         return to_matmulnbits(raw(f"{module}.qweight"), fp16(f"{module}.scales"), k, n, group)
 
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.partial-", dir=d.parent))
-    try:
+    with staged_directory(d, overwrite=True) as tmp:  # fsynced and renamed into place; a crash leaves a .partial
         with open(tmp / WEIGHTS_NAME, "wb") as f:
             out = _Sidecar(f)
             inv_freq, scaling = rope_from_graph(bundle / manifest["graphs"]["fp32"]["file"])
@@ -286,24 +283,10 @@ def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_
             else:  # fp16 head, stored [in, out]; tied to the embeddings ([vocab, hidden]) when absent
                 head = fp16("lm_head.weight") if "lm_head.weight" in meta_t else fp16("model.embed_tokens.weight").T
                 out.add("lm_head.fp16", head)
-            f.flush()
-            os.fsync(f.fileno())
             size = f.tell()
-        tensors = out.tensors
         meta = {"bundle_hash": bundle_hash, "bundle_path": str(bundle.absolute()), "builder_version": BUILDER_VERSION,
-                "max_positions": max_positions,
-                "weights_bytes": size, "tensors": tensors}
-        with open(tmp / METADATA, "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        if d.exists():
-            shutil.rmtree(d)
-        os.rename(tmp, d)
-        fsync_path(d.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                "max_positions": max_positions, "weights_bytes": size, "tensors": out.tensors}
+        (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 def rope_rows(positions: np.ndarray, inv_freq: np.ndarray, scaling: float) -> tuple[np.ndarray, np.ndarray]:
