@@ -135,8 +135,9 @@ class Generator:
             t.decode_steps += 1
 
     def kv_bytes(self, batch: int, capacity: int) -> int:
-        """What a cache for `batch` x `capacity` tokens allocates (two buffers per layer and kind)."""
-        return 2 * self.backend.io.kv_bytes_per_token() * capacity * batch
+        """What a cache for `batch` x `capacity` tokens allocates (two buffers per layer and kind where
+        past and present swap, one where the graph appends in place)."""
+        return getattr(self.backend, "kv_copies", 2) * self.backend.io.kv_bytes_per_token() * capacity * batch
 
     def check_kv_budget(self, batch: int, capacity: int) -> None:
         need = self.kv_bytes(batch, capacity)

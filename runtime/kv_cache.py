@@ -52,6 +52,7 @@ class KVCache:
     mask: np.ndarray = field(repr=False, default=None)  # int64 [B, length]
     current: int = 0  # which of the two buffers holds `past`
     device = "cpu"  # where the buffers live (class attribute; device caches override)
+    copies = 2  # layer-sized buffers per layer and kind: past and present swap
 
     def __post_init__(self):
         if self.batch < 1 or self.capacity < 1:
@@ -157,3 +158,40 @@ class KVCache:
 
     def store_past(self, layer: int, kind: int, value: np.ndarray) -> None:
         self.past(layer, kind)[...] = value
+
+
+@dataclass
+class SharedKVCache(KVCache):
+    """One buffer per layer and kind, [B, H, capacity, D], bound as both past and present: the graph
+    appends the new keys in place (onnxruntime's GroupQueryAttention with a shared past/present
+    buffer, the fused graph's form), so a step neither copies the cache nor needs a second buffer.
+    Same rows, mask and left padding as KVCache; `past()` is a strided view of the used part."""
+
+    copies = 1
+
+    def __post_init__(self):
+        if self.buffers is None and self.batch >= 1 and self.capacity >= 1:
+            n = self.batch * self.io.num_kv_heads * self.capacity * self.io.head_dim
+            dt = np.dtype(self.io.kv_dtype)
+            self.buffers = [[(np.zeros(n, dt),) for _ in range(2)] for _ in range(self.io.num_layers)]
+        super().__post_init__()
+
+    def _full(self, layer: int, kind: int) -> np.ndarray:
+        h, d = self.io.num_kv_heads, self.io.head_dim
+        return self.buffers[layer][kind][0].reshape(self.batch, h, self.capacity, d)
+
+    def past(self, layer: int, kind: int) -> np.ndarray:
+        return self._full(layer, kind)[:, :, : self.length]
+
+    def present_target(self, layer: int, kind: int, new: int) -> np.ndarray:
+        return self._full(layer, kind)[:, :, : self.length + new]
+
+    def binding(self, layer: int, kind: int, new: int | None = None) -> tuple[int, tuple[int, ...]]:
+        full = self._full(layer, kind)
+        return full.ctypes.data, full.shape  # past and present: the same memory
+
+    def advance(self, new_mask: np.ndarray) -> None:
+        self.mask = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
+
+    def _empty(self, batch: int, capacity: int) -> "KVCache":
+        return SharedKVCache(self.io, batch, capacity)

@@ -12,7 +12,7 @@ from edge_sdk.errors import ConfigError, RuntimeBackendError, require
 
 from . import providers as prov
 from .backend import check_step
-from .kv_cache import KVCache, ModelIO
+from .kv_cache import KVCache, ModelIO, SharedKVCache
 
 log = logging.getLogger("edge_sdk.runtime")
 
@@ -89,10 +89,17 @@ class OrtBackend:
         tensors = json.loads((self.graph_path.parent / METADATA).read_text())["tensors"]
         return sum(t["nbytes"] for n, t in tensors.items() if not n.startswith("rope.")) + self.embedding.row
 
+    @property
+    def kv_copies(self) -> int:
+        """Layer-sized KV buffers per layer and kind that a cache of this backend allocates."""
+        return 1 if self.fused_positions is not None else 2
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         if self.fused_positions is not None and capacity > self.fused_positions:
             raise ConfigError(f"a KV cache of {capacity} tokens exceeds the {self.fused_positions} positions the fused graph was built for",
                               hint="load with a smaller max_seq_len, or graph='standard'")
+        if self.fused_positions is not None:  # GroupQueryAttention appends in place
+            return SharedKVCache(self.io, batch, capacity)
         if self.device == "cpu":
             return KVCache(self.io, batch, capacity)
         return OrtValueKVCache(self.io, batch, capacity, device=self.device)

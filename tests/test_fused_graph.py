@@ -275,3 +275,31 @@ def test_cli_chooses_the_graph(tiny_bundle, capsys):
         out = json.loads(capsys.readouterr().out)
         forms[graph] = (out["backend"]["graph_form"], out["backend"]["huge_pages"]["advised_bytes"])
     assert forms == {"auto": ("fused", 0), "standard": ("standard", 0)}
+
+
+def test_fused_cache_appends_in_place(tiny_bundle, tmp_path):
+    """The fused graph's cache is one buffer per layer and kind, bound as past and present: a decode step
+    writes only the new position, the buffer never moves, and select/merge keep every row exact."""
+    from edge_sdk.runtime.kv_cache import KVCache, SharedKVCache
+
+    fused, std = load_pair(tiny_bundle("qwen2"), tmp_path)
+    f, s = fused.backend, std.backend
+    cf, cs = f.new_cache(2, 32), s.new_cache(2, 32)
+    assert type(cf) is SharedKVCache and type(cs) is KVCache and cf.nbytes * 2 == cs.nbytes
+    addr = cf.binding(0, 0)[0]
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]])
+    f.forward(ids, cf, mask), s.forward(ids, cs, mask)
+    before = cf.past(1, 1).copy()
+    lf, ls = f.forward(np.array([[3], [4]]), cf), s.forward(np.array([[3], [4]]), cs)
+    assert cf.binding(0, 0)[0] == addr
+    np.testing.assert_array_equal(cf.past(1, 1)[:, :, :4], before)  # earlier positions untouched
+    np.testing.assert_allclose(lf, ls, rtol=1e-4, atol=1e-4)
+    # drop row 0, then merge it back beside a fresh single-row cache: logits follow the standard graph's
+    sf, ss = cf.select([1]), cs.select([1])
+    assert type(sf) is SharedKVCache
+    np.testing.assert_allclose(f.forward(np.array([[20]]), sf), s.forward(np.array([[20]]), ss), rtol=1e-4, atol=1e-4)
+    one_f, one_s = f.new_cache(1, 32), s.new_cache(1, 32)
+    f.forward(np.array([[1, 2]]), one_f), s.forward(np.array([[1, 2]]), one_s)
+    mf, ms = SharedKVCache.merge([sf, one_f], 32), KVCache.merge([ss, one_s], 32)
+    np.testing.assert_allclose(f.forward(np.array([[30], [31]]), mf), s.forward(np.array([[30], [31]]), ms), rtol=1e-4, atol=1e-4)

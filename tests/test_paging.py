@@ -165,8 +165,8 @@ def test_fused_prefetch_stays_inside_the_budget(deep_bundle):
 
     be._layer_session = counted
     read_before = be.reader.layers_read
-    greedy(model, "memory budget", n=8)
-    assert be.reader.layers_read - read_before >= 8 * len(be.plan.paged)
+    greedy(model, "memory budget", n=8)  # 8 forward passes: every paged layer read for each (the reader
+    assert be.reader.layers_read - read_before >= 7 * len(be.plan.paged)  # had read ahead before `read_before`)
     assert 1 <= most[0] <= be.plan.sessions
     assert be.ledger.peak <= be.options.budget_bytes and be.plan.peak_bytes <= be.options.budget_bytes
     be.close()

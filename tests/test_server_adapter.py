@@ -55,7 +55,8 @@ def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle, prefill_chun
         step()
     assert got == want
     assert step_model._rows == [] and step_model._batch is None and step_model._pending == {}
-    assert step_model.kv_bytes_per_token == 2 * model.backend.io.kv_bytes_per_token()
+    # what one token of cache really allocates (the fused graph's cache: one buffer, appended in place)
+    assert step_model.kv_bytes_per_token == model.backend.new_cache(1, 1).nbytes == model.backend.io.kv_bytes_per_token()
     # the fused graph (runtime/fused_graph.py) loads its graph and its repacked weights; embedding rows are read per step
     g = model.backend.graph_path
     assert model.backend.describe()["graph_form"] == "fused"

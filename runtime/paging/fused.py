@@ -28,7 +28,7 @@ from edge_sdk.errors import BundleError, EdgeSDKError, RuntimeBackendError, requ
 
 from .. import fused_graph as fg
 from ..backend import check_step
-from ..kv_cache import KVCache, ModelIO
+from ..kv_cache import KVCache, ModelIO, SharedKVCache
 from .backend import PagedBackend, PagingOptions
 from .buffers import Ledger, TokenBucket
 from .plan import PagingPlan, page_round, plan_pipelined
@@ -256,8 +256,10 @@ class FusedPagedBackend:
 
     # --- Backend interface -------------------------------------------------------------------------------------
 
+    kv_copies = 1  # GroupQueryAttention appends in place (kv_cache.SharedKVCache)
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(self.io, batch, capacity)
+        return SharedKVCache(self.io, batch, capacity)
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
         ids, mask = check_step(input_ids, cache, new_mask)

@@ -26,8 +26,9 @@ class BundleStepModel:
         self.context_length = int(model.generator.max_seq_len)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.vocab_size = io.vocab_size
-        # two buffers per cache (past/present swap): what a reserved token really costs
-        self.kv_bytes_per_token = 2 * io.kv_bytes_per_token()
+        # buffers per cache (two where past/present swap, one where the graph appends in place):
+        # what a reserved token really costs
+        self.kv_bytes_per_token = getattr(self.backend, "kv_copies", 2) * io.kv_bytes_per_token()
         self.weights_bytes = graph_bytes(model.bundle, model.manifest, self.backend)
         # prefill runs in chunks (the runtime's prefill_chunk): logits [chunk, V] fp32, plus one transient
         # copy of the batch KV when a sequence joins
