@@ -15,6 +15,9 @@ from .kv_cache import KVCache, ModelIO
 class Backend(Protocol):
     io: ModelIO
     provider: str  # what actually runs the graph, e.g. "CPUExecutionProvider" or "tensorrt"
+    # KV buffers per layer and kind a cache allocates: 2 where past and present swap (the default when a
+    # backend does not say), 1 where the graph appends in place (the fused graph)
+    kv_copies: int
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """Preallocated KV buffers for `batch` sequences of up to `capacity` tokens."""

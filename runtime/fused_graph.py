@@ -473,11 +473,6 @@ def build_graph(s: Shape, tensors: dict, accuracy_level: int, *, qkv_bias: bool)
 # single-layer and tail graphs of the layer-streamed executor (runtime/paging/fused.py): weights are
 # placeholders the session fills from memory; layers pass (residual, pending) on, the first one
 # with pending = 0 (SkipSimplifiedLayerNormalization then adds exactly nothing)
-LAYER_IO = {"residual": "residual", "pending": "pending", "residual_out": "residual_out", "pending_out": "pending_out",
-            "past_key": "past_key", "past_value": "past_value", "present_key": "present_key", "present_value": "present_value",
-            "cos": "rope.cos", "sin": "rope.sin"}
-
-
 def build_layer_graph(s: Shape, roles: dict, accuracy_level: int, *, qkv_bias: bool):
     """roles: {role (e.g. 'qkv.B', 'input_layernorm'): tensor meta} of any one layer."""
     b = _Builder(s, {f"layer.{r}": t for r, t in roles.items()}, accuracy_level, placeholders=True)
