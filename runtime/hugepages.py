@@ -38,6 +38,10 @@ class Advice:
     mode: str = "unknown"  # the kernel's transparent_hugepage mode
     reason: str = ""  # why nothing was advised
 
+    def to_dict(self) -> dict:
+        out = {"advised_bytes": self.bytes, "collapsed_bytes": self.collapsed, "mode": self.mode}
+        return out | ({"reason": self.reason} if self.reason else {})
+
 
 def thp_mode() -> str:
     try:

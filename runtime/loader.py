@@ -77,7 +77,8 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
             from .paging.fused import FusedPagedBackend
 
             return FusedPagedBackend(root, manifest, io, paging, sidecar_dir=fused[0].parent, providers=providers,
-                                     threads=options.num_threads, accuracy_level=options.accuracy_level)
+                                     threads=options.num_threads, accuracy_level=options.accuracy_level,
+                                     huge_pages=options.huge_pages)
         from .paging.backend import PagedBackend
 
         return PagedBackend(root, manifest, path, io, paging, providers=prov.with_options(providers, ep_options),

@@ -145,8 +145,7 @@ class OrtBackend:
         return {"backend": "onnxruntime", "provider": self.provider, "providers": self.session.get_providers(),
                 "graph": self.graph_path.name, "graph_form": "fused" if self.fused_positions is not None else "standard", "threads": self.threads, "accuracy_level": self.accuracy_level,
                 "kv_dtype": self.io.kv_dtype,
-                "huge_pages": {"advised_bytes": self.huge_pages.bytes, "collapsed_bytes": self.huge_pages.collapsed,
-                               "mode": self.huge_pages.mode, **({"reason": self.huge_pages.reason} if self.huge_pages.reason else {})}}
+                "huge_pages": self.huge_pages.to_dict()}
 
 
 @dataclasses.dataclass

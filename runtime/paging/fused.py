@@ -139,7 +139,7 @@ class SessionPipeline(LayerReader):
 
 class FusedPagedBackend:
     def __init__(self, root: Path, manifest: dict, io: ModelIO, options: PagingOptions, *, sidecar_dir: Path,
-                 providers: list, threads: int, accuracy_level: int):
+                 providers: list, threads: int, accuracy_level: int, huge_pages: bool = True):
         ort = require("onnxruntime", "runtime")
         self.ort, self.root, self.options = ort, Path(root), options
         self.shape = s = fg.Shape.from_manifest(manifest)
@@ -164,7 +164,10 @@ class FusedPagedBackend:
         tail_graph = fg.build_tail_graph(s, tail_tensors, accuracy_level).SerializeToString()
 
         self.ledger = Ledger(options.budget_bytes)
-        self.ledger.charge("lm_head+norm+rope", self.plan.fixed_bytes)
+        self.ledger.charge("lm_head+norm", self.plan.fixed_bytes)
+        from .. import hugepages
+
+        before = hugepages.anonymous_regions() if huge_pages else None
         mm = np.memmap(self.file.path, np.uint8, mode="r")
         try:
             self.tail = self._session(tail_graph, {n: self._view(mm, t) for n, t in tail_tensors.items()}, "the tail")
@@ -175,6 +178,8 @@ class FusedPagedBackend:
                 self.resident[i] = self._layer_session(i, mm, 0)
         finally:
             del mm
+        # the resident sessions' prepacked weights on 2 MiB pages (runtime/hugepages.py)
+        self.huge_pages = hugepages.advise_new(before) if huge_pages else hugepages.Advice(reason="disabled")
         if hasattr(os, "posix_fadvise"):  # the sessions hold their own copies now
             os.posix_fadvise(self.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.reader = None
@@ -317,7 +322,8 @@ class FusedPagedBackend:
                 "graph_form": "fused", "provider": self.provider, "threads": self.threads,
                 "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "io": self.file.mode,
                 "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict(),
-                "slots_reused_after_build": bool(self.reader and self.reader.release_early)}
+                "slots_reused_after_build": bool(self.reader and self.reader.release_early),
+                "huge_pages": self.huge_pages.to_dict()}
 
     close = PagedBackend.close
     __del__ = PagedBackend.__del__
