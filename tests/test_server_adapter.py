@@ -61,3 +61,18 @@ def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle, prefill_chun
     g = model.backend.graph_path
     assert model.backend.describe()["graph_form"] == "fused"
     assert step_model.weights_bytes == g.stat().st_size + (g.parent / "fused.weights").stat().st_size
+
+
+def test_rows_finishing_in_the_same_step_free_the_batch(bundle):  # noqa: F811
+    """Several sequences can finish in one decode step; releasing the last live one frees the batch cache
+    at once, not at a next step that may never come."""
+    step_model = BundleStepModel(edge_sdk.load(bundle, threads=1), max_batch=4)
+    for k in ("a", "b", "c"):
+        step_model.prefill(k, step_model.encode(f"prompt {k}"), 4)
+    step_model.step(["a", "b", "c"], [5, 6, 7])
+    step_model.release("b")
+    assert step_model._rows == ["a", "b", "c"] and step_model._batch is not None  # "b" leaves at the next step
+    step_model.release("a")
+    assert step_model._batch is not None  # "c" still runs
+    step_model.release("c")
+    assert step_model._rows == [] and step_model._batch is None

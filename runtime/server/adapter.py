@@ -91,10 +91,10 @@ class BundleStepModel:
         self._pending.pop(seq_id, None)
         self._left.pop(seq_id, None)
         if seq_id in self._rows:
-            keep = [i for i, r in enumerate(self._rows) if r != seq_id]
-            if not keep:
+            # rows already released stay in the batch until the next step's rebuild drops them; when
+            # none is left alive, the batch cache goes now (several rows can finish in one step)
+            if not any(r in self._left for r in self._rows):
                 self._batch, self._rows = None, []
-            # other rows are dropped lazily at the next step's rebuild
 
 
 def graph_bytes(bundle: Path, manifest: dict, backend) -> int:
