@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+from pathlib import Path
 import sys
 import tempfile
 
@@ -50,7 +51,7 @@ def _gptq_quantize(ck, calib, opts, names: list[str]) -> tuple[dict, dict]:
         for f in sorted(os.listdir(scratch)):
             if f.endswith(".safetensors"):
                 sd |= load_file(os.path.join(scratch, f))
-        saved = json.loads(open(os.path.join(scratch, "config.json")).read()).get("quantization_config") or {}
+        saved = json.loads(Path(scratch, "config.json").read_text()).get("quantization_config") or {}
         st = settings(saved, "GPTQModel output")
         quantized = {n: import_linear(sd, n, st) for n in names}
     return quantized, {"method": "gptq", "engine": f"gptqmodel {gm.__version__ if hasattr(gm, '__version__') else ''}".strip()}

@@ -45,7 +45,8 @@ class Advice:
 
 def thp_mode() -> str:
     try:
-        text = open(THP_MODE).read()
+        with open(THP_MODE) as f:
+            text = f.read()
     except OSError:
         return "unavailable"
     return text[text.index("[") + 1: text.index("]")] if "[" in text else text.strip()
@@ -105,9 +106,10 @@ def advise_new(before: set[tuple[int, int]]) -> Advice:
 def anon_huge_bytes(path: str = "/proc/self/smaps_rollup") -> int:
     """AnonHugePages of this process: what is actually backed by huge pages now."""
     try:
-        for line in open(path):
-            if line.startswith("AnonHugePages:"):
-                return int(line.split()[1]) * 1024
+        with open(path) as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
