@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger("edge_sdk.runtime")
@@ -30,17 +31,18 @@ MIN_REGION = 4 * HUGE  # smaller mappings gain little and may be sparse
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Advice:
     regions: int = 0
     bytes: int = 0  # bytes of 2 MiB-aligned ranges advised
-    collapsed: int = 0  # bytes MADV_COLLAPSE converted at once; the rest khugepaged converts later
+    collapsed: int = 0  # bytes MADV_COLLAPSE converted so far; the rest khugepaged converts later
     mode: str = "unknown"  # the kernel's transparent_hugepage mode
     reason: str = ""  # why nothing was advised
+    collapsing: bool = False  # a background thread is still converting
 
     def to_dict(self) -> dict:
         out = {"advised_bytes": self.bytes, "collapsed_bytes": self.collapsed, "mode": self.mode}
-        return out | ({"reason": self.reason} if self.reason else {})
+        return out | ({"reason": self.reason} if self.reason else {}) | ({"collapsing": True} if self.collapsing else {})
 
 
 def thp_mode() -> str:
@@ -80,8 +82,10 @@ def huge_ranges(regions, min_bytes: int = MIN_REGION) -> list[tuple[int, int]]:
     return out
 
 
-def advise_new(before: set[tuple[int, int]]) -> Advice:
-    """Ask for huge pages on the anonymous mappings that appeared since `before`."""
+def advise_new(before: set[tuple[int, int]], background: bool = False) -> Advice:
+    """Ask for huge pages on the anonymous mappings that appeared since `before`. With `background`,
+    the conversion (MADV_COLLAPSE copies the pages: ~2 s per GB here) runs on a daemon thread and the
+    caller goes on at once; `collapsed` grows as it proceeds."""
     mode = thp_mode()
     if mode in ("never", "unavailable") or not hasattr(os, "sysconf"):
         return Advice(mode=mode, reason=f"transparent huge pages are {mode}")
@@ -90,17 +94,24 @@ def advise_new(before: set[tuple[int, int]]) -> Advice:
         return Advice(mode=mode, reason="no new mapping large enough")
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    advised = collapsed = 0
-    for a, b in ranges:
-        if libc.madvise(a, b - a, MADV_HUGEPAGE) != 0:
-            continue
-        advised += b - a
-        # MADV_COLLAPSE: huge pages now (Linux 6.1+); where it fails, khugepaged converts them later
-        if libc.madvise(a, b - a, MADV_COLLAPSE) == 0:
-            collapsed += b - a
+    advised = [(a, b) for a, b in ranges if libc.madvise(a, b - a, MADV_HUGEPAGE) == 0]
     if not advised:
         return Advice(mode=mode, reason=f"madvise refused (errno {ctypes.get_errno()})")
-    return Advice(len(ranges), advised, collapsed, mode)
+    advice = Advice(len(ranges), sum(b - a for a, b in advised), 0, mode, collapsing=True)
+
+    def collapse():
+        # huge pages now (Linux 6.1+); where it fails (older kernels, no free huge page), khugepaged
+        # converts them later. ctypes releases the GIL for the call.
+        for a, b in advised:
+            if libc.madvise(a, b - a, MADV_COLLAPSE) == 0:
+                advice.collapsed += b - a
+        advice.collapsing = False
+
+    if background:
+        threading.Thread(target=collapse, name="edge-sdk-hugepages", daemon=True).start()
+    else:
+        collapse()
+    return advice
 
 
 def anon_huge_bytes(path: str = "/proc/self/smaps_rollup") -> int:

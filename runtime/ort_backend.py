@@ -48,7 +48,7 @@ class OrtBackend:
                                       hint="check the bundle with `edge-sdk verify`, or try provider='cpu'") from exc
         self.threads, self.accuracy_level = threads, accuracy_level
         # the prepacked weights on 2 MiB pages: a decode step streams all of them (runtime/hugepages.py)
-        self.huge_pages = hugepages.advise_new(before) if huge_pages else hugepages.Advice(reason="disabled")
+        self.huge_pages = hugepages.advise_new(before, background=True) if huge_pages else hugepages.Advice(reason="disabled")
         self.fused_positions, self.embedding = fused_positions, embedding
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider in (prov.TRT_EP, prov.CUDA_EP) else "cpu"

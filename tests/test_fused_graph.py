@@ -332,3 +332,19 @@ def test_llama_family_variants(tmp_path, variant):
                                    rtol=1e-4, atol=1e-4)
     assert fused.generate("The sky", max_new_tokens=8, ignore_eos=True).token_ids == \
            std.generate("The sky", max_new_tokens=8, ignore_eos=True).token_ids
+
+
+def test_huge_pages_can_be_collapsed_in_the_background():
+    import time
+
+    if hp.thp_mode() in ("never", "unavailable"):
+        pytest.skip(f"transparent huge pages are {hp.thp_mode()} here")
+    before = hp.anonymous_regions()
+    block = np.ones(64 << 20, np.uint8)
+    advice = hp.advise_new(before, background=True)
+    assert advice.bytes > 0
+    deadline = time.monotonic() + 60
+    while advice.collapsing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not advice.collapsing and 0 <= advice.collapsed <= advice.bytes
+    assert block.sum() == block.size  # the memory is intact after its pages moved

@@ -115,7 +115,8 @@ def bench(args) -> int:
     if d.get("huge_pages"):
         hp = d["huge_pages"]
         print(f"huge pages        {hp['collapsed_bytes'] / 2**20:.0f} of {hp['advised_bytes'] / 2**20:.0f} MiB advised "
-              f"now huge (THP mode {hp['mode']}){'; ' + hp['reason'] if hp.get('reason') else ''}")
+              f"now huge (THP mode {hp['mode']}){', still converting' if hp.get('collapsing') else ''}"
+              f"{'; ' + hp['reason'] if hp.get('reason') else ''}")
     print(f"prompt/new/batch  {args.prompt_tokens}/{args.new_tokens}/{args.batch}, median of {args.repeats}")
     print(f"prefill           {result['prefill_tokens_per_s']:.1f} tokens/s")
     print(f"decode            {result['decode_tokens_per_s']:.1f} tokens/s")

@@ -179,7 +179,7 @@ class FusedPagedBackend:
         finally:
             del mm
         # the resident sessions' prepacked weights on 2 MiB pages (runtime/hugepages.py)
-        self.huge_pages = hugepages.advise_new(before) if huge_pages else hugepages.Advice(reason="disabled")
+        self.huge_pages = hugepages.advise_new(before, background=True) if huge_pages else hugepages.Advice(reason="disabled")
         if hasattr(os, "posix_fadvise"):  # the sessions hold their own copies now
             os.posix_fadvise(self.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.reader = None
