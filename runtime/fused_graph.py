@@ -47,6 +47,7 @@ METADATA = "fused.json"
 MASK_MIN = float(np.finfo(np.float32).min)
 
 ATTN = ("q_proj", "k_proj", "v_proj")
+EMBED = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,9 @@ class EmbeddingRows:
 
     def __init__(self, bundle: Path, manifest: dict):
         w = manifest["weights"]
-        t = w["tensors"]["model.embed_tokens.weight"]
-        if t["dtype"] not in ("float16", "float32"):
-            raise BundleError(f"the embedding table is {t['dtype']}, not float16/float32", hint="re-convert the model")
+        t = w["tensors"].get(EMBED)
+        if t is None or t["dtype"] not in ("float16", "float32"):
+            raise BundleError(f"{bundle}: no float16/float32 {EMBED} in the weights table", hint="re-convert the model")
         self.path = Path(bundle) / w["file"]
         self.offset, self.nbytes = int(t["offset"]), int(t["nbytes"])
         self.vocab, self.hidden = (int(x) for x in t["shape"])
@@ -109,8 +110,8 @@ class EmbeddingRows:
         return BundleError(f"{self.path} is truncated: the embedding table ends at byte {self.offset + self.nbytes:,}",
                            hint="copy the bundle again and check it with `edge-sdk verify`")
 
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        """int64 [B, S] -> float32 [B, S, hidden]."""
+    def __call__(self, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """int64 [B, S] -> [B, S, hidden] in `dtype` (what the graph computes in)."""
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
             from edge_sdk.errors import RuntimeBackendError
 
@@ -122,7 +123,33 @@ class EmbeddingRows:
             if len(data) != self.row:
                 raise self._truncated()
             rows[k] = np.frombuffer(data, self.dtype)
-        return rows.astype(np.float32)[inv.reshape(ids.shape)]
+        return rows.astype(dtype)[inv.reshape(ids.shape)]
+
+
+@dataclass
+class FusedGraph:
+    """A built fused graph as a backend uses it: the graph file (its sidecar beside it), the positions
+    its rotary tables cover, and the embedding rows it is fed."""
+
+    path: Path
+    positions: int
+    embedding: EmbeddingRows
+
+    @property
+    def sidecar_dir(self) -> Path:
+        return self.path.parent
+
+    def tensors(self) -> dict:
+        return json.loads((self.sidecar_dir / METADATA).read_text())["tensors"]
+
+    def loaded_bytes(self) -> int:
+        """What loading it takes in: the graph and the sidecar weights (embedding rows are read per step)."""
+        return self.path.stat().st_size + (self.sidecar_dir / WEIGHTS_NAME).stat().st_size
+
+    def read_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: the sidecar's tensors (rotary tables excepted) and one
+        embedding row."""
+        return sum(t["nbytes"] for n, t in self.tensors().items() if not n.startswith("rope.")) + self.embedding.row
 
 
 def ensure(bundle: Path, manifest: dict, bundle_hash: str, cache_root: Path, accuracy_level: int, max_positions: int) -> Path:

@@ -52,7 +52,6 @@ class KVCache:
     mask: np.ndarray = field(repr=False, default=None)  # int64 [B, length]
     current: int = 0  # which of the two buffers holds `past`
     device = "cpu"  # where the buffers live (class attribute; device caches override)
-    copies = 2  # layer-sized buffers per layer and kind: past and present swap
 
     def __post_init__(self):
         if self.batch < 1 or self.capacity < 1:
@@ -166,8 +165,6 @@ class SharedKVCache(KVCache):
     appends the new keys in place (onnxruntime's GroupQueryAttention with a shared past/present
     buffer, the fused graph's form), so a step neither copies the cache nor needs a second buffer.
     Same rows, mask and left padding as KVCache; `past()` is a strided view of the used part."""
-
-    copies = 1
 
     def __post_init__(self):
         if self.buffers is None and self.batch >= 1 and self.capacity >= 1:

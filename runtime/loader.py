@@ -72,27 +72,21 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
 
     paging = paging_options(manifest, options)
     if paging is not None:
-        fused = fused_graph_for(root, manifest, options, providers, paging.io == "reader")
+        fused = fused_graph_for(root, manifest, options, providers)
         if fused is not None:
             from .paging.fused import FusedPagedBackend
 
-            return FusedPagedBackend(root, manifest, io, paging, sidecar_dir=fused[0].parent, providers=providers,
-                                     threads=options.num_threads, accuracy_level=options.accuracy_level,
-                                     huge_pages=options.huge_pages)
+            return FusedPagedBackend(root, manifest, io, paging, fused, providers=providers, threads=options.num_threads,
+                                     accuracy_level=options.accuracy_level, huge_pages=options.huge_pages)
         from .paging.backend import PagedBackend
 
         return PagedBackend(root, manifest, path, io, paging, providers=prov.with_options(providers, ep_options),
                             threads=options.num_threads, accuracy_level=options.accuracy_level)
     from .ort_backend import OrtBackend
 
-    fused, positions, embedding = fused_graph_for(root, manifest, options, providers), None, None
-    if fused is not None:
-        from .fused_graph import EmbeddingRows
-
-        path, positions = fused
-        embedding = EmbeddingRows(root, manifest)
-    backend = OrtBackend(path, io, providers=prov.with_options(providers, ep_options), threads=options.num_threads,
-                         accuracy_level=options.accuracy_level, fused_positions=positions, embedding=embedding,
+    fused = fused_graph_for(root, manifest, options, providers)
+    backend = OrtBackend(fused.path if fused else path, io, providers=prov.with_options(providers, ep_options),
+                         threads=options.num_threads, accuracy_level=options.accuracy_level, fused=fused,
                          huge_pages=options.huge_pages)
     if options.log_provider:
         log.info("runtime: %s on %s (%d threads, MatMulNBits accuracy level %d)", path.name,
@@ -100,13 +94,12 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
     return backend
 
 
-def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, providers: list,
-                    applicable: bool = True) -> tuple[Path, int] | None:
-    """(fused graph, positions it covers) when this load runs onnxruntime's fused graph, else None.
-    'auto' picks it on the CPU provider whenever the bundle allows; 'fused' insists (and says why not)."""
+def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, providers: list):
+    """The fused graph (fused_graph.FusedGraph) when this load runs it, else None. 'auto' picks it on the
+    CPU provider whenever the bundle allows; 'fused' insists (and says why not)."""
     from . import fused_graph
 
-    if options.graph == "standard" or not applicable:
+    if options.graph == "standard":
         return None
     why = fused_graph.supported(manifest)
     if why is None and providers[0] != prov.CPU_EP:
@@ -118,7 +111,7 @@ def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, provide
     model_max = int(manifest["architecture"].get("max_position_embeddings") or fused_graph.DEFAULT_POSITIONS)
     positions = max(options.max_seq_len or 0, min(model_max, fused_graph.DEFAULT_POSITIONS))
     graph = fused_graph.ensure(root, manifest, bundle_hash(root), options.engine_root(root), options.accuracy_level, positions)
-    return graph, positions
+    return fused_graph.FusedGraph(graph, positions, fused_graph.EmbeddingRows(root, manifest))
 
 
 def _trt_version() -> str:

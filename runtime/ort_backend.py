@@ -24,9 +24,8 @@ QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 class OrtBackend:
     def __init__(self, graph_path: str | Path, io: ModelIO, *, providers: list, threads: int,
                  accuracy_level: int = 4, optimized_model_path: str | Path | None = None,
-                 fused_positions: int | None = None, embedding=None, huge_pages: bool = True):
-        """fused_positions and embedding: set when `graph_path` is the fused graph (runtime/fused_graph.py):
-        the number of positions its rotary tables cover, and the embedding rows reader (fused_graph.EmbeddingRows)."""
+                 fused=None, huge_pages: bool = True):
+        """fused: the fused_graph.FusedGraph when `graph_path` is that graph (CPU provider)."""
         ort = require("onnxruntime", "runtime")
         self.graph_path = Path(graph_path)
         so = ort.SessionOptions()
@@ -49,13 +48,13 @@ class OrtBackend:
         self.threads, self.accuracy_level = threads, accuracy_level
         # the prepacked weights on 2 MiB pages: a decode step streams all of them (runtime/hugepages.py)
         self.huge_pages = hugepages.advise_new(before, background=True) if huge_pages else hugepages.Advice(reason="disabled")
-        self.fused_positions, self.embedding = fused_positions, embedding
+        self.fused = fused
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider in (prov.TRT_EP, prov.CUDA_EP) else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._input_names = set(inputs)
         past0 = io.past_name.format(i=0, kind="key")
-        ids_name = "input_ids" if embedding is None else "inputs_embeds"
+        ids_name = "input_ids" if fused is None else "inputs_embeds"
         if past0 not in inputs or ids_name not in inputs:
             raise RuntimeBackendError(f"{self.graph_path.name} lacks inputs {ids_name}/{past0} (has {', '.join(sorted(inputs))})",
                                       hint="the graph does not follow the bundle I/O contract: re-convert the model")
@@ -68,45 +67,32 @@ class OrtBackend:
 
     @property
     def mapped_bytes(self) -> int | None:
-        """Bytes of what the fused graph loads (graph and sidecar weights; embedding rows are read per
-        step); None for the bundle's own graph, whose files the manifest lists."""
-        if self.embedding is None:
-            return None
-        from .fused_graph import WEIGHTS_NAME
-
-        return self.graph_path.stat().st_size + (self.graph_path.parent / WEIGHTS_NAME).stat().st_size
+        """Bytes the fused graph loads; None for the bundle's own graph, whose files the manifest lists."""
+        return self.fused.loaded_bytes() if self.fused else None
 
     @property
     def weight_bytes_per_token(self) -> int | None:
-        """Weight bytes one decode step of the fused graph reads (its sidecar tensors, rotary tables
-        excepted, plus one embedding row); None for the bundle's own graph (the manifest says)."""
-        if self.embedding is None:
-            return None
-        import json
-
-        from .fused_graph import METADATA
-
-        tensors = json.loads((self.graph_path.parent / METADATA).read_text())["tensors"]
-        return sum(t["nbytes"] for n, t in tensors.items() if not n.startswith("rope.")) + self.embedding.row
+        """Weight bytes a decode step of the fused graph reads; None for the bundle's graph (the manifest says)."""
+        return self.fused.read_bytes_per_token() if self.fused else None
 
     @property
     def kv_copies(self) -> int:
         """Layer-sized KV buffers per layer and kind that a cache of this backend allocates."""
-        return 1 if self.fused_positions is not None else 2
+        return 1 if self.fused else 2
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        if self.fused_positions is not None and capacity > self.fused_positions:
-            raise ConfigError(f"a KV cache of {capacity} tokens exceeds the {self.fused_positions} positions the fused graph was built for",
-                              hint="load with a smaller max_seq_len, or graph='standard'")
-        if self.fused_positions is not None:  # GroupQueryAttention appends in place
-            return SharedKVCache(self.io, batch, capacity)
+        if self.fused:
+            if capacity > self.fused.positions:
+                raise ConfigError(f"a KV cache of {capacity} tokens exceeds the {self.fused.positions} positions the fused graph "
+                                  "was built for", hint="load with a smaller max_seq_len, or graph='standard'")
+            return SharedKVCache(self.io, batch, capacity)  # GroupQueryAttention appends in place
         if self.device == "cpu":
             return KVCache(self.io, batch, capacity)
         return OrtValueKVCache(self.io, batch, capacity, device=self.device)
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
         ids, mask = check_step(input_ids, cache, new_mask)
-        if self.fused_positions is not None and ids.shape[0] > 1 and ids.shape[1] > 1 and cache.length:
+        if self.fused and ids.shape[0] > 1 and ids.shape[1] > 1 and cache.length:
             # onnxruntime's GroupQueryAttention takes several new tokens over a past for one row at a
             # time only: feed such steps token by token (same result; a prompt has no past)
             return np.concatenate([self._run(ids[:, t:t + 1], cache, mask[:, t:t + 1]) for t in range(ids.shape[1])], axis=1)
@@ -115,10 +101,10 @@ class OrtBackend:
     def _run(self, ids: np.ndarray, cache: KVCache, mask: np.ndarray) -> np.ndarray:
         attn, pos = cache.step_inputs(mask)
         b = self.session.io_binding()
-        if self.embedding is None:
-            b.bind_cpu_input("input_ids", ids)
+        if self.fused:
+            b.bind_cpu_input("inputs_embeds", self.fused.embedding(ids))
         else:
-            b.bind_cpu_input("inputs_embeds", self.embedding(ids))
+            b.bind_cpu_input("input_ids", ids)
         if "attention_mask" in self._input_names:
             b.bind_cpu_input("attention_mask", attn)
         if "position_ids" in self._input_names:
@@ -143,9 +129,8 @@ class OrtBackend:
 
     def describe(self) -> dict:
         return {"backend": "onnxruntime", "provider": self.provider, "providers": self.session.get_providers(),
-                "graph": self.graph_path.name, "graph_form": "fused" if self.fused_positions is not None else "standard", "threads": self.threads, "accuracy_level": self.accuracy_level,
-                "kv_dtype": self.io.kv_dtype,
-                "huge_pages": self.huge_pages.to_dict()}
+                "graph": self.graph_path.name, "graph_form": "fused" if self.fused else "standard", "threads": self.threads,
+                "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "huge_pages": self.huge_pages.to_dict()}
 
 
 @dataclasses.dataclass

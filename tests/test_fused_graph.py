@@ -152,7 +152,7 @@ def test_graph_choice_and_limits(tiny_bundle, tmp_path):
     with pytest.raises(ConfigError, match="graph"):
         edge_sdk.load(bundle, graph="fast")
     m = edge_sdk.load(bundle, provider="cpu", max_seq_len=64, engine_cache_dir=str(tmp_path), log_provider=False)
-    limit = m.backend.fused_positions
+    limit = m.backend.fused.positions
     assert limit >= 64
     with pytest.raises(ConfigError, match="positions"):
         m.backend.new_cache(1, limit + 1)

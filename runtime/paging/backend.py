@@ -16,6 +16,7 @@ import numpy as np
 from edge_sdk.errors import BundleError, ConfigError, RuntimeBackendError, require
 
 from ..backend import check_step
+from ..fused_graph import EMBED, EmbeddingRows
 from ..kv_cache import KVCache, ModelIO
 from .buffers import Ledger, TokenBucket
 from .plan import PagingPlan, page_round, plan_paging
@@ -27,7 +28,6 @@ log = logging.getLogger("edge_sdk.runtime")
 # manifest dtype -> onnx TensorProto element type (int4 has no numpy type; bound by enum)
 ONNX_TYPES = {"int4": 22, "uint4": 21, "float16": 10, "float32": 1, "bfloat16": 16, "int8": 3, "uint8": 2}
 EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
-EMBED = "model.embed_tokens.weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ class PagedBackend:
         self.io = dataclasses.replace(io, kv_dtype="float16" if kv.type == "tensor(float16)" else "float32")
         hid = next(i for i in self.sessions["layer"].get_inputs() if i.name == HIDDEN_IN)
         self.hidden_dtype = np.float16 if hid.type == "tensor(float16)" else np.float32
-        self._embed_info()
+        self.embedding = EmbeddingRows(self.root, manifest)  # rows read per step, never the table
 
         self.ledger = Ledger(options.budget_bytes)
         self.ledger.charge("lm_head+norms", self.plan.fixed_bytes)
@@ -146,14 +146,6 @@ class PagedBackend:
         except Exception as exc:
             raise RuntimeBackendError(f"onnxruntime could not load resident layer {i}: {exc}") from exc
 
-    def _embed_info(self) -> None:
-        t = self.tensors.get(EMBED)
-        if t is None or t["dtype"] not in ("float16", "float32"):
-            raise BundleError(f"{self.root}: no float16/float32 {EMBED} in the weights table", hint="re-convert the model")
-        self.embed_offset = int(t["offset"])
-        self.vocab, self.hidden = (int(x) for x in t["shape"])
-        self.embed_dtype = np.dtype(t["dtype"])
-
     def _weight_bindings(self, i: int) -> list[tuple[str, int, int, list[int]]]:
         """(input name, byte offset inside the layer, onnx element type, shape) of layer i's weights."""
         base, out = self.layers[i][0], []
@@ -164,16 +156,6 @@ class PagedBackend:
             out.append((role, int(t["offset"]) - base, ONNX_TYPES[t["dtype"]], [int(d) for d in t["shape"]]))
         return out
 
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """[B, S] token ids -> [B, S, hidden] rows of the embedding table, read from the file."""
-        if ids.min() < 0 or ids.max() >= self.vocab:
-            raise RuntimeBackendError(f"token id out of range [0, {self.vocab})")
-        row = self.hidden * self.embed_dtype.itemsize
-        uniq, inv = np.unique(ids, return_inverse=True)
-        rows = np.stack([np.frombuffer(self.file.pread(row, self.embed_offset + int(t) * row), self.embed_dtype)
-                         for t in uniq])
-        return rows.astype(self.hidden_dtype)[inv.reshape(ids.shape)]
-
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.io, batch, capacity)
 
@@ -183,7 +165,7 @@ class PagedBackend:
         feeds = {"input_ids": ids, "attention_mask": attn, "position_ids": pos}
         shared = self.sessions["head"].run(self.graphs.shared, {k: feeds[k] for k in self.graphs.head_inputs})
         shared = [np.ascontiguousarray(s) for s in shared]
-        hidden = np.ascontiguousarray(self.embed(ids))
+        hidden = np.ascontiguousarray(self.embedding(ids, self.hidden_dtype))
         layer = self.sessions["layer"]
         dt = np.dtype(self.io.kv_dtype)
         new = ids.shape[1]

@@ -138,18 +138,18 @@ class SessionPipeline(LayerReader):
 
 
 class FusedPagedBackend:
-    def __init__(self, root: Path, manifest: dict, io: ModelIO, options: PagingOptions, *, sidecar_dir: Path,
+    def __init__(self, root: Path, manifest: dict, io: ModelIO, options: PagingOptions, fused: fg.FusedGraph, *,
                  providers: list, threads: int, accuracy_level: int, huge_pages: bool = True):
         ort = require("onnxruntime", "runtime")
         self.ort, self.root, self.options = ort, Path(root), options
         self.shape = s = fg.Shape.from_manifest(manifest)
-        meta = json.loads((Path(sidecar_dir) / fg.METADATA).read_text())
+        meta = json.loads((fused.sidecar_dir / fg.METADATA).read_text())
         self.tensors = meta["tensors"]
         self.spans = layer_spans(self.tensors, s.layers)
         self.plan = plan_for(self.tensors, s.layers, options.budget_bytes)
         throttle = TokenBucket(options.read_bytes_per_s) if options.read_bytes_per_s else None
-        self.file = WeightsFile(Path(sidecar_dir) / fg.WEIGHTS_NAME, meta["weights_bytes"], throttle, options.direct_io)
-        self.embedding = fg.EmbeddingRows(root, manifest)
+        self.file = WeightsFile(fused.sidecar_dir / fg.WEIGHTS_NAME, meta["weights_bytes"], throttle, options.direct_io)
+        self.embedding = fused.embedding
         # rotary rows are computed per step for the step's positions only (no table held)
         self.inv_freq, self.rope_scaling = fg.rope_from_graph(Path(root) / manifest["graphs"]["fp32"]["file"])
         self.io = dataclasses.replace(io, kv_dtype="float32")
