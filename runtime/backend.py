@@ -39,3 +39,12 @@ def check_step(input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | Non
         raise ValueError(f"new_mask must match input_ids {ids.shape}, got {mask.shape}")
     cache.check_room(ids.shape[1])
     return ids, mask
+
+
+def one_token_at_a_time_over_a_past(run, ids: np.ndarray, cache: KVCache, mask: np.ndarray) -> np.ndarray:
+    """run(ids, cache, mask) -> logits, except that a batched step of several new tokens over a past is
+    fed token by token: onnxruntime's GroupQueryAttention (the fused graphs) takes such a step for one
+    row at a time only. Same result; a prompt has no past, so prefill is unaffected."""
+    if ids.shape[0] > 1 and ids.shape[1] > 1 and cache.length:
+        return np.concatenate([run(ids[:, t:t + 1], cache, mask[:, t:t + 1]) for t in range(ids.shape[1])], axis=1)
+    return run(ids, cache, mask)

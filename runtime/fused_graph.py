@@ -139,8 +139,9 @@ class FusedGraph:
     def sidecar_dir(self) -> Path:
         return self.path.parent
 
-    def tensors(self) -> dict:
-        return json.loads((self.sidecar_dir / METADATA).read_text())["tensors"]
+    def metadata(self) -> dict:
+        """The sidecar's fused.json: where every tensor is, the file's size, what it was built from."""
+        return json.loads((self.sidecar_dir / METADATA).read_text())
 
     def loaded_bytes(self) -> int:
         """What loading it takes in: the graph and the sidecar weights (embedding rows are read per step)."""
@@ -149,7 +150,7 @@ class FusedGraph:
     def read_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: the sidecar's tensors (rotary tables excepted) and one
         embedding row."""
-        return sum(t["nbytes"] for n, t in self.tensors().items() if not n.startswith("rope.")) + self.embedding.row
+        return sum(t["nbytes"] for n, t in self.metadata()["tensors"].items() if not n.startswith("rope.")) + self.embedding.row
 
 
 def ensure(bundle: Path, manifest: dict, bundle_hash: str, cache_root: Path, accuracy_level: int, max_positions: int) -> Path:
@@ -308,7 +309,7 @@ def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_
                 out.add("lm_head.B", b)
                 out.add("lm_head.scales", sc)
             else:  # fp16 head, stored [in, out]; tied to the embeddings ([vocab, hidden]) when absent
-                head = fp16("lm_head.weight") if "lm_head.weight" in meta_t else fp16("model.embed_tokens.weight").T
+                head = fp16("lm_head.weight") if "lm_head.weight" in meta_t else fp16(EMBED).T
                 out.add("lm_head.fp16", head)
             size = f.tell()
         meta = {"bundle_hash": bundle_hash, "bundle_path": str(bundle.absolute()), "builder_version": BUILDER_VERSION,

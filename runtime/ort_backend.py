@@ -11,7 +11,7 @@ import numpy as np
 from edge_sdk.errors import ConfigError, RuntimeBackendError, require
 
 from . import providers as prov
-from .backend import check_step
+from .backend import check_step, one_token_at_a_time_over_a_past
 from .kv_cache import KVCache, ModelIO, SharedKVCache
 
 log = logging.getLogger("edge_sdk.runtime")
@@ -92,10 +92,8 @@ class OrtBackend:
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
         ids, mask = check_step(input_ids, cache, new_mask)
-        if self.fused and ids.shape[0] > 1 and ids.shape[1] > 1 and cache.length:
-            # onnxruntime's GroupQueryAttention takes several new tokens over a past for one row at a
-            # time only: feed such steps token by token (same result; a prompt has no past)
-            return np.concatenate([self._run(ids[:, t:t + 1], cache, mask[:, t:t + 1]) for t in range(ids.shape[1])], axis=1)
+        if self.fused:
+            return one_token_at_a_time_over_a_past(self._run, ids, cache, mask)
         return self._run(ids, cache, mask)
 
     def _run(self, ids: np.ndarray, cache: KVCache, mask: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ prepacks once per use: 20-30 ms for a 1.5B layer, ~6 ms of it without the prepac
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -27,7 +26,7 @@ import numpy as np
 from edge_sdk.errors import BundleError, EdgeSDKError, RuntimeBackendError, require
 
 from .. import fused_graph as fg
-from ..backend import check_step
+from ..backend import check_step, one_token_at_a_time_over_a_past
 from ..kv_cache import KVCache, ModelIO, SharedKVCache
 from .backend import PagedBackend, PagingOptions
 from .buffers import Ledger, TokenBucket
@@ -143,7 +142,7 @@ class FusedPagedBackend:
         ort = require("onnxruntime", "runtime")
         self.ort, self.root, self.options = ort, Path(root), options
         self.shape = s = fg.Shape.from_manifest(manifest)
-        meta = json.loads((fused.sidecar_dir / fg.METADATA).read_text())
+        meta = fused.metadata()
         self.tensors = meta["tensors"]
         self.spans = layer_spans(self.tensors, s.layers)
         self.plan = plan_for(self.tensors, s.layers, options.budget_bytes)
@@ -268,9 +267,7 @@ class FusedPagedBackend:
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
         ids, mask = check_step(input_ids, cache, new_mask)
-        if ids.shape[0] > 1 and ids.shape[1] > 1 and cache.length:  # see OrtBackend.forward
-            return np.concatenate([self._step(ids[:, t:t + 1], cache, mask[:, t:t + 1]) for t in range(ids.shape[1])], axis=1)
-        return self._step(ids, cache, mask)
+        return one_token_at_a_time_over_a_past(self._step, ids, cache, mask)
 
     def _step(self, ids: np.ndarray, cache: KVCache, mask: np.ndarray) -> np.ndarray:
         attn, pos = cache.step_inputs(mask)
