@@ -20,6 +20,7 @@ import ctypes.util
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("edge_sdk.runtime")
@@ -39,10 +40,12 @@ class Advice:
     mode: str = "unknown"  # the kernel's transparent_hugepage mode
     reason: str = ""  # why nothing was advised
     collapsing: bool = False  # a background thread is still converting
+    collapse_s: float = 0.0  # how long the conversion took, once done
 
     def to_dict(self) -> dict:
         out = {"advised_bytes": self.bytes, "collapsed_bytes": self.collapsed, "mode": self.mode}
-        return out | ({"reason": self.reason} if self.reason else {}) | ({"collapsing": True} if self.collapsing else {})
+        out |= {"collapsing": True} if self.collapsing else {"collapse_s": round(self.collapse_s, 3)}
+        return out | ({"reason": self.reason} if self.reason else {})
 
 
 def thp_mode() -> str:
@@ -102,9 +105,11 @@ def advise_new(before: set[tuple[int, int]], background: bool = False) -> Advice
     def collapse():
         # huge pages now (Linux 6.1+); where it fails (older kernels, no free huge page), khugepaged
         # converts them later. ctypes releases the GIL for the call.
+        start = time.perf_counter()
         for a, b in advised:
             if libc.madvise(a, b - a, MADV_COLLAPSE) == 0:
                 advice.collapsed += b - a
+        advice.collapse_s = time.perf_counter() - start
         advice.collapsing = False
 
     if background:

@@ -99,8 +99,13 @@ def bench(args) -> int:
     from edge_sdk.runtime.bench import bench as run_bench
     from edge_sdk.runtime.bench import board_roofline
 
-    model = _load(args, max_batch=args.batch)
+    import time
+
+    start = time.perf_counter()
+    model = _load(args, max_batch=args.batch)  # verify, build what the device builds (fused graph), load
+    load_s = time.perf_counter() - start
     result = run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats)
+    result["load_s"] = round(load_s, 3)
     board = args.board or args.emulate
     if board:
         result["board_roofline"] = board_roofline(model.manifest, board, args.prompt_tokens + args.new_tokens)
@@ -116,7 +121,9 @@ def bench(args) -> int:
         hp = d["huge_pages"]
         print(f"huge pages        {hp['collapsed_bytes'] / 2**20:.0f} of {hp['advised_bytes'] / 2**20:.0f} MiB advised "
               f"now huge (THP mode {hp['mode']}){', still converting' if hp.get('collapsing') else ''}"
+              f"{', converted in %.1f s' % hp['collapse_s'] if hp.get('collapse_s') else ''}"
               f"{'; ' + hp['reason'] if hp.get('reason') else ''}")
+    print(f"load              {result['load_s']:.2f} s (bundle verified, graph built or found, session created)")
     print(f"prompt/new/batch  {args.prompt_tokens}/{args.new_tokens}/{args.batch}, median of {args.repeats}")
     print(f"prefill           {result['prefill_tokens_per_s']:.1f} tokens/s")
     print(f"decode            {result['decode_tokens_per_s']:.1f} tokens/s")
