@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from edge_sdk.runtime.loader import graph_file
     from edge_sdk.runtime.model import Model
     from edge_sdk.runtime.paging.backend import PagedBackend, PagingOptions
-    from edge_sdk.runtime.paging.plan import parse_budget
+    from edge_sdk.runtime.paging.plan import BuildProbe, parse_budget
     from edge_sdk.runtime.paging.select import weight_bytes
 
     bundle = args.bundle
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     be = paged.backend
     result["executor"] = type(be).__name__
     result["plan"] = be.plan.to_dict()
+    result["probe"] = be.probe.to_dict() if be.probe else None
     result["storage"] = storage_bandwidth(be)
     be.file.read_bytes, be.file.read_seconds = 0, 0.0
     result["paged"] = decode(paged, args.prompt_tokens, args.new_tokens, args.repeats)
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     threads = len(os.sched_getaffinity(0))
     result["estimate_tokens_per_s"] = round(be.plan.decode_tokens_per_s(
         bw, res_tps, res_tps, build_s=result["paged_layer_session_s"], cores=threads, threads=threads,
-        builds_per_s=result["paged_layer_sessions_per_s"]), 3)
+        builds_per_s=result["paged_layer_sessions_per_s"], release_early=be.release_early), 3)
     # the planner's paged estimate (edge_sdk.planner.paged_estimate, fused executor) for this budget:
     # the board's storage speed under --emulate, else the storage speed measured here
     from edge_sdk.boards import get_board
@@ -179,7 +180,13 @@ def main(argv=None) -> int:
         from dataclasses import replace
 
         board = replace(board, storage={**board.storage, store: replace(board.storage[store], read_mbps=bw / 1e6)})
+    # the planner with no measurement (the storage bound of its plan), and with the build and compute
+    # times measured here (the executor's own model and plan choice)
     est = paged_estimate(shape, planned_weights(shape, q), board, store, budget, executor="fused", q=q)
+    result["planner_storage_only"] = est
+    probe = BuildProbe(bw, result["paged_layer_session_s"], 1.0 / (layers * res_tps), cores=threads, threads=threads,
+                       release_early=be.release_early)
+    est = paged_estimate(shape, planned_weights(shape, q), board, store, budget, executor="fused", q=q, probe=probe)
     result["planner"] = est
     result["ratio_to_planner"] = round(result["paged"]["decode_tokens_per_s"] / est["decode_tokens_per_s"], 3)
     got = result["paged"]["decode_tokens_per_s"]
@@ -192,7 +199,11 @@ def main(argv=None) -> int:
     p = result["plan"]
     print(f"bundle {bundle}: weights {weights / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB ({args.budget})")
     print(f"plan: {len(p['resident_layers'])} layers resident {p['resident_layers']}, {len(p['paged_layers'])} paged, "
-          f"{per_token / 2**20:.1f} MiB paged per token, peak {p['peak_bytes'] / 2**20:.0f} MiB")
+          f"{per_token / 2**20:.1f} MiB paged per token, {p['slots']} slots, {p['sessions']} sessions, peak {p['peak_bytes'] / 2**20:.0f} MiB")
+    if result["probe"]:
+        pr = result["probe"]
+        print(f"load-time probe: read {pr['read_bytes_per_s'] / 1e6:.0f} MB/s, build {1000 * pr['build_s']:.1f} ms, "
+              f"layer compute {1000 * pr['layer_compute_s']:.2f} ms -> the plan's shape")
     print(f"storage: {bw / 1e6:.0f} MB/s ({result['storage']['io']}; median of {result['storage']['runs_bytes_per_s']}), "
           f"{(result['storage_in_run_bytes_per_s'] or 0) / 1e6:.0f} MB/s inside the paged run -> storage bound {storage_bound:.2f} tokens/s")
     print(f"paged layer session build     {1000 * result['paged_layer_session_s']:.1f} ms alone, "
@@ -206,6 +217,9 @@ def main(argv=None) -> int:
     print(f"executor estimate            {result['estimate_tokens_per_s']:.2f} tokens/s -> measured/estimate {result['ratio_to_estimate']:.2f}")
     print(f"planner paged estimate       {result['planner']['decode_tokens_per_s']:.2f} tokens/s "
           f"({result['planner']['paged_layers']} layers paged) -> measured/planner {result['ratio_to_planner']:.2f}")
+    so = result["planner_storage_only"]
+    print(f"planner storage-only bound    {so['decode_tokens_per_s']:.2f} tokens/s ({so['paged_layers']} layers paged) "
+          f"-> measured/that {got / so['decode_tokens_per_s']:.2f}")
     print(f"load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}")
     return 0
 

@@ -280,27 +280,40 @@ def fused_layer_bytes(s: ModelShape, q: QuantSpec) -> tuple[list[int], int] | No
 
 
 def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budget_for_weights: int,
-                   executor: str = "standard", q: QuantSpec | None = None) -> dict:
+                   executor: str = "standard", q: QuantSpec | None = None, probe=None) -> dict:
     """Layer streaming, with the paging executor's own plan (edge_sdk.runtime.paging.plan): lm_head
     and norms resident, embedding rows read on demand, page-aligned layer buffers for prefetch, as
     many layers resident as fit (spread evenly), the rest read from storage on every token.
 
     executor "standard": the bundle graph's executor (weights bound as inputs; what the CUDA and
     TensorRT providers of a device run), two slots. "fused": the CPU provider's executor over the
-    fused sidecar (runtime/paging/fused.py), two slots and three prepacked sessions."""
+    fused sidecar (runtime/paging/fused.py), two slots and three prepacked sessions; given a `probe`
+    (runtime.paging.plan.BuildProbe: the session build and layer compute times measured where the
+    executor runs), the plan the executor would choose and the executor's decode model with the
+    board's storage speed, not the storage-only bound."""
+    from dataclasses import replace
+
     from .errors import MemoryBudgetError
     from .runtime.paging.plan import plan_paging, plan_pipelined
 
     bw = b.storage[storage].read_mbps * 1e6
     fused = fused_layer_bytes(s, q or QuantSpec()) if executor == "fused" else None
+    if fused is None:
+        probe = None
+    elif probe is not None:
+        probe = replace(probe, read_bytes_per_s=bw)
     try:
         if fused is not None:
-            p = plan_pipelined(fused[0], fused[1], budget_for_weights)
+            p = plan_pipelined(fused[0], fused[1], budget_for_weights, probe)
         else:
             p = plan_paging(wb.per_layer, wb.lm_head + s.hidden_size * 2, budget_for_weights)
     except MemoryBudgetError:
         p = None
     paged_bytes = p.bytes_paged_per_token if p else wb.total
+    if p is None or not paged_bytes:
+        tps = None
+    else:
+        tps = probe.tokens_per_s(p) if probe is not None else bw / paged_bytes
     return {
         "feasible": p is not None,
         "executor": "fused" if fused is not None else "standard",
@@ -309,7 +322,8 @@ def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budge
         "resident_layers": len(p.resident) if p else 0,
         "paged_layers": len(p.paged) if p else s.num_layers,
         "bytes_paged_per_token": int(paged_bytes),
-        "decode_tokens_per_s": bw / paged_bytes if p and paged_bytes else None,
+        "decode_tokens_per_s": tps,
+        "model": "executor" if probe is not None else "storage",
     }
 
 

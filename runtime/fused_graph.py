@@ -367,7 +367,9 @@ class _Builder:
     def __init__(self, s: Shape, tensors: dict, accuracy_level: int, placeholders: bool = False):
         onnx = require("onnx", "runtime")
         self.onnx, self.s, self.tensors, self.level = onnx, s, tensors, accuracy_level
-        self.placeholders = placeholders  # initializers filled in by the session (add_external_initializers)
+        # initializers the session is given from memory (SessionOptions.add_initializer); they name the
+        # sidecar's weights file only because onnxruntime wants an existing file there, and never read it
+        self.placeholders = placeholders
         self.nodes, self.inits = [], []
         self.dtypes = {"uint8": onnx.TensorProto.UINT8, "float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
 
@@ -376,7 +378,7 @@ class _Builder:
         t = self.tensors[key or name]
         p = TensorProto(name=name, data_type=self.dtypes[t["dtype"]], dims=t["shape"])
         p.data_location = TensorProto.EXTERNAL
-        where = (("location", "session-provided"),) if self.placeholders else (
+        where = (("location", WEIGHTS_NAME),) if self.placeholders else (
             ("location", t["file"]), ("offset", str(t["offset"])), ("length", str(t["nbytes"])))
         for k, v in where:
             e = p.external_data.add()

@@ -181,7 +181,7 @@ def test_fused_pipeline_reuses_slots_only_when_sessions_own_their_weights(deep_b
     want = greedy(rt.load(bundle, **EXACT), "pipeline", n=6).token_ids
     fast = rt.load(bundle, memory_budget="50%", **EXACT)
     assert fast.backend.release_early  # onnxruntime's CPU MatMulNBits prepacks into its own memory
-    monkeypatch.setattr(fused.FusedPagedBackend, "_prepack_owns_weights", lambda self, slot: False)
+    monkeypatch.setattr(fused.FusedPagedBackend, "_prepack_owns_weights", lambda self, sess, slot, nbytes: (False, 1e-3))
     safe = rt.load(bundle, memory_budget="50%", **EXACT)
     assert not safe.backend.release_early and not safe.backend.reader.release_early
     assert greedy(fast, "pipeline", n=6).token_ids == want == greedy(safe, "pipeline", n=6).token_ids
@@ -379,7 +379,7 @@ def test_planner_models_the_fused_executor_exactly(deep_bundle, arch):
     layers, fixed = fused_layer_bytes(shape, QuantSpec(group_size=model.manifest["quantization"]["group_size"]))
     assert layers == [n for _, n in layer_spans(meta["tensors"], LAYERS)]
     assert fixed == sidecar_fixed_bytes(meta["tensors"])
-    assert be.plan == rt.paging.plan.plan_pipelined(layers, fixed, be.options.budget_bytes)
+    assert be.probe is not None and be.plan == rt.paging.plan.plan_pipelined(layers, fixed, be.options.budget_bytes, be.probe)
     be.close()
 
 
@@ -393,7 +393,32 @@ def test_decode_model_with_session_builds_by_hand():
     # fast storage: compute 8/8 / 4 = 0.25 s, builds 6 * 0.5 = 3 s on 2 builders = 1.5 s,
     # the CPU (0.25 * 2 + 3) / 2 = 1.75 s bounds it
     assert p.decode_tokens_per_s(1000 * layer, 4.0, 4.0, build_s=0.5, cores=2, threads=2) == pytest.approx(1 / 1.75)
-    # one builder (two sessions alive at most): the builds in series, 3 s
+    # one builder (two sessions alive at most): the builds in series, 3 s, and the one slot held for
+    # each layer's read (0.001 s) and build: 6 * 0.501 s
     q = plan_paging([layer] * 8, fixed_bytes=PAGE, budget_bytes=PAGE + 5 * layer, slots=1, sessions=2)
     assert len(q.paged) == 6
-    assert q.decode_tokens_per_s(1000 * layer, 4.0, 4.0, build_s=0.5, cores=2, threads=1) == pytest.approx(1 / 3.0)
+    assert q.decode_tokens_per_s(1000 * layer, 4.0, 4.0, build_s=0.5, cores=2, threads=1) == pytest.approx(1 / 3.006)
+    # a slot waits for its layer to run too where sessions read their slot: + 1/8 of 0.25 s each
+    assert q.decode_tokens_per_s(1000 * layer, 4.0, 4.0, build_s=0.5, cores=2, threads=1,
+                                 release_early=False) == pytest.approx(1 / (6 * (0.001 + 0.5 + 0.25 / 8)))
+
+
+def test_plan_shape_chosen_from_the_probe_by_hand():
+    """With a measured build, a third slot (bought with a resident layer) is taken where the slots'
+    turnover bounds the two-slot plan, and not where storage bounds both."""
+    from edge_sdk.runtime.paging.plan import BuildProbe, plan_pipelined
+
+    layer = 10 * PAGE
+    budget = PAGE + 7 * layer  # (3 slots + 3 sessions) leaves 1 layer resident, (2 + 3) leaves 2
+    assert plan_pipelined([layer] * 8, PAGE, budget).slots == 2  # without a probe: the default shape
+    # read 0.2 s, build 0.5 s per layer, 8 layers compute in 0.08 s, 4 cores:
+    # (2, 3): slots 6 * 0.7 / 2 = 2.1 s; (3, 3): builds 7 * 0.5 / 2 builders = 1.75 s -> 3 slots
+    fast = BuildProbe(layer / 0.2, 0.5, 0.01, cores=4, threads=2)
+    p = plan_pipelined([layer] * 8, PAGE, budget, fast)
+    assert (p.slots, p.sessions, len(p.paged)) == (3, 3, 7)
+    assert fast.tokens_per_s(p) == pytest.approx(1 / 1.75)
+    # read 1 s per layer: storage bounds (2, 3) at 6 s and (3, 3) at 7 s; one slot and one session
+    # leave 5 layers resident: 3 paged, each holding the slot 1.5 s -> 4.5 s, the fastest
+    slow = BuildProbe(layer / 1.0, 0.5, 0.01, cores=4, threads=2)
+    q = plan_pipelined([layer] * 8, PAGE, budget, slow)
+    assert (q.slots, q.sessions, len(q.paged)) == (1, 1, 3) and slow.tokens_per_s(q) == pytest.approx(1 / 4.5)

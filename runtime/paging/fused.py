@@ -29,12 +29,14 @@ from .. import fused_graph as fg
 from ..backend import check_step, one_token_at_a_time_over_a_past
 from ..kv_cache import KVCache, ModelIO, SharedKVCache
 from .backend import PagedBackend, PagingOptions
+from . import heap
 from .buffers import Ledger, TokenBucket
-from .plan import PagingPlan, page_round, plan_pipelined
+from .plan import MEASURED_SHAPES, BuildProbe, PagingPlan, page_round, plan_pipelined
 from .reader import LayerReader, WeightsFile
 
 log = logging.getLogger("edge_sdk.runtime")
 
+BUILDER_THREADS = "edge-sdk-layer-build"
 NP = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
 
 
@@ -61,9 +63,10 @@ def sidecar_fixed_bytes(tensors: dict) -> int:
     return sum(page_round(t["nbytes"]) for n, t in tensors.items() if not n.startswith(("model.layers.", "rope.")))
 
 
-def plan_for(tensors: dict, layers: int, budget: int) -> PagingPlan:
-    """The plan with the most pipelining the budget allows (plan.PIPELINE_SHAPES)."""
-    return plan_pipelined([n for _, n in layer_spans(tensors, layers)], sidecar_fixed_bytes(tensors), budget)
+def plan_for(tensors: dict, layers: int, budget: int, probe: BuildProbe | None = None) -> PagingPlan:
+    """The plan the decode model predicts fastest from `probe`; without one, the most pipelining the
+    budget allows (plan.plan_pipelined)."""
+    return plan_pipelined([n for _, n in layer_spans(tensors, layers)], sidecar_fixed_bytes(tensors), budget, probe)
 
 
 class SessionPipeline(LayerReader):
@@ -80,7 +83,7 @@ class SessionPipeline(LayerReader):
         self.spans, self.build, self.release_early = spans, build, release_early
         self.sessions = threading.Semaphore(max_sessions)
         self.error: BaseException | None = None
-        self.pool = ThreadPoolExecutor(max(1, builders), thread_name_prefix="edge-sdk-layer-build")
+        self.pool = ThreadPoolExecutor(max(1, builders), thread_name_prefix=BUILDER_THREADS)
         super().__init__(wf, dict(enumerate(spans)), order, slots)
 
     def _handoff(self, layer: int, slot: int) -> bool:
@@ -132,7 +135,9 @@ class SessionPipeline(LayerReader):
     def close(self) -> None:
         self.stop.set()
         self.sessions.release()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        # the last reference to the backend may be dropped inside a build: a builder cannot wait for itself
+        in_builder = threading.current_thread().name.startswith(BUILDER_THREADS)
+        self.pool.shutdown(wait=not in_builder, cancel_futures=True)
         super().close()
 
 
@@ -145,7 +150,6 @@ class FusedPagedBackend:
         meta = fused.metadata()
         self.tensors = meta["tensors"]
         self.spans = layer_spans(self.tensors, s.layers)
-        self.plan = plan_for(self.tensors, s.layers, options.budget_bytes)
         throttle = TokenBucket(options.read_bytes_per_s) if options.read_bytes_per_s else None
         self.file = WeightsFile(fused.sidecar_dir / fg.WEIGHTS_NAME, meta["weights_bytes"], throttle, options.direct_io)
         self.embedding = fused.embedding
@@ -156,9 +160,21 @@ class FusedPagedBackend:
         self.providers = providers
 
         self.roles = layer_roles(self.tensors, 0)
-        self.small_roles = {r for r, t in self.roles.items() if not r.endswith((".B", ".scales"))}
+        # copied out of the slot: all but the int4 matrices (scales too: at accuracy level 1 MatMulNBits
+        # reads them at run time instead of prepacking them)
+        self.small_roles = {r for r in self.roles if not r.endswith(".B")}
         qkv_bias = "qkv.bias" in self.roles
         self.layer_graph = fg.build_layer_graph(s, self.roles, accuracy_level, qkv_bias=qkv_bias).SerializeToString()
+
+        self.heap: dict = {}
+        self.probe: BuildProbe | None = None
+        self.plan = plan_for(self.tensors, s.layers, options.budget_bytes)
+        if self.plan.paged:
+            # a dropped session's prepacked buffers stay faulted in for the next build (paging/heap.py)
+            self.heap = heap.keep_freed_buffers(self.plan.slot_bytes, (max(sh[1] for sh in MEASURED_SHAPES) + 1) * self.plan.slot_bytes)
+            # one paged layer read, built and run decides the pipeline's shape (plan.plan_pipelined)
+            self.probe = self._probe(self.plan.paged[-1], Ledger(options.budget_bytes).aligned("probe", self.plan.slot_bytes))
+            self.plan = plan_for(self.tensors, s.layers, options.budget_bytes, self.probe)
         tail_tensors = {n: t for n, t in self.tensors.items() if not n.startswith(("model.layers.", "rope."))}
         tail_graph = fg.build_tail_graph(s, tail_tensors, accuracy_level).SerializeToString()
 
@@ -186,7 +202,7 @@ class FusedPagedBackend:
             slots = [self.ledger.aligned(f"slot{k}", self.plan.slot_bytes) for k in range(self.plan.slots)]
             for k in range(self.plan.sessions):  # the sessions' prepacked copies
                 self.ledger.charge(f"session{k}", self.plan.slot_bytes)
-            self.release_early = self._prepack_owns_weights(slots[0])
+            self.release_early = self.probe.release_early
             me = weakref.ref(self)  # the pipeline must not keep this backend alive
 
             def build(layer: int, buf: np.ndarray, base: int):
@@ -218,9 +234,13 @@ class FusedPagedBackend:
         so.log_severity_level = 3
         # one thread pool per session: idle pools must not spin on the cores the running one needs
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        names = list(weights)
-        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[n])) for n in names]
-        so.add_external_initializers(names, values)
+        # the weights are handed over without a copy (onnxruntime copies add_external_initializers' tensors
+        # before prepacking them); the graph names the sidecar file as their place, which is never read
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.file.path.parent))
+        values = []
+        for name, w in weights.items():
+            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)))
+            so.add_initializer(name, values[-1])
         try:
             sess = ort.InferenceSession(graph, so, providers=self.providers)
         except Exception as exc:
@@ -230,7 +250,7 @@ class FusedPagedBackend:
 
     def _layer_session(self, i: int, buf: np.ndarray, base: int):
         """Layer i's session from `buf` (the memory-mapped sidecar, or the slot the reader filled at the
-        layer's start). Norms and biases are copied: only the prepacked matrices may leave the slot."""
+        layer's start). Scales, norms and biases are copied: only the prepacked matrices may leave the slot."""
         roles = layer_roles(self.tensors, i)
         weights = {}
         for role, t in roles.items():
@@ -238,14 +258,32 @@ class FusedPagedBackend:
             weights[f"layer.{role}"] = np.array(v) if role in self.small_roles else v
         return self._session(self.layer_graph, weights, f"decoder layer {i}")
 
-    def _prepack_owns_weights(self, slot: np.ndarray) -> bool:
+    def _probe(self, i: int, slot: np.ndarray) -> BuildProbe:
+        """Layer i read into `slot`, built (twice: the first build also warms the allocator) and run:
+        the times the plan is chosen by, and whether sessions own their weights."""
+        import time
+
+        off, nbytes = self.spans[i]
+        t0 = time.perf_counter()
+        self.file.read_into(slot, off, nbytes)
+        read_s = time.perf_counter() - t0
+        builds = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            sess = self._layer_session(i, slot, off)
+            builds.append(time.perf_counter() - t0)
+        owns, compute_s = self._prepack_owns_weights(sess, slot, nbytes)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return BuildProbe(read_bytes_per_s=nbytes / max(read_s, 1e-6), build_s=builds[-1], layer_compute_s=compute_s,
+                          cores=cores, threads=self.threads, release_early=owns)
+
+    def _prepack_owns_weights(self, sess, slot: np.ndarray, nbytes: int) -> tuple[bool, float]:
         """Whether a layer session keeps working after the slot it was built from is overwritten (its
         int4 matrices prepacked into onnxruntime's own memory): then slots are reused right after a
-        build. Checked once per load on the first paged layer."""
-        i = self.plan.paged[0]
-        off, nbytes = self.spans[i]
-        self.file.read_into(slot, off, nbytes)
-        sess = self._layer_session(i, slot, off)
+        build. Checked once per load on a paged layer; also returns the fastest of a few runs of the
+        layer at batch 1 (seconds)."""
+        import time
+
         s, rng = self.shape, np.random.default_rng(0)
         cos, sin = fg.rope_rows(np.array([0]), self.inv_freq, self.rope_scaling)
         empty = np.zeros((1, s.kv_heads, 0, s.head_dim), np.float32)
@@ -254,9 +292,14 @@ class FusedPagedBackend:
                  "position_ids": np.zeros((1, 1), np.int64), "rope.cos": cos, "rope.sin": sin,
                  "past_key": empty, "past_value": empty}
         before = sess.run(["pending_out"], feeds)[0]
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            sess.run(["pending_out"], feeds)
+            runs.append(time.perf_counter() - t0)
         slot[:nbytes] = np.uint8(0x5A)
         after = sess.run(["pending_out"], feeds)[0]
-        return bool(np.array_equal(before, after))
+        return bool(np.array_equal(before, after)), min(runs)
 
     # --- Backend interface -------------------------------------------------------------------------------------
 
@@ -319,7 +362,8 @@ class FusedPagedBackend:
                 "graph_form": "fused", "provider": self.provider, "threads": self.threads,
                 "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "io": self.file.mode,
                 "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict(),
-                "slots_reused_after_build": bool(self.reader and self.reader.release_early),
+                "slots_reused_after_build": bool(self.reader and self.reader.release_early), "malloc": self.heap,
+                "probe": self.probe.to_dict() if self.probe else None,
                 "huge_pages": self.huge_pages.to_dict()}
 
     close = PagedBackend.close

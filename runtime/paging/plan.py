@@ -40,14 +40,17 @@ class PagingPlan:
 
     def decode_tokens_per_s(self, read_bytes_per_s: float, resident_tokens_per_s: float | None = None,
                             paged_compute_tokens_per_s: float | None = None, build_s: float | None = None,
-                            cores: int = 1, threads: int = 1, builds_per_s: float | None = None) -> float:
+                            cores: int = 1, threads: int = 1, builds_per_s: float | None = None,
+                            release_early: bool = True) -> float:
         """Decode speed (batch 1) of this plan. Reads overlap compute, so a token takes the longest of:
         reading the paged layers; computing every layer (resident layers at the resident speed, paged
         ones at `paged_compute_tokens_per_s`, whole-model tokens/s divided by the layer count); and,
         for the fused executor, building the paged layers' sessions (`build_s` each, on up to
         `sessions - 1` builder threads, or at `builds_per_s` measured with all builders busy) with the
-        whole CPU work shared by `cores` (compute runs on `threads`). Without compute speeds: the
-        storage bound alone."""
+        whole CPU work shared by `cores` (compute runs on `threads`), and the slots' turnover: a slot
+        holds its layer while it is read and while its session builds (until the layer has run too,
+        without `release_early`), so `slots` of them pass at most slots / (read + build) layers a
+        second. Without compute speeds: the storage bound alone."""
         read_s = self.bytes_paged_per_token / read_bytes_per_s if self.paged else 0.0
         n = len(self.layer_bytes)
         compute_s = 0.0
@@ -60,6 +63,10 @@ class PagingPlan:
             builders = max(1, min(self.sessions - 1, cores) if self.sessions > 1 else 1)
             in_parallel = len(self.paged) / builds_per_s if builds_per_s else builds / builders
             t = max(t, in_parallel, (compute_s * threads + builds) / max(1, cores))
+            held = self.slot_bytes / read_bytes_per_s + build_s
+            if not release_early:
+                held += compute_s / n
+            t = max(t, len(self.paged) * held / max(1, self.slots))
         return 1.0 / t if t else float("inf")
 
     def to_dict(self) -> dict:
@@ -100,16 +107,59 @@ def plan_paging(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int, slo
 # overlap first: two slots keep the reader reading while sessions build; three sessions let two build
 # (one per core) while one computes
 PIPELINE_SHAPES = ((2, 3), (1, 2), (1, 1))
+# with a measured build (BuildProbe) these are weighed too: a third slot, bought with a resident layer,
+# pays where a session takes longer to build than its layer takes to read
+MEASURED_SHAPES = ((3, 3),) + PIPELINE_SHAPES
+RESIDENCY_MARGIN = 1.03  # another shape must be predicted this much faster to page more layers
 
 
-def plan_pipelined(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int) -> PagingPlan:
-    """The fused executor's plan: the most pipelining the budget allows, the rest to resident layers."""
-    for k, (slots, sessions) in enumerate(PIPELINE_SHAPES):
+@dataclass(frozen=True)
+class BuildProbe:
+    """What the fused executor measured at load on one paged layer, for choosing its plan: the storage
+    read speed (one large aligned read), the time to build a layer session from its slot, and the time
+    to run one layer at batch 1."""
+    read_bytes_per_s: float
+    build_s: float
+    layer_compute_s: float
+    cores: int = 1
+    threads: int = 1
+    release_early: bool = True
+
+    def to_dict(self) -> dict:
+        return {"read_bytes_per_s": round(self.read_bytes_per_s), "build_s": round(self.build_s, 5),
+                "layer_compute_s": round(self.layer_compute_s, 6), "cores": self.cores, "threads": self.threads,
+                "release_early": self.release_early}
+
+    def tokens_per_s(self, p: PagingPlan) -> float:
+        compute_tps = 1.0 / (len(p.layer_bytes) * self.layer_compute_s) if self.layer_compute_s > 0 else None
+        return p.decode_tokens_per_s(self.read_bytes_per_s, compute_tps, compute_tps, build_s=self.build_s,
+                                     cores=self.cores, threads=self.threads, release_early=self.release_early)
+
+
+def plan_pipelined(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int,
+                   probe: BuildProbe | None = None) -> PagingPlan:
+    """The fused executor's plan. Without a probe: the most pipelining the budget allows
+    (PIPELINE_SHAPES), the rest to resident layers. With one: of the shapes that fit (MEASURED_SHAPES),
+    the one the decode model predicts fastest from the probe's read, build and compute times, keeping
+    more layers resident unless paging more is predicted RESIDENCY_MARGIN faster."""
+    plans = []
+    for slots, sessions in (MEASURED_SHAPES if probe else PIPELINE_SHAPES):
         try:
-            return plan_paging(layer_bytes, fixed_bytes, budget_bytes, slots, sessions=sessions)
-        except MemoryBudgetError:
-            if k == len(PIPELINE_SHAPES) - 1:
-                raise
+            plans.append(plan_paging(layer_bytes, fixed_bytes, budget_bytes, slots, sessions=sessions))
+        except MemoryBudgetError as exc:
+            error = exc
+            continue
+        if probe is None or not plans[-1].paged:
+            return plans[-1]
+    if not plans:
+        raise error
+    best = plans[0]
+    for p in plans[1:]:
+        fewer_paged = len(p.paged) < len(best.paged)
+        ratio = probe.tokens_per_s(p) / probe.tokens_per_s(best)
+        if ratio > RESIDENCY_MARGIN or (ratio >= 1 / RESIDENCY_MARGIN and fewer_paged):
+            best = p
+    return best
 
 
 def parse_budget(value: int | str, weight_bytes: int) -> int:
