@@ -80,10 +80,10 @@ class SessionPipeline(LayerReader):
                  build, *, max_sessions: int, builders: int, release_early: bool):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.spans, self.build, self.release_early = spans, build, release_early
+        self.spans, self.build, self.release_early, self.builders = spans, build, release_early, max(1, builders)
         self.sessions = threading.Semaphore(max_sessions)
         self.error: BaseException | None = None
-        self.pool = ThreadPoolExecutor(max(1, builders), thread_name_prefix=BUILDER_THREADS)
+        self.pool = ThreadPoolExecutor(self.builders, thread_name_prefix=BUILDER_THREADS)
         super().__init__(wf, dict(enumerate(spans)), order, slots)
 
     def _handoff(self, layer: int, slot: int) -> bool:
@@ -158,6 +158,11 @@ class FusedPagedBackend:
         self.io = dataclasses.replace(io, kv_dtype="float32")
         self.threads, self.accuracy_level, self.provider = threads, accuracy_level, providers[0]
         self.providers = providers
+        # the CPU `threads` stands for is shared: builder threads prepack paged layers while the computing
+        # thread runs the others, on what the builders leave (one thread at least); on 2 cores paged
+        # decode ran 7-10 % faster so than with 2 compute threads contending with the builds
+        self.builders = max(1, min(max(sh[1] for sh in MEASURED_SHAPES) - 1, threads))
+        self.compute_threads = max(1, threads - self.builders)
 
         self.roles = layer_roles(self.tensors, 0)
         # copied out of the slot: all but the int4 matrices (scales too: at accuracy level 1 MatMulNBits
@@ -213,7 +218,7 @@ class FusedPagedBackend:
 
             sessions = self.plan.sessions if self.release_early else min(self.plan.sessions, self.plan.slots)
             self.reader = SessionPipeline(self.file, self.spans, self.plan.paged, slots, build, max_sessions=sessions,
-                                          builders=min(sessions, threads), release_early=self.release_early)
+                                          builders=min(self.builders, max(1, sessions - 1)), release_early=self.release_early)
             # the pipeline's threads may be inside onnxruntime: stop them before the interpreter exits
             weakref.finalize(self, self.reader.close)
         log.info("paging (fused graph): %d of %d layers resident, %d streamed from %s (%s), %s bytes paged per token, "
@@ -230,7 +235,7 @@ class FusedPagedBackend:
     def _session(self, graph: bytes, weights: dict[str, np.ndarray], what: str):
         ort = self.ort
         so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+        so.intra_op_num_threads, so.inter_op_num_threads = self.compute_threads, 1
         so.log_severity_level = 3
         # one thread pool per session: idle pools must not spin on the cores the running one needs
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -275,7 +280,7 @@ class FusedPagedBackend:
         owns, compute_s = self._prepack_owns_weights(sess, slot, nbytes)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return BuildProbe(read_bytes_per_s=nbytes / max(read_s, 1e-6), build_s=builds[-1], layer_compute_s=compute_s,
-                          cores=cores, threads=self.threads, release_early=owns)
+                          cores=min(cores, self.threads), threads=self.compute_threads, release_early=owns)
 
     def _prepack_owns_weights(self, sess, slot: np.ndarray, nbytes: int) -> tuple[bool, float]:
         """Whether a layer session keeps working after the slot it was built from is overwritten (its
@@ -359,7 +364,8 @@ class FusedPagedBackend:
 
     def describe(self) -> dict:
         return {"backend": "onnxruntime-paged", "graph": f"single-layer graph over {self.file.path.name}",
-                "graph_form": "fused", "provider": self.provider, "threads": self.threads,
+                "graph_form": "fused", "provider": self.provider, "threads": self.compute_threads,
+                "builder_threads": self.reader.builders if self.reader else 0,
                 "accuracy_level": self.accuracy_level, "kv_dtype": self.io.kv_dtype, "io": self.file.mode,
                 "read_bytes_per_s": self.options.read_bytes_per_s, "paging": self.plan.to_dict(),
                 "slots_reused_after_build": bool(self.reader and self.reader.release_early), "malloc": self.heap,
