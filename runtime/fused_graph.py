@@ -38,7 +38,7 @@ from .engine_cache import write_atomic
 
 log = logging.getLogger("edge_sdk.runtime")
 
-BUILDER_VERSION = 2  # bump when the graph or the sidecar layout changes: old entries are rebuilt
+BUILDER_VERSION = 3  # bump when the graph or the sidecar layout changes: old entries are rebuilt
 ALIGN = 4096
 DEFAULT_POSITIONS = 32768  # rotary table rows when the model allows more (a larger max_seq_len extends it)
 GRAPH_NAME = "fused-level{level}.onnx"
@@ -448,8 +448,8 @@ class _Builder:
                                       [f"{n_}/post_attn_norm/out", "", "", f"{n_}/post_attn_norm/sum"], f"{n_}/post_attn_norm", ms, epsilon=s.eps)
         gate = matmul(normed, f"{p}.mlp.gate_proj", h, s.intermediate, f"{n_}/mlp/gate_proj/MatMulNBits")
         up = matmul(normed, f"{p}.mlp.up_proj", h, s.intermediate, f"{n_}/mlp/up_proj/MatMulNBits")
-        sig = node("Sigmoid", [gate], [f"{n_}/mlp/Sigmoid/out"], f"{n_}/mlp/Sigmoid")
-        act = node("Mul", [gate, sig], [f"{n_}/mlp/silu/out"], f"{n_}/mlp/silu")
+        # SiLU as onnxruntime's own fusion of Sigmoid and Mul writes it: the graph needs no optimizer
+        act = node("QuickGelu", [gate], [f"{n_}/mlp/silu/out"], f"{n_}/mlp/silu", ms, alpha=1.0)
         act = node("Mul", [act, up], [f"{n_}/mlp/gated/out"], f"{n_}/mlp/gated")
         return residual, matmul(act, f"{p}.mlp.down_proj", s.intermediate, h, f"{n_}/mlp/down_proj/MatMulNBits")
 

@@ -348,3 +348,45 @@ def test_huge_pages_can_be_collapsed_in_the_background():
         time.sleep(0.01)
     assert not advice.collapsing and 0 <= advice.collapsed <= advice.bytes
     assert block.sum() == block.size  # the memory is intact after its pages moved
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_layer_and_tail_graphs_are_already_optimized(tiny_bundle, tmp_path, arch):
+    """The paged executor builds its sessions with onnxruntime's optimizers off; that is exact only if
+    they would change nothing: the optimized graph at ORT_ENABLE_ALL has the same compute nodes."""
+    import collections
+
+    import onnx
+
+    from edge_sdk.runtime.paging.fused import layer_roles
+
+    model = edge_sdk.load(tiny_bundle(arch), provider="cpu", graph="fused", threads=1, log_provider=False,
+                          engine_cache_dir=str(tmp_path / "engines"))
+    handle = model.backend.fused
+    meta = handle.metadata()
+    tensors = meta["tensors"]
+    s = fg.Shape.from_manifest(model.manifest)
+    roles = layer_roles(tensors, 0)
+    graphs = {"layer": fg.build_layer_graph(s, roles, 4, qkv_bias="qkv.bias" in roles),
+              "tail": fg.build_tail_graph(s, {n: t for n, t in tensors.items() if not n.startswith(("model.layers.", "rope."))}, 4)}
+    mm = np.memmap(handle.sidecar_dir / fg.WEIGHTS_NAME, np.uint8, mode="r")
+    for what, g in graphs.items():
+        names = {i.name for i in g.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+        key = {"layer": lambda n: f"model.layers.0.{n[len('layer.'):]}", "tail": lambda n: n}[what]
+        ops = {}
+        for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+            so = ort.SessionOptions()
+            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+            so.optimized_model_filepath = str(tmp_path / f"{what}-{level}.onnx")
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(handle.sidecar_dir))
+            keep = []
+            for n in names:
+                t = tensors[key(n)]
+                keep.append(ort.OrtValue.ortvalue_from_numpy(np.array(mm[t["offset"]:t["offset"] + t["nbytes"]])
+                                                             .view(t["dtype"]).reshape(t["shape"])))
+                so.add_initializer(n, keep[-1])
+            ort.InferenceSession(g.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            saved = onnx.load(str(tmp_path / f"{what}-{level}.onnx"), load_external_data=False)
+            ops[level] = collections.Counter(n.op_type for n in saved.graph.node if n.op_type != "Identity")
+        assert ops["ORT_ENABLE_ALL"] == ops["ORT_DISABLE_ALL"], what
+        assert ops["ORT_DISABLE_ALL"]["QuickGelu"] == (1 if what == "layer" else 0)
