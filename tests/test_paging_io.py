@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -104,3 +105,40 @@ def test_weights_file_shorter_than_the_manifest(weights):
     path, data = weights
     with pytest.raises(BundleError, match="truncated"):
         WeightsFile(path, len(data) + 1)
+
+
+def test_freed_buffers_stay_in_the_heap():
+    """After keep_freed_buffers, a layer-sized allocation comes from glibc's heap (already faulted in
+    after the first use) instead of a fresh mapping, and freeing it keeps it there. Run in a child
+    process: the thresholds are process-wide."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import ctypes, json
+        from edge_sdk.runtime.paging import heap
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+
+        def region(addr):
+            for line in open("/proc/self/maps"):
+                span, rest = line.split(" ", 1)
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= addr < hi:
+                    return rest.split()[-1] if len(rest.split()) >= 5 else "anonymous", hi - lo
+            return None, 0
+
+        n = 24 << 20
+        before = libc.malloc(n); b_region, b_size = region(before); libc.free(before)
+        got = heap.keep_freed_buffers(n, 4 * n)
+        first = libc.malloc(n); libc.free(first)
+        second = libc.malloc(n); s_region, _ = region(second); libc.free(second)
+        print(json.dumps({"got": got, "before": [b_region, b_size], "first": first, "second": second, "second_region": s_region}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    assert r["got"]["set"] and r["got"]["mmap_threshold"] == 24 << 20 and r["got"]["trim_threshold"] == 96 << 20
+    assert r["before"][0] == "anonymous" and r["before"][1] >= 24 << 20  # default thresholds: a mapping of its own
+    assert r["second_region"] == "[heap]" and r["second"] == r["first"]  # reused, not mapped again
