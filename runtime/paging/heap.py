@@ -41,7 +41,7 @@ def keep_freed_buffers(largest_buffer: int, kept_bytes: int) -> dict:
     libc = _libc()
     if libc is None:
         return {"set": False, "reason": "not glibc"}
-    mmap_threshold = max(int(largest_buffer), 128 << 10)
+    mmap_threshold = int(largest_buffer) + (1 << 20)  # glibc maps requests at or above it, headers included
     trim_threshold = max(int(kept_bytes), mmap_threshold)
     ok = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(min(mmap_threshold, 2**31 - 1))))
     ok = bool(libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(min(trim_threshold, 2**31 - 1)))) and ok
