@@ -262,8 +262,8 @@ def plan(
 
 def fused_layer_bytes(s: ModelShape, q: QuantSpec) -> tuple[list[int], int] | None:
     """(bytes of each layer, bytes of lm_head + final norm) in the fused executor's sidecar, as
-    runtime/fused_graph.py writes it: q/k/v packed into one int4 matrix, fp32 scales and norms, every
-    tensor page aligned. None where the fused graph does not apply (MoE, other than int4)."""
+    runtime/fused_graph.py writes it: q/k/v packed into one int4 matrix and gate/up into another, fp32
+    scales and norms, every tensor page aligned. None where the fused graph does not apply (MoE, other than int4)."""
     from .runtime.paging.plan import page_round as pr
 
     if s.spec.moe or q.bits != 4:
@@ -274,7 +274,7 @@ def fused_layer_bytes(s: ModelShape, q: QuantSpec) -> tuple[list[int], int] | No
 
     h, qd, kv = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     layer = (mat(h, qd + 2 * kv) + (pr((qd + 2 * kv) * 4) if s.qkv_bias else 0) + mat(qd, h)
-             + 2 * mat(h, s.intermediate_size) + mat(s.intermediate_size, h) + pr(h * 4) + h * 4)  # the last norm unpadded
+             + mat(h, 2 * s.intermediate_size) + mat(s.intermediate_size, h) + pr(h * 4) + h * 4)  # the last norm unpadded
     head = mat(h, s.vocab_size) if q.lm_head_dtype == "int4" else pr(h * s.vocab_size * 2)
     return [layer] * s.num_layers, head + pr(h * 4)
 
