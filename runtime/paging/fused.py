@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from edge_sdk.errors import BundleError, EdgeSDKError, RuntimeBackendError, requ
 from .. import fused_graph as fg
 from ..backend import check_step, one_token_at_a_time_over_a_past
 from ..kv_cache import KVCache, ModelIO, SharedKVCache
-from .backend import PagedBackend, PagingOptions
 from . import heap
+from .backend import PagedBackend, PagingOptions
 from .buffers import Ledger, TokenBucket
 from .plan import MEASURED_SHAPES, BuildProbe, PagingPlan, page_round, plan_pipelined
 from .reader import LayerReader, WeightsFile
@@ -158,9 +159,9 @@ class FusedPagedBackend:
         self.io = dataclasses.replace(io, kv_dtype="float32")
         self.threads, self.accuracy_level, self.provider = threads, accuracy_level, providers[0]
         self.providers = providers
-        # the CPU `threads` stands for is shared: builder threads prepack paged layers while the computing
-        # thread runs the others, on what the builders leave (one thread at least); on 2 cores paged
-        # decode ran 7-10 % faster so than with 2 compute threads contending with the builds
+        # `threads` is the CPU to share: builder threads prepack paged layers while the computing thread
+        # runs the others on what the builders leave (one thread at least); on 2 cores paged decode ran
+        # 6-10 % faster this way than with two compute threads contending with the builds
         self.builders = max(1, min(max(sh[1] for sh in MEASURED_SHAPES) - 1, threads))
         self.compute_threads = max(1, threads - self.builders)
 
@@ -177,7 +178,7 @@ class FusedPagedBackend:
         if self.plan.paged:
             # a dropped session's prepacked buffers stay faulted in for the next build (paging/heap.py)
             self.heap = heap.keep_freed_buffers(self.plan.slot_bytes, (max(sh[1] for sh in MEASURED_SHAPES) + 1) * self.plan.slot_bytes)
-            # one paged layer read, built and run decides the pipeline's shape (plan.plan_pipelined)
+            # paged layers read, one built and run: the measured times choose the pipeline's shape
             self.probe = self._probe(self.plan.paged[-1], Ledger(options.budget_bytes).aligned("probe", self.plan.slot_bytes))
             self.plan = plan_for(self.tensors, s.layers, options.budget_bytes, self.probe)
         tail_tensors = {n: t for n, t in self.tensors.items() if not n.startswith(("model.layers.", "rope."))}
@@ -270,8 +271,6 @@ class FusedPagedBackend:
         """Paged layers read (the last, i, into `slot`), layer i built from the slot (twice: the first build
         also warms the allocator) and run: the times the plan is chosen by, and whether sessions own their
         weights."""
-        import time
-
         off, nbytes = self.spans[i]
         reads = []
         for j in (*self.plan.paged[:2], i):  # single reads vary by tens of percent: the median of three
@@ -293,8 +292,6 @@ class FusedPagedBackend:
         int4 matrices prepacked into onnxruntime's own memory): then slots are reused right after a
         build. Checked once per load on a paged layer; also returns the fastest of a few runs of the
         layer at batch 1 (seconds)."""
-        import time
-
         s, rng = self.shape, np.random.default_rng(0)
         cos, sin = fg.rope_rows(np.array([0]), self.inv_freq, self.rope_scaling)
         empty = np.zeros((1, s.kv_heads, 0, s.head_dim), np.float32)
