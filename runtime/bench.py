@@ -95,6 +95,7 @@ def bench(model, *, prompt_tokens: int = 128, new_tokens: int = 128, batch: int 
     avg_context = prompt_tokens + new_tokens / 2
     kv = int(io.kv_bytes_per_token() * avg_context * batch)
     per_step = weights + kv
+    peak = peak_rss_bytes()  # before the bandwidth probe, whose buffers are not the model's
     bw = bandwidth_gbps if bandwidth_gbps is not None else read_bandwidth_gbps()
     roofline = bw * 1e9 / per_step * batch
     out = {
@@ -103,7 +104,7 @@ def bench(model, *, prompt_tokens: int = 128, new_tokens: int = 128, batch: int 
         "prefill_tokens_per_s": round(med(lambda t: t.prefill_tokens_per_s), 2),
         "decode_tokens_per_s": round(decode_tps, 2),
         "time_to_first_token_s": round(med(lambda t: t.first_token_s), 4),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak,
         "bytes_read_per_token": per_step // batch,
         "weight_bytes_per_step": weights, "kv_bytes_per_step": kv,
         "read_bandwidth_gbps": round(bw, 2),

@@ -390,3 +390,28 @@ def test_layer_and_tail_graphs_are_already_optimized(tiny_bundle, tmp_path, arch
             ops[level] = collections.Counter(n.op_type for n in saved.graph.node if n.op_type != "Identity")
         assert ops["ORT_ENABLE_ALL"] == ops["ORT_DISABLE_ALL"], what
         assert ops["ORT_DISABLE_ALL"]["QuickGelu"] == (1 if what == "layer" else 0)
+
+
+def test_bench_peak_memory_leaves_out_the_bandwidth_probe(tiny_bundle, tmp_path):
+    """bench measures read bandwidth with large buffers of its own after the runs; the peak memory it
+    reports is the model's, taken before them. In a child process: the peak is process-wide."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import json, resource, numpy as np, edge_sdk
+        from edge_sdk.runtime import bench as b
+
+        def probe():  # stands in for the bandwidth probe: 1 GiB touched
+            buf = np.ones(1 << 30, np.uint8)
+            return float(buf[::4096].sum() > 0) * 10.0
+
+        b.read_bandwidth_gbps = probe
+        m = edge_sdk.load({str(tiny_bundle("qwen2"))!r}, provider="cpu", threads=1, log_provider=False,
+                          engine_cache_dir={str(tmp_path)!r})
+        out = b.bench(m, prompt_tokens=4, new_tokens=2, repeats=1)
+        print(json.dumps({{"reported": out["peak_rss_bytes"], "after": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+    """)
+    r = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    assert r["after"] - r["reported"] >= 300 << 20
