@@ -72,6 +72,15 @@ def _planned_read_per_token(cfg: dict) -> int:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM (ru_maxrss is inherited across fork and exec, so a
+    process started by a larger one reports its parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

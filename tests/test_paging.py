@@ -422,3 +422,18 @@ def test_plan_shape_chosen_from_the_probe_by_hand():
     slow = BuildProbe(layer / 1.0, 0.5, 0.01, cores=4, threads=2)
     q = plan_pipelined([layer] * 8, PAGE, budget, slow)
     assert (q.slots, q.sessions, len(q.paged)) == (1, 1, 3) and slow.tokens_per_s(q) == pytest.approx(1 / 4.5)
+
+
+def test_fused_executor_keeps_no_mapping_of_the_sidecar(deep_bundle):
+    """Resident layers and the tail are built from a memory map of the sidecar; once their sessions own
+    the prepacked matrices (and hold copies of the rest), the file is no longer mapped, so its pages are
+    neither pinned nor counted in the process's memory. Tokens are unchanged."""
+    bundle = deep_bundle("qwen2")
+    want = greedy(rt.load(bundle, **EXACT), "mapping", n=5).token_ids
+    model = rt.load(bundle, memory_budget="50%", **EXACT)
+    be = model.backend
+    assert isinstance(be, FusedPagedBackend) and be.probe.release_early and be.plan.resident
+    with open("/proc/self/maps") as f:
+        assert str(be.file.path) not in f.read()
+    assert greedy(model, "mapping", n=5).token_ids == want
+    be.close()

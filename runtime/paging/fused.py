@@ -191,7 +191,9 @@ class FusedPagedBackend:
         before = hugepages.anonymous_regions() if huge_pages else None
         mm = np.memmap(self.file.path, np.uint8, mode="r")
         try:
-            self.tail = self._session(tail_graph, {n: self._view(mm, t) for n, t in tail_tensors.items()}, "the tail")
+            # as for layers, all but the int4 matrices are copied: no view may keep the file mapped
+            self.tail = self._session(tail_graph, {n: self._view(mm, t) if n.endswith(".B") else np.array(self._view(mm, t))
+                                                   for n, t in tail_tensors.items()}, "the tail")
             self.resident: dict[int, object] = {}
             for i in self.plan.resident:
                 # onnxruntime holds these weights prepacked for MatMulNBits; counted at their size
@@ -254,7 +256,11 @@ class FusedPagedBackend:
             sess = ort.InferenceSession(graph, so, providers=self.providers)
         except Exception as exc:
             raise RuntimeBackendError(f"onnxruntime could not build the session of {what}: {exc}") from exc
-        sess._edge_sdk_keep = values  # tensors onnxruntime did not prepack are read from these at run time
+        # tensors onnxruntime did not prepack are read from these at run time; the int4 matrices are let go
+        # once the probe showed the session owns their prepacked copies (else a session built from the
+        # memory-mapped sidecar would keep the file's pages mapped, and counted, for its lifetime)
+        owned = self.probe is not None and self.probe.release_early
+        sess._edge_sdk_keep = [v for n, v in zip(weights, values) if not (owned and n.endswith(".B"))]
         return sess
 
     def _layer_session(self, i: int, buf: np.ndarray, base: int):
