@@ -194,13 +194,25 @@ class FusedPagedBackend:
             # as for layers, all but the int4 matrices are copied: no view may keep the file mapped
             self.tail = self._session(tail_graph, {n: self._view(mm, t) if n.endswith(".B") else np.array(self._view(mm, t))
                                                    for n, t in tail_tensors.items()}, "the tail")
+            # resident layers are read one by one into a staging slot (O_DIRECT, no page cache) where the
+            # sessions own their prepacked matrices; else built from the map, which they then keep
+            staging = self.ledger.aligned("staging", self.plan.slot_bytes) if self.probe and self.probe.release_early else None
+            if staging is not None:
+                del mm
             self.resident: dict[int, object] = {}
             for i in self.plan.resident:
                 # onnxruntime holds these weights prepacked for MatMulNBits; counted at their size
                 self.ledger.charge(f"layer{i}", page_round(self.spans[i][1]))
-                self.resident[i] = self._layer_session(i, mm, 0)
+                if staging is None:
+                    self.resident[i] = self._layer_session(i, mm, 0)
+                else:
+                    self.file.read_into(staging, *self.spans[i])
+                    self.resident[i] = self._layer_session(i, staging, self.spans[i][0])
+            if staging is not None:
+                del staging
+                self.ledger.release("staging")
         finally:
-            del mm
+            mm = None
         # the resident sessions' prepacked weights on 2 MiB pages (runtime/hugepages.py)
         self.huge_pages = hugepages.advise_new(before, background=True) if huge_pages else hugepages.Advice(reason="disabled")
         if hasattr(os, "posix_fadvise"):  # the sessions hold their own copies now
