@@ -74,10 +74,20 @@ def session_builds(backend, samples: int = 4) -> tuple[float, float]:
 
 
 def decode(model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    import resource
+
     from edge_sdk.runtime.bench import bench
 
+    def cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    c0 = cpu()
     r = bench(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, bandwidth_gbps=1.0)
-    return {k: r[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "load_average")}
+    out = {k: r[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "load_average")}
+    # the process's CPU time per generated token, the prompt's forward pass included (all threads)
+    out["cpu_s_per_token"] = round((cpu() - c0) / (repeats * new_tokens), 4)
+    return out
 
 
 def main(argv=None) -> int:
@@ -219,7 +229,7 @@ def main(argv=None) -> int:
     for k in ("resident", "paged", "paged_standard_graph", "naive_mmap"):
         r = result[k]
         print(f"{k:30s} decode {r['decode_tokens_per_s']:7.2f} tokens/s  prefill {r['prefill_tokens_per_s']:7.1f}/s  "
-              f"load {r['load_average'][0]:.2f}")
+              f"CPU {1000 * r['cpu_s_per_token']:.0f} ms/token  load {r['load_average'][0]:.2f}")
     print(f"bound min(storage, resident) {result['bound_tokens_per_s']:.2f} tokens/s -> {100 * result['ratio_to_bound']:.0f}% reached")
     print(f"executor estimate            {result['estimate_tokens_per_s']:.2f} tokens/s -> measured/estimate {result['ratio_to_estimate']:.2f}")
     print(f"planner paged estimate       {result['planner']['decode_tokens_per_s']:.2f} tokens/s "

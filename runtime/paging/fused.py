@@ -160,8 +160,7 @@ class FusedPagedBackend:
         self.threads, self.accuracy_level, self.provider = threads, accuracy_level, providers[0]
         self.providers = providers
         # `threads` is the CPU to share: builder threads prepack paged layers while the computing thread
-        # runs the others on what the builders leave (one thread at least); on 2 cores paged decode ran
-        # 6-10 % faster this way than with two compute threads contending with the builds
+        # runs the others on what the builders leave (one thread at least) rather than contend with them
         self.builders = max(1, min(max(sh[1] for sh in MEASURED_SHAPES) - 1, threads))
         self.compute_threads = max(1, threads - self.builders)
 
@@ -252,7 +251,7 @@ class FusedPagedBackend:
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = self.compute_threads, 1
         # the fused graphs are written as onnxruntime's optimizers would leave them (the same nodes at
-        # every level, checked in tests): skipping the optimizers takes ~4 ms off each paged layer's build
+        # every level, checked in tests): skipping the optimizers shortens every paged layer's build
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 3
         # one thread pool per session: idle pools must not spin on the cores the running one needs

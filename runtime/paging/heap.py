@@ -3,9 +3,9 @@
 Each paged layer's session prepacks its int4 matrices into buffers onnxruntime allocates with malloc
 (several MiB each). glibc serves allocations that large with a fresh mmap and returns them with munmap
 (or trims them off the top of an arena), so every build faults its prepacked buffers in page by page
-again: 4 KiB faults over ~24 MiB per 1.5B layer, about as long as the prepacking itself on a
-virtualized x86 host (benchmarks/bench_paging.py prints the build time). Raising glibc's mmap and trim
-thresholds keeps freed buffers in the arenas, already faulted, so the next build reuses them.
+again: 4 KiB faults over ~24 MiB per 1.5B layer (benchmarks/bench_paging.py prints the build time).
+Raising glibc's mmap and trim thresholds keeps freed buffers in the arenas, already faulted, so the
+next build reuses them.
 
 The memory kept is bounded by what the executor's live sessions hold at once, which the ledger
 already charges against the budget (PagingPlan.sessions x slot bytes). The thresholds are
