@@ -373,7 +373,8 @@ class _Builder:
         onnx = require("onnx", "runtime")
         self.onnx, self.s, self.tensors, self.level = onnx, s, tensors, accuracy_level
         # initializers the session is given from memory (SessionOptions.add_initializer); they name the
-        # sidecar's weights file only because onnxruntime wants an existing file there, and never read it
+        # sidecar's weights file only because onnxruntime wants an existing file there. Nothing reads it as
+        # long as the session is built without optimizers (constant folding would: build_tail_graph)
         self.placeholders = placeholders
         self.nodes, self.inits = [], []
         self.dtypes = {"uint8": onnx.TensorProto.UINT8, "float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
@@ -532,7 +533,10 @@ def build_layer_graph(s: Shape, roles: dict, accuracy_level: int, *, qkv_bias: b
 
 
 def build_tail_graph(s: Shape, tensors: dict, accuracy_level: int):
-    b = _Builder(s, tensors, accuracy_level, placeholders=True)
+    """Final norm and lm_head. Unlike the layer graph its initializers name their real place in the
+    sidecar: the session is optimized, and onnxruntime's constant folding (an fp16 lm_head's Cast) reads
+    initializers from there before the ones given from memory take their place."""
+    b = _Builder(s, tensors, accuracy_level)
     f32 = b.onnx.TensorProto.FLOAT
     b.tail("residual", "pending")
     return b.model("edge-sdk-tail-fused",

@@ -217,7 +217,7 @@ def test_fp16_lm_head_and_tied_embeddings(tmp_path, tied):
     from edge_sdk.converters.tiny import build_model_dir, build_tokenizer, default_calibration_text, tiny_config
 
     tok = build_tokenizer([default_calibration_text()])
-    cfg = tiny_config("qwen2", tok.get_vocab_size(), tie_word_embeddings=tied)
+    cfg = tiny_config("qwen2", tok.get_vocab_size(), tie_word_embeddings=tied, num_hidden_layers=6)  # 6: room to page
     src = build_model_dir(tmp_path / "hf", "qwen2", seed=3, config=cfg, tokenizer=tok)
     bundle = tmp_path / "bundle"
     convert(src, bundle, method="rtn", lm_head_dtype="fp16", eval_tokens=128, progress=False)
@@ -228,6 +228,15 @@ def test_fp16_lm_head_and_tied_embeddings(tmp_path, tied):
     cf, cs = fused.backend.new_cache(1, 16), std.backend.new_cache(1, 16)
     np.testing.assert_allclose(fused.backend.forward(ids, cf), std.backend.forward(ids, cs), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fused.backend.forward(ids[:, :1], cf), std.backend.forward(ids[:, :1], cs), rtol=1e-4, atol=1e-4)
+    # the paged executor's tail (built once, optimized: the fp16 head's Cast folded) gives the same logits
+    from edge_sdk.runtime.paging.fused import FusedPagedBackend
+
+    paged = edge_sdk.load(bundle, provider="cpu", accuracy_level=1, threads=1, engine_cache_dir=str(tmp_path / "engines"),
+                          log_provider=False, memory_budget="50%")
+    assert isinstance(paged.backend, FusedPagedBackend) and paged.backend.plan.paged
+    cp, cs = paged.backend.new_cache(1, 16), std.backend.new_cache(1, 16)
+    np.testing.assert_allclose(paged.backend.forward(ids, cp), std.backend.forward(ids, cs), rtol=1e-4, atol=1e-4)
+    paged.backend.close()
 
 
 def test_concurrent_loads_build_the_sidecar_once(tiny_bundle, tmp_path):

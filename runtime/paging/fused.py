@@ -190,9 +190,11 @@ class FusedPagedBackend:
         before = hugepages.anonymous_regions() if huge_pages else None
         mm = np.memmap(self.file.path, np.uint8, mode="r")
         try:
-            # as for layers, all but the int4 matrices are copied: no view may keep the file mapped
-            self.tail = self._session(tail_graph, {n: self._view(mm, t) if n.endswith(".B") else np.array(self._view(mm, t))
-                                                   for n, t in tail_tensors.items()}, "the tail")
+            # as for layers, all but the int4 matrices are copied: no view may keep the file mapped (an fp16
+            # lm_head excepted: onnxruntime folds its Cast into an fp32 copy of its own; the view stays)
+            self.tail = self._session(tail_graph, {n: self._view(mm, t) if n.endswith(".B") or n == "lm_head.fp16"
+                                                   else np.array(self._view(mm, t)) for n, t in tail_tensors.items()},
+                                      "the tail", optimize=True)
             # resident layers are read one by one into a staging slot (O_DIRECT, no page cache) where the
             # sessions own their prepacked matrices; else built from the map, which they then keep
             staging = self.ledger.aligned("staging", self.plan.slot_bytes) if self.probe and self.probe.release_early else None
@@ -246,18 +248,20 @@ class FusedPagedBackend:
         start = t["offset"] - base
         return buf[start:start + t["nbytes"]].view(NP[t["dtype"]]).reshape(t["shape"])
 
-    def _session(self, graph: bytes, weights: dict[str, np.ndarray], what: str):
+    def _session(self, graph: bytes, weights: dict[str, np.ndarray], what: str, optimize: bool = False):
         ort = self.ort
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = self.compute_threads, 1
-        # the fused graphs are written as onnxruntime's optimizers would leave them (the same nodes at
-        # every level, checked in tests): skipping the optimizers shortens every paged layer's build
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # the layer graph is written as onnxruntime's optimizers would leave it (the same nodes at every
+        # level, checked in tests): skipping them shortens every paged layer's build. The tail, built once,
+        # is optimized (an fp16 lm_head's Cast is folded there)
+        if not optimize:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 3
         # one thread pool per session: idle pools must not spin on the cores the running one needs
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # the weights are handed over without a copy (onnxruntime copies add_external_initializers' tensors
-        # before prepacking them); the graph names the sidecar file as their place, which is never read
+        # before prepacking them); the graphs name the sidecar file as their place (fused_graph._Builder)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.file.path.parent))
         values = []
         for name, w in weights.items():
