@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     result["ratio_to_planner"] = round(result["paged"]["decode_tokens_per_s"] / est["decode_tokens_per_s"], 3)
     got = result["paged"]["decode_tokens_per_s"]
     result["ratio_to_bound"] = round(got / result["bound_tokens_per_s"], 3)
+    in_run = result["storage_in_run_bytes_per_s"]
+    result["in_run_bound_tokens_per_s"] = round(min(in_run / per_token, res_tps), 3) if in_run and per_token else None
     result["ratio_to_estimate"] = round(got / result["estimate_tokens_per_s"], 3)
     result["load_after"] = list(os.getloadavg())
     if args.json:
@@ -231,6 +233,9 @@ def main(argv=None) -> int:
         print(f"{k:30s} decode {r['decode_tokens_per_s']:7.2f} tokens/s  prefill {r['prefill_tokens_per_s']:7.1f}/s  "
               f"CPU {1000 * r['cpu_s_per_token']:.0f} ms/token  load {r['load_average'][0]:.2f}")
     print(f"bound min(storage, resident) {result['bound_tokens_per_s']:.2f} tokens/s -> {100 * result['ratio_to_bound']:.0f}% reached")
+    if result["in_run_bound_tokens_per_s"]:
+        print(f"same bound from the in-run speed {result['in_run_bound_tokens_per_s']:.2f} tokens/s "
+              f"-> {100 * got / result['in_run_bound_tokens_per_s']:.0f}% reached")
     print(f"executor estimate            {result['estimate_tokens_per_s']:.2f} tokens/s -> measured/estimate {result['ratio_to_estimate']:.2f}")
     print(f"planner paged estimate       {result['planner']['decode_tokens_per_s']:.2f} tokens/s "
           f"({result['planner']['paged_layers']} layers paged) -> measured/planner {result['ratio_to_planner']:.2f}")

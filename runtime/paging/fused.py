@@ -9,7 +9,7 @@ the weights it is given differ, so paged and resident layers compute exactly ali
 
 Why a session per paged layer: a layer whose int4 weights are graph inputs cannot use onnxruntime's
 prepacked MatMulNBits kernel (it dequantizes the whole matrix every call, ~30x slower). A build
-prepacks once per use (17-20 ms for a 1.5B layer in benchmarks/bench_paging.py).
+prepacks once per use (13-20 ms for a 1.5B layer in benchmarks/bench_paging.py).
 """
 
 from __future__ import annotations
