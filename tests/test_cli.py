@@ -75,3 +75,52 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_unknown_board_lists_boards():
     r = cli("plan", "deepseek-r1-distill-qwen-1.5b", "--board", "xavier")
     assert r.returncode == 2 and "orin-nano-8gb" in r.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`edge-sdk plan --json ... | head`: the closed pipe is no traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "edge_sdk.cli.main", "plan", "deepseek-r1-distill-qwen-1.5b", "--json"],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.stderr == "" and r.returncode == 141
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["run", "B", "--prompt", "x", "--max-tokens", "-1"], "--max-tokens: must be >= 1"),
+    (["run", "B", "--prompt", "x", "--max-tokens", "0"], "--max-tokens: must be >= 1"),
+    (["run", "B", "--prompt", "x", "--top-p", "0"], "--top-p: must be in (0, 1]"),
+    (["run", "B", "--prompt", "x", "--temperature", "-0.5"], "--temperature: must be >= 0"),
+    (["run", "B", "--prompt", "x", "--top-k", "-2"], "--top-k: must be >= 0"),
+    (["run", "B", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty: must be > 0"),
+    (["run", "B", "--prompt", "x", "--threads", "0"], "--threads: must be >= 1"),
+    (["bench", "B", "--new-tokens", "0"], "--new-tokens: must be >= 1"),
+    (["bench", "B", "--prompt-tokens", "-3"], "--prompt-tokens: must be >= 1"),
+    (["bench", "B", "--batch", "0"], "--batch: must be >= 1"),
+    (["bench", "B", "--repeats", "0"], "--repeats: must be >= 1"),
+    (["bench", "B", "--max-seq-len", "1"], "--max-seq-len: must be >= 2"),
+])
+def test_run_and_bench_flags_are_checked_before_the_model_loads(args, flag, capsys, monkeypatch):
+    import edge_sdk.runtime
+
+    monkeypatch.setattr(edge_sdk.runtime, "load", lambda *a, **k: pytest.fail("loaded before checking the flags"))
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["listen", "uplink"])
+def test_a_binary_key_file_gives_one_line_naming_keygen(tmp_path, verb):
+    key = tmp_path / "key"
+    key.write_bytes(b"\xff\xfe\x80" + bytes(range(29)))  # `head -c 32 /dev/urandom`: not UTF-8, not hex
+    r = cli("telemetry", verb, "loop://", "--key", str(key), "--state-dir" if verb == "uplink" else "--out",
+            str(tmp_path / "s"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "hex" in r.stderr and "edge-sdk telemetry keygen" in r.stderr

@@ -105,3 +105,20 @@ def test_platform_modules_stay_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_tensorrt_verdict_follows_the_root_not_the_flag(nano, tmp_path, capsys):
+    """`doctor --root EMULATED_ROOT` with or without `--emulate` gives the same verdicts: the root says it is
+    emulated. A tree that is not a Jetson does not need TensorRT either."""
+    pytest.importorskip("onnxruntime")
+    if __import__("importlib").util.find_spec("tensorrt"):
+        pytest.skip("TensorRT is installed here")
+    seen = []
+    for flags in ([], ["--emulate", "orin-nano-8gb"]):
+        code = main(["doctor", "--root", str(nano), "--no-storage", "--json", *flags])
+        checks = {c["name"]: c["status"] for c in json.loads(capsys.readouterr().out)["checks"]}
+        seen.append((code, checks))
+    assert seen[0] == seen[1]
+    assert seen[0][1]["tensorrt"] == "warn"
+    assert Platform(nano).emulated and not Platform(tmp_path).emulated
+    assert by_name(run_checks(Platform(tmp_path), DoctorOptions(storage=False)))["tensorrt"].status == "warn"

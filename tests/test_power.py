@@ -37,8 +37,9 @@ def test_reboot_switch_is_refused_unless_allowed(agx):
     pm = PowerManager(agx)
     seen = []
     pm.subscribe(seen.append)
-    with pytest.raises(PowerModeError, match="needs a reboot"):
+    with pytest.raises(PowerModeError, match="needs a reboot") as exc:
         pm.set("MODE_15W")
+    assert "allow_reboot=True" in str(exc.value) and "--allow-reboot" not in str(exc.value)  # the API speaks Python
     assert pm.current().name == "MODE_30W" and pm.events == []
     change = pm.set("MODE_15W", allow_reboot=True, reason="test")
     assert (change.old, change.new, change.reboot, change.reason) == ("MODE_30W", "MODE_15W", True, "test")
@@ -65,7 +66,8 @@ def test_power_cli(agx, capsys):
     assert st["current"]["name"] == "MODE_30W" and st["tj_c"] > 20
     assert [m["needs_reboot"] for m in st["modes"]] == [True, True, False, True]
     assert main(["power", "set", "MODE_15W", "--root", root]) == 8
-    assert "--allow-reboot" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--allow-reboot" in err and "allow_reboot" not in err  # the CLI speaks flags
     assert main(["power", "set", "MODE_15W", "--root", root, "--allow-reboot"]) == 0
     assert "MODE_30W -> MODE_15W" in capsys.readouterr().out
     assert main(["power", "policy", "performance", "--root", root, "--seconds", "0", "--allow-reboot"]) == 0

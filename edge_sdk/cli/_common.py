@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -12,6 +14,37 @@ from ..errors import NotBuiltError
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def int_at_least(low: int):
+    """argparse type: an integer >= low, checked before any work starts (argparse names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number_in(low: float, high: float = math.inf, *, low_open: bool = False, why: str = ""):
+    """argparse type: a float in [low, high] ((low, high] with low_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > low if low_open else value >= low) or not value <= high:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else f"{'>' if low_open else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {'in ' if high < math.inf else ''}{span}, got {text}{why}")
+        return value
+
+    return parse
 
 
 def not_built(what: str, missing: str):

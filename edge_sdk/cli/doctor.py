@@ -26,7 +26,7 @@ def run(args) -> int:
     from ..runtime.platform.doctor import DoctorOptions, run_checks
 
     platform = Platform.from_options(emulate=args.emulate, root=args.root)
-    opts = DoctorOptions(emulated=bool(args.emulate), bundle_dir=args.bundle_dir,
+    opts = DoctorOptions(bundle_dir=args.bundle_dir,
                          storage_seconds=args.storage_seconds, storage=not args.no_storage)
     checks = run_checks(platform, opts)
     failed = any(c.status == "fail" for c in checks)

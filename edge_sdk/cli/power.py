@@ -61,8 +61,13 @@ def status(args) -> int:
 
 
 def set_mode(args) -> int:
+    from ..runtime.platform.power import RebootRequiredError
+
     pm = _manager(args)
-    change = pm.set(args.mode, allow_reboot=args.allow_reboot, reason="edge-sdk power set")
+    try:
+        change = pm.set(args.mode, allow_reboot=args.allow_reboot, reason="edge-sdk power set")
+    except RebootRequiredError as exc:
+        raise RebootRequiredError(exc.old, exc.new, how="add --allow-reboot") from None
     if args.json:
         print_json(change.to_dict() if change else {"unchanged": pm.current().name})
     else:

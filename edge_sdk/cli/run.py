@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import print_json
+from ._common import int_at_least, number_in, print_json
 
 
 def _load_options(p) -> None:
@@ -13,12 +13,12 @@ def _load_options(p) -> None:
     p.add_argument("bundle", help="bundle directory written by `edge-sdk convert`")
     p.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"),
                    help="auto: TensorRT EP > CUDA EP > CPU by availability; tensorrt: native engine from `edge-sdk engine build`")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--accuracy-level", type=int, default=4, help="int4 MatMul activations: 1 exact fp32 ... 4 int8 (fastest)")
+    p.add_argument("--threads", type=int_at_least(1), help="CPU threads (default: all cores)")
+    p.add_argument("--accuracy-level", type=int, choices=range(5), default=4, help="int4 MatMul activations: 1 exact fp32 ... 4 int8 (fastest)")
     p.add_argument("--graph", default="auto", choices=("auto", "fused", "standard"),
                    help="CPU provider: fused onnxruntime graph built from the bundle (auto) or the bundle's own graph")
     p.add_argument("--no-huge-pages", action="store_true", help="keep the weights on small pages")
-    p.add_argument("--max-seq-len", type=int, help="KV capacity per sequence (tokens)")
+    p.add_argument("--max-seq-len", type=int_at_least(2), help="KV capacity per sequence (tokens)")
     p.add_argument("--key", help="trusted ed25519 public key: the bundle's signature must verify")
     p.add_argument("--board", help="board the bundle runs on (checked against the bundle)")
     p.add_argument("--memory-budget", metavar="BYTES|PERCENT",
@@ -33,11 +33,11 @@ def register(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template (DeepSeek-R1)")
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--hide-reasoning", action="store_true", help="with --chat: do not print the <think> part")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int_at_least(1), default=128)
+    p.add_argument("--temperature", type=number_in(0, why=" (0 is greedy)"), default=0.0)
+    p.add_argument("--top-p", type=number_in(0, 1, low_open=True, why=" (1 turns it off)"), default=1.0)
+    p.add_argument("--top-k", type=int_at_least(0), default=0)
+    p.add_argument("--repetition-penalty", type=number_in(0, low_open=True, why=" (1 turns it off)"), default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -45,10 +45,10 @@ def register(sub) -> None:
 
     b = sub.add_parser("bench", help="measure prefill/decode speed, time to first token, memory, roofline ratio")
     _load_options(b)
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--prompt-tokens", type=int_at_least(1), default=128)
+    b.add_argument("--new-tokens", type=int_at_least(1), default=128)
+    b.add_argument("--batch", type=int_at_least(1), default=1)
+    b.add_argument("--repeats", type=int_at_least(1), default=3)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=bench)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...errors import EdgeSDKError
@@ -28,7 +28,7 @@ class Check:
 
 @dataclass
 class DoctorOptions:
-    emulated: bool = False  # the board is an emulated root on a host: GPU software is the host's
+    emulated: bool | None = None  # the board is an emulated root on a host (None: as the root says)
     bundle_dir: Path = Path(".")
     storage_seconds: float = 2.0
     storage_file_mb: int = 64
@@ -40,6 +40,8 @@ class DoctorOptions:
 
 def run_checks(platform: Platform, options: DoctorOptions | None = None) -> list[Check]:
     o = options or DoctorOptions()
+    if o.emulated is None:
+        o = replace(o, emulated=platform.emulated)
     checks = []
     for fn in (_board, _l4t, _cuda, _tensorrt, _onnxruntime, _memory, _storage, _power_mode, _clocks, _swap,
                _thermal, _governor):
@@ -87,7 +89,9 @@ def _tensorrt(p: Platform, o: DoctorOptions) -> Check:
     if importlib.util.find_spec("tensorrt") is None:
         fix = ("on the device: sudo apt install python3-libnvinfer (JetPack's TensorRT 10.3); "
                "without it the runtime uses onnxruntime and engines cannot be built")
-        return Check("tensorrt", WARN if o.emulated else FAIL, "TensorRT Python bindings are not importable", fix)
+        # only a real Jetson needs it: an emulated root or a host's tree runs the onnxruntime path
+        needed = not o.emulated and p.board().is_jetson
+        return Check("tensorrt", FAIL if needed else WARN, "TensorRT Python bindings are not importable", fix)
     import tensorrt
 
     return Check("tensorrt", PASS, f"TensorRT {tensorrt.__version__}")

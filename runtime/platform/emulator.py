@@ -14,10 +14,10 @@ from ...boards import Board, get_board
 from ...errors import PlatformError
 from .meminfo import render_meminfo
 from .nvpmodel_conf import apply_model, freq_table, parse_conf, render_conf
-from .root import (CPU_DIR, CUDA_VERSION, DT_COMPATIBLE, DT_MODEL, EMC_ACTIVITY, EMC_CAP, GPU_DEVFREQ, GPU_DEVICE,
+from .root import (CPU_DIR, CUDA_VERSION, DT_COMPATIBLE, DT_MODEL, EMC_ACTIVITY, EMC_CAP, EMULATED_MARKER, GPU_DEVFREQ, GPU_DEVICE,
                    NVPMODEL_CONF, NVPMODEL_STATUS, TEGRA_RELEASE, SysRoot, tegra234_data)
 
-MARKER = ".edge-sdk-emulated.json"
+MARKER = EMULATED_MARKER
 TOOLS = ("nvpmodel", "jetson_clocks", "tegrastats")
 
 

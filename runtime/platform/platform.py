@@ -11,7 +11,7 @@ from ...errors import PlatformError
 from . import sensors
 from .board import BoardInfo, read_board
 from .meminfo import MemInfo, parse_meminfo
-from .root import SysRoot, tegra234_data
+from .root import EMULATED_MARKER, SysRoot, tegra234_data
 from .snapshot import CpuCore, Rail, Snapshot
 
 log = logging.getLogger("edge_sdk.platform")
@@ -44,6 +44,11 @@ class Platform:
 
             return cls(emulated_root(emulate, root))
         return cls(root or "/")
+
+    @property
+    def emulated(self) -> bool:
+        """The root is an emulated board laid out on a host (its GPU software is the host's)."""
+        return self.sys.path(EMULATED_MARKER).is_file()
 
     def run(self, args: list[str], **kw):
         return self.sys.run(args, **kw)

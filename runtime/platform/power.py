@@ -30,6 +30,15 @@ class ModeChange:
         return {"time": self.time, "old": self.old, "new": self.new, "reason": self.reason, "reboot": self.reboot}
 
 
+class RebootRequiredError(PowerModeError):
+    """A mode switch that restarts the device, asked for without allowing it. The hint speaks
+    Python; the CLI raises it again with `how` naming its flag."""
+
+    def __init__(self, old: str, new: str, how: str = "pass allow_reboot=True"):
+        super().__init__(f"switching {old} -> {new} needs a reboot", hint=f"{how} to accept it; the device restarts")
+        self.old, self.new = old, new
+
+
 def _budget_w(name: str, profile_mode: PowerMode | None) -> float:
     if profile_mode is not None:
         return float(profile_mode.budget_w)
@@ -100,8 +109,7 @@ class PowerManager:
             return None
         reboot = self.needs_reboot(new, old)
         if reboot and not allow_reboot:
-            raise PowerModeError(f"switching {old.name} -> {new.name} needs a reboot",
-                                 hint="pass --allow-reboot (allow_reboot=True) to accept it; the device restarts")
+            raise RebootRequiredError(old.name, new.name)
         proc = self.platform.run(["nvpmodel", "-m", str(new.id)], input="YES\n" if reboot else "", check=False, timeout=30)
         if proc.returncode != 0 or "NVPM ERROR" in proc.stdout + proc.stderr:
             raise PowerModeError(f"nvpmodel -m {new.id} failed: {(proc.stdout + proc.stderr).strip()[-200:]}")

@@ -35,6 +35,7 @@ TEGRA_RELEASE = "etc/nv_tegra_release"
 DT_MODEL = "proc/device-tree/model"
 DT_COMPATIBLE = "proc/device-tree/compatible"
 CUDA_VERSION = "usr/local/cuda/version.json"
+EMULATED_MARKER = ".edge-sdk-emulated.json"  # laid out by the emulator: {"board": NAME}
 
 
 class SysRoot:

@@ -50,14 +50,15 @@ def generate_key(path: str | os.PathLike) -> Path:
 
 def load_key(path: str | os.PathLike) -> bytes:
     try:
-        text = Path(path).read_text().strip()
+        text = Path(path).read_bytes().decode("ascii", errors="replace").strip()
     except OSError as exc:
         raise TelemetryError(f"cannot read key file {path}: {exc}",
                              hint="create one with: edge-sdk telemetry keygen FILE") from exc
     try:
         key = bytes.fromhex(text)
     except ValueError:
-        raise TelemetryError(f"key file {path} is not hex", hint="create one with: edge-sdk telemetry keygen FILE") from None
+        raise TelemetryError(f"key file {path} is not hex: the key must be the hex text that `edge-sdk telemetry keygen` writes",
+                             hint="create one with: edge-sdk telemetry keygen FILE") from None
     if len(key) < 16:
         raise TelemetryError(f"key in {path} has {len(key)} bytes; at least 16 are needed",
                              hint="create one with: edge-sdk telemetry keygen FILE")
