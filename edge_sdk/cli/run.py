@@ -97,7 +97,7 @@ def run(args) -> int:
 
 def bench(args) -> int:
     from edge_sdk.runtime.bench import bench as run_bench
-    from edge_sdk.runtime.bench import board_roofline
+    from edge_sdk.runtime.bench import board_roofline, roofline_share_text
 
     import time
 
@@ -135,7 +135,7 @@ def bench(args) -> int:
     print(f"peak memory       {result['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(f"read per token    {result['bytes_read_per_token'] / 2**20:.1f} MiB")
     print(f"roofline          {result['roofline_tokens_per_s']:.1f} tokens/s at {result['read_bandwidth_gbps']:.1f} GB/s "
-          f"-> {100 * (result['roofline_ratio'] or 0):.0f}% reached")
+          f"(probed) -> decode {roofline_share_text(result['roofline_ratio'])}")
     if "board_roofline" in result:
         r = result["board_roofline"]
         modes = ", ".join(f"{k} {v}" for k, v in r["modes"].items())
