@@ -33,6 +33,13 @@ DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 RUNTIME_OVERHEAD_MB = 600
 OS_RESERVE_MB = 1024
 PREFILL_EFFICIENCY = 0.35  # fraction of dense FP16 tensor throughput reached by int4 weight-only prefill [unverified]
+# Fraction of the memory roofline (bandwidth / bytes read per step) that int4 decode reaches: published
+# Jetson AGX Orin results for TensorRT-LLM reach about 88 %. [unverified on this SDK's own engines;
+# `edge-sdk bench --board` prints the measured share beside the planner's bound]
+DECODE_EFFICIENCY = 0.88
+
+# Units: memory sizes in binary units (GiB = 2**30 bytes, MiB = 2**20), rates in decimal ones (GB/s = 1e9 bytes/s).
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -112,11 +119,12 @@ class ModeEstimate:
     mode_id: int
     mode: str
     budget_w: float
-    bandwidth_gbps: float
-    decode_tokens_per_s: float  # roofline upper bound, whole batch
+    bandwidth_gbps: float  # GB/s (1e9 bytes/s)
+    decode_tokens_per_s: float  # what to expect, whole batch: the bound x DECODE_EFFICIENCY in memory, the paged speed when paged, 0 when neither
     prefill_tokens_per_s: float
-    joules_per_token: float  # at the mode's power budget (an upper bound)
+    joules_per_token: float  # the mode's power budget / decode_tokens_per_s
     paged_decode_tokens_per_s: float | None = None
+    decode_bound_tokens_per_s: float = 0.0  # memory roofline with the weights in memory: bandwidth / bytes read per step
 
 
 @dataclass
@@ -149,8 +157,8 @@ class Plan:
         return asdict(self)
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
 
 
 def bundled_configs() -> list[str]:
@@ -167,7 +175,9 @@ def resolve_model(model: str | Path | dict) -> tuple[dict, str]:
         text = resources.files("edge_sdk.data").joinpath("configs", f"{model}.json").read_text()
         return json.loads(text), str(model)
     if p.is_dir() and (p / "manifest.json").exists():
-        manifest = json.loads((p / "manifest.json").read_text())
+        from .bundle import read_manifest
+
+        manifest = read_manifest(p)  # one BundleError for a corrupt manifest
         cfg = manifest.get("source", {}).get("config")
         if isinstance(cfg, dict):
             return cfg, str(model)
@@ -234,14 +244,16 @@ def plan(
     modes = []
     for m in b.power_modes:
         bw = b.mode_bandwidth_gbps(m) * 1e9
-        decode = batch * bw / read_per_step
+        bound = batch * bw / read_per_step
+        decode = bound * DECODE_EFFICIENCY
         prefill = b.mode_fp16_tflops(m) * 1e12 * PREFILL_EFFICIENCY / (2 * params.active_per_token + 4 * s.num_layers * context * s.num_heads * s.head_dim // 2)
         pd = None
         if paged and paged["feasible"]:
             pd = min(decode, batch * paged["storage_bytes_per_s"] / max(1, paged["bytes_paged_per_token"]))
-        shown = pd if (paged and pd is not None) else decode
-        modes.append(ModeEstimate(m.id, m.name, m.budget_w, round(bw / 1e9, 1), round(decode, 2), round(prefill, 1),
-                                  round(m.budget_w / shown, 3) if shown else float("inf"), round(pd, 3) if pd is not None else None))
+        expect = decode if not paged else (pd or 0.0)  # a model that does not fit runs at the paged speed or not at all
+        modes.append(ModeEstimate(m.id, m.name, m.budget_w, round(bw / 1e9, 1), round(expect, 3 if paged else 2), round(prefill, 1),
+                                  round(m.budget_w / expect, 3) if expect else float("inf"), round(pd, 3) if pd is not None else None,
+                                  round(bound, 2)))
 
     notes = []
     if s.spec.moe:
@@ -337,6 +349,24 @@ def recommend(model, *, context: int = 4096, batch: int = 1, bits: int = 4, grou
     return sorted(out, key=lambda pm: (-pm[1].decode_tokens_per_s, pm[1].budget_w))
 
 
+def _mode_table(p: Plan) -> list[str]:
+    """In memory: the roofline bound and the estimate at DECODE_EFFICIENCY of it. Paged: the paged speed only."""
+    speed = "paged tok/s" if p.paged else "bound tok/s  decode tok/s"
+    lines = [f"  mode            power  bandwidth  {speed}  prefill tok/s  J/token"]
+    for m in p.modes:
+        mark = "*" if m.mode == p.selected_mode else " "
+        if not p.paged:
+            cells = f"{m.decode_bound_tokens_per_s:>11.1f} {m.decode_tokens_per_s:>13.1f}"
+        else:
+            cells = f"{m.decode_tokens_per_s:>11.3g}" if m.decode_tokens_per_s else f"{'-':>11}"
+        lines.append(f" {mark}{m.mode_id} {m.mode:<12} {m.budget_w:>4.0f} W {m.bandwidth_gbps:>6.1f} GB/s {cells} "
+                     f"{m.prefill_tokens_per_s:>14.0f} {m.joules_per_token:>8.3f}")
+    if not p.paged:
+        lines.append(f"  bound: bandwidth / bytes read per step; decode: {DECODE_EFFICIENCY:.0%} of the bound "
+                     "(TensorRT-LLM on AGX Orin, published)")
+    return lines
+
+
 def render(p: Plan) -> str:
     w, pc = p.weight_bytes, p.params
     lines = [
@@ -344,26 +374,20 @@ def render(p: Plan) -> str:
         f"  parameters     {pc['total']:,}  (embeddings {pc['embeddings']:,}, attention {pc['attention']:,}, "
         f"mlp {pc['mlp']:,}, router {pc['router']:,}, norms {pc['norms']:,}, lm_head {pc['lm_head']:,})",
         f"  read per token {pc['active_per_token']:,} parameters",
-        f"  weights        {_gb(w['total'])} at int{p.quant['bits']} g{p.quant['group_size']} "
-        f"(embeddings {p.quant['embed_dtype']} {_gb(w['embeddings'])}, lm_head {p.quant['lm_head_dtype']} {_gb(w['lm_head'])})",
-        f"  KV cache       {p.kv_bytes_per_token:,} B/token x {p.context} tokens x batch {p.batch} = {_gb(p.kv_bytes)}",
-        f"  workspace      {_gb(p.workspace_bytes)} + runtime {_gb(p.runtime_overhead_bytes)}",
-        f"  total          {_gb(p.total_bytes)} of {_gb(p.usable_bytes)} usable -> "
-        + ("FITS" if p.fits else "DOES NOT FIT") + f" (headroom {_gb(p.headroom_bytes)})",
-        f"  bytes read per decode step {_gb(p.bytes_read_per_token)}",
-        "  mode            power  bandwidth   decode tok/s  prefill tok/s  J/token" + ("  paged tok/s" if p.paged else ""),
+        f"  weights        {_gib(w['total'])} at int{p.quant['bits']} g{p.quant['group_size']} "
+        f"(embeddings {p.quant['embed_dtype']} {_gib(w['embeddings'])}, lm_head {p.quant['lm_head_dtype']} {_gib(w['lm_head'])})",
+        f"  KV cache       {p.kv_bytes_per_token:,} B/token x {p.context} tokens x batch {p.batch} = {_gib(p.kv_bytes)}",
+        f"  workspace      {_gib(p.workspace_bytes)} + runtime {_gib(p.runtime_overhead_bytes)}",
+        f"  total          {_gib(p.total_bytes)} of {_gib(p.usable_bytes)} usable -> "
+        + ("FITS" if p.fits else "DOES NOT FIT") + f" (headroom {_gib(p.headroom_bytes)})",
+        f"  bytes read per decode step {_gib(p.bytes_read_per_token)}",
     ]
-    for m in p.modes:
-        mark = "*" if m.mode == p.selected_mode else " "
-        row = f" {mark}{m.mode_id} {m.mode:<12} {m.budget_w:>4.0f} W {m.bandwidth_gbps:>7.1f} GB/s {m.decode_tokens_per_s:>10.1f} {m.prefill_tokens_per_s:>13.0f} {m.joules_per_token:>9.3f}"
-        if p.paged:
-            row += f" {m.paged_decode_tokens_per_s if m.paged_decode_tokens_per_s is not None else '-':>11}"
-        lines.append(row)
+    lines += _mode_table(p)
     if p.paged:
         pg = p.paged
         if pg["feasible"]:
             lines.append(f"  paged from {pg['storage']}: {pg['resident_layers']} layers resident, {pg['paged_layers']} streamed, "
-                         f"{_gb(pg['bytes_paged_per_token'])} read per token -> <= {pg['decode_tokens_per_s']:.3g} tok/s")
+                         f"{_gib(pg['bytes_paged_per_token'])} read per token -> <= {pg['decode_tokens_per_s']:.3g} tok/s")
         else:
             lines.append("  paged: not feasible (embeddings + lm_head + KV + two layer buffers exceed the budget)")
     lines += [f"  note: {n}" for n in p.notes]

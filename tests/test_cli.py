@@ -39,6 +39,9 @@ def test_plan_json_matches_the_python_api():
     assert data["params"]["total"] == 1_777_088_000
     assert data["total_bytes"] == ref.total_bytes and data["fits"] is True
     assert [m["mode"] for m in data["modes"]] == ["MAXN", "MODE_10W", "MODE_15W", "MODE_25W"]
+    for got, want in zip(data["modes"], ref.modes):  # the estimate and its bound, both
+        assert (got["decode_tokens_per_s"], got["decode_bound_tokens_per_s"]) == (want.decode_tokens_per_s, want.decode_bound_tokens_per_s)
+        assert got["decode_tokens_per_s"] < got["decode_bound_tokens_per_s"]
 
 
 def test_plan_recommend(capsys):

@@ -31,7 +31,7 @@ def test_emulated_board_checks(nano, tmp_path):
     assert checks["board"].status == "pass" and "Orin Nano 8GB" in checks["board"].detail
     assert checks["l4t"].detail == "L4T 36.4.4, JetPack 6.2.1"
     assert checks["cuda"].status == "pass" and "12.6" in checks["cuda"].detail
-    assert checks["memory"].status == "pass" and "7620 MB" in checks["memory"].detail
+    assert checks["memory"].status == "pass" and "7620 MiB" in checks["memory"].detail
     assert checks["swap"].status == "pass" and checks["cpu governor"].status == "pass"
     assert checks["thermal"].status == "pass" and "trip 99.0 C" in checks["thermal"].detail
     assert checks["power mode"].status == "warn" and "edge-sdk power set MAXN_SUPER" in checks["power mode"].fix
@@ -54,7 +54,7 @@ def test_memory_claimed_but_not_there(nano):
     meminfo.write_text(re.sub(r"MemTotal:\s+\d+", "MemTotal: 3901440", meminfo.read_text()))
     checks = by_name(run_checks(Platform(nano), DoctorOptions(storage=False)))
     assert checks["memory"].status == "fail" and "claimed but not there" in checks["memory"].fix
-    assert "3810 MB" in checks["memory"].detail
+    assert "3810 MiB" in checks["memory"].detail
 
 
 def test_hot_board_disk_swap_and_powersave(nano):

@@ -178,7 +178,7 @@ def test_cli_bench_on_emulated_board_adds_planner_roofline(pair, capsys):
                  "--repeats", "1", "--emulate", "orin-nx-16gb", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     p = plan(model.manifest["source"]["config"], "orin-nx-16gb", context=12)
-    assert r["board_roofline"]["modes"] == {m.mode: round(m.decode_tokens_per_s, 1) for m in p.modes}
+    assert r["board_roofline"]["modes"] == {m.mode: round(m.decode_bound_tokens_per_s, 1) for m in p.modes}
     assert r["bytes_read_per_token"] == r["weight_bytes_per_step"] + r["kv_bytes_per_step"]
 
 

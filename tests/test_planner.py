@@ -4,7 +4,7 @@ import pytest
 
 from edge_sdk.boards import board_names, get_board
 from edge_sdk.errors import ConfigError, PowerModeError, UnknownBoardError
-from edge_sdk.planner import OS_RESERVE_MB, QuantSpec, plan, recommend, render
+from edge_sdk.planner import DECODE_EFFICIENCY, OS_RESERVE_MB, QuantSpec, plan, recommend, render
 
 
 def test_int4_matrix_bytes_by_hand():
@@ -35,9 +35,11 @@ def test_qwen_1_5b_weight_bytes_by_hand():
 def test_decode_roofline_follows_the_emc_cap():
     p = plan("deepseek-r1-distill-qwen-1.5b", "agx-orin-64gb", context=1024)
     by_name = {m.mode: m for m in p.modes}
-    assert by_name["MAXN"].decode_tokens_per_s == pytest.approx(204.8e9 / p.bytes_read_per_token, rel=1e-3)
+    assert by_name["MAXN"].decode_bound_tokens_per_s == pytest.approx(204.8e9 / p.bytes_read_per_token, rel=1e-3)
     # MODE_15W caps EMC at 2133 of 3199 MHz
-    assert by_name["MODE_15W"].decode_tokens_per_s == pytest.approx(204.8e9 * 2133 / 3199 / p.bytes_read_per_token, rel=1e-3)
+    assert by_name["MODE_15W"].decode_bound_tokens_per_s == pytest.approx(204.8e9 * 2133 / 3199 / p.bytes_read_per_token, rel=1e-3)
+    for m in p.modes:  # the estimate is the published efficiency's share of the bound
+        assert m.decode_tokens_per_s == pytest.approx(DECODE_EFFICIENCY * m.decode_bound_tokens_per_s, rel=1e-3)
     assert by_name["MODE_15W"].joules_per_token == pytest.approx(15 / by_name["MODE_15W"].decode_tokens_per_s, rel=1e-2)
 
 
@@ -48,7 +50,7 @@ def test_fits_large_board_but_not_small_one_with_numbers():
     assert small.total_bytes == big.total_bytes  # same model, same settings: only the board differs
     assert small.usable_bytes == (7620 - OS_RESERVE_MB) * 2**20
     text = render(small)
-    assert "DOES NOT FIT" in text and f"{small.total_bytes / 1e9:.2f} GB" in text
+    assert "DOES NOT FIT" in text and f"{small.total_bytes / 2**30:.2f} GiB" in text
     assert small.paged["feasible"] and small.paged["paged_layers"] > 0
 
 
@@ -118,3 +120,38 @@ def test_every_board_profile_is_consistent(board):
         assert 0 < b.mode_bandwidth_gbps(m) <= b.bandwidth_gbps
         assert m.cores_online <= b.cpu["cores"]
     assert b.default_storage in b.storage
+
+
+def test_decode_estimate_is_labelled_beside_its_bound():
+    text = render(plan("deepseek-r1-distill-qwen-1.5b", "agx-orin-64gb"))
+    assert "bound tok/s  decode tok/s" in text and f"{DECODE_EFFICIENCY:.0%} of the bound" in text
+    assert 0.5 < DECODE_EFFICIENCY < 1
+
+
+def test_a_model_that_does_not_fit_shows_the_paged_speed_only():
+    p = plan("deepseek-r1-distill-qwen-14b", "orin-nano-8gb")
+    assert not p.fits and p.paged["feasible"]
+    for m in p.modes:
+        assert m.decode_tokens_per_s == m.paged_decode_tokens_per_s <= m.decode_bound_tokens_per_s
+        assert m.joules_per_token == pytest.approx(m.budget_w / m.decode_tokens_per_s, rel=1e-2)
+    rows = [ln for ln in render(p).splitlines() if ln[2:3].isdigit()]
+    assert len(rows) == len(p.modes)
+    for m, row in zip(p.modes, rows):  # one speed per row: the paged one, not the in-memory bound
+        assert f"{m.decode_tokens_per_s:.3g}" in row and f"{m.decode_bound_tokens_per_s:.1f}" not in row
+
+
+def test_a_model_that_cannot_run_at_all_expects_nothing():
+    p = plan("deepseek-r1-distill-llama-70b", "orin-nano-8gb", context=32768)  # the KV cache alone exceeds the memory
+    assert not p.fits and not p.paged["feasible"]
+    assert all(m.decode_tokens_per_s == 0 and m.joules_per_token == float("inf") for m in p.modes)
+    assert all(ln.split()[6] == "-" for ln in render(p).splitlines() if ln[2:3].isdigit())
+
+
+@pytest.mark.parametrize("model, board", [("deepseek-r1-distill-qwen-1.5b", "agx-orin-64gb"),
+                                          ("deepseek-r1-distill-qwen-14b", "orin-nano-8gb")])
+def test_memory_is_printed_in_binary_units_and_rates_in_decimal(model, board):
+    import re
+
+    text = render(plan(model, board))
+    assert re.findall(r"\d (?:GB|MB)\b(?!/s)", text) == []  # sizes: GiB/MiB; bandwidth: GB/s
+    assert " GiB" in text and " GB/s" in text

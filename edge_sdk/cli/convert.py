@@ -48,7 +48,7 @@ def run(args) -> int:
     print(f"wrote {summary['output']}")
     print(f"  quantization  {q['method']} int{q['bits']} g{q['group_size']} symmetric, lm_head {q['lm_head_dtype']}"
           + (" (imported checkpoint)" if q.get("imported") else ""))
-    print(f"  weights       {summary['weight_bytes'] / 1e6:.2f} MB; files " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in summary["files"].items()))
+    print(f"  weights       {summary['weight_bytes'] / 2**20:.2f} MiB; files " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in summary["files"].items()))
     if "onnx_vs_torch" in acc:
         print(f"  onnx check    max |logit diff| {acc['onnx_vs_torch']['max_abs_logit_diff']:.2e}, greedy tokens equal")
     print(f"  accuracy      ppl {acc['ppl_float']:.3f} -> {acc['ppl_quant']:.3f} ({acc['ppl_increase_percent']:+.2f}%), "

@@ -23,20 +23,23 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..planner import plan, recommend, render
+    from ..planner import DECODE_EFFICIENCY, plan, recommend, render
 
     if args.recommend:
         rows = recommend(args.model, context=args.context, batch=args.batch, bits=args.bits, group_size=args.group_size)
         if args.json:
             print_json([{"board": p.board, "mode": m.mode, "mode_id": m.mode_id, "decode_tokens_per_s": m.decode_tokens_per_s,
+                         "decode_bound_tokens_per_s": m.decode_bound_tokens_per_s,
                          "budget_w": m.budget_w, "joules_per_token": m.joules_per_token, "headroom_bytes": p.headroom_bytes} for p, m in rows])
             return 0
         if not rows:
             print(f"{args.model} fits on no board at context {args.context}, batch {args.batch}; see `edge-sdk plan --board ...` for the paged estimate")
             return 1
-        print(f"{'board':<15} {'mode':<12} {'power':>6} {'decode tok/s':>13} {'J/token':>8} {'headroom':>10}")
+        print(f"{'board':<15} {'mode':<12} {'power':>6} {'bound tok/s':>12} {'decode tok/s':>13} {'J/token':>8} {'headroom':>11}")
         for p, m in rows:
-            print(f"{p.board:<15} {m.mode:<12} {m.budget_w:>4.0f} W {m.decode_tokens_per_s:>13.1f} {m.joules_per_token:>8.3f} {p.headroom_bytes/1e9:>7.2f} GB")
+            print(f"{p.board:<15} {m.mode:<12} {m.budget_w:>4.0f} W {m.decode_bound_tokens_per_s:>12.1f} {m.decode_tokens_per_s:>13.1f} "
+                  f"{m.joules_per_token:>8.3f} {p.headroom_bytes / 2**30:>7.2f} GiB")
+        print(f"decode: {DECODE_EFFICIENCY:.0%} of the memory-roofline bound (TensorRT-LLM on AGX Orin, published)")
         return 0
     p = plan(args.model, args.board, context=args.context, batch=args.batch, bits=args.bits,
              group_size=args.group_size, mode=args.mode, storage=args.storage)

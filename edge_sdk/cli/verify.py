@@ -37,6 +37,6 @@ def run(args) -> int:
     if args.json:
         print_json(out)
     else:
-        print(f"{args.bundle}: OK, {out['files']} files, {out['bytes'] / 1e6:.2f} MB, "
+        print(f"{args.bundle}: OK, {out['files']} files, {out['bytes'] / 2**20:.2f} MiB, "
               + ("signature verified" if args.key else "hashes verified (no --key: signature not checked)"))
     return 0

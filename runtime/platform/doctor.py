@@ -120,21 +120,21 @@ def _host_ram_kb() -> int | None:
 
 def _memory(p: Platform, o: DoctorOptions) -> list[Check]:
     mem = p.meminfo()
-    total_mb = mem.total_kb // 1024
+    total_mb = mem.total_kb // 1024  # MiB (meminfo's kB are KiB)
     out = []
     prof = p.board().profile
     if prof and total_mb < prof.mem_total_mb * 0.95:
-        out.append(Check("memory", FAIL, f"{prof.title} should show ~{prof.mem_total_mb} MB, the kernel reports {total_mb} MB",
+        out.append(Check("memory", FAIL, f"{prof.title} should show ~{prof.mem_total_mb} MiB, the kernel reports {total_mb} MiB",
                          "memory is claimed but not there: check the module (carveouts, mem= on the kernel command line)"))
     else:
-        out.append(Check("memory", PASS, f"MemTotal {total_mb} MB" + (f" (nominal {prof.memory_gb} GB)" if prof else "")))
+        out.append(Check("memory", PASS, f"MemTotal {total_mb} MiB" + (f" (a {prof.memory_gb} GB module)" if prof else "")))
     host = _host_ram_kb()
     if o.emulated and host and mem.total_kb > host:
-        out[-1] = Check("memory", WARN, f"the emulated board claims {total_mb} MB but this host has {host // 1024} MB",
+        out[-1] = Check("memory", WARN, f"the emulated board claims {total_mb} MiB but this host has {host // 1024} MiB",
                         "memory-bound runs will swap on this host; emulate a smaller board or plan with --board")
     alloc_mb = mem.allocatable_gpu_kb // 1024
     status = PASS if alloc_mb >= total_mb * 0.5 else WARN
-    out.append(Check("gpu memory", status, f"allocatable {alloc_mb} MB of {total_mb} MB (NvMap used {mem.nvmap_used_kb // 1024} MB)",
+    out.append(Check("gpu memory", status, f"allocatable {alloc_mb} MiB of {total_mb} MiB (NvMap used {mem.nvmap_used_kb // 1024} MiB)",
                      "" if status == PASS else "free memory: stop other GPU processes, drop caches (sync; echo 3 > /proc/sys/vm/drop_caches)"))
     return out
 
