@@ -19,10 +19,11 @@ from pathlib import Path
 from edge_sdk.errors import TelemetryError
 
 from . import commands, wire
-from .link import ACK_GAP, now_ms, open_port
+from .link import _SERIAL_ERRORS, ACK_GAP, now_ms, open_port
 from .records import KINDS, SCHEMA_KIND, decode_batch, decode_record, decode_values, put_varint
 
 log = logging.getLogger(__name__)
+_PORT_ERRORS = (OSError,) + _SERIAL_ERRORS
 
 
 def apply_schema_row(schemas: dict, row: dict) -> None:
@@ -48,6 +49,7 @@ class GroundStats:
     auth_failures: int = 0
     bad_frames: int = 0
     undecodable: int = 0
+    reconnects: int = 0  # outages of the port survived (adapter unplugged, pty gone)
 
 
 class GroundStation:
@@ -59,7 +61,10 @@ class GroundStation:
         self.streams: dict[int, StreamState] = {}
         self.stats = GroundStats()
         self.on_record = on_record
+        self._port_factory = port_factory
         self._port = port_factory(url)
+        self._backoff = 0.2  # s before the next attempt to reopen a lost port, doubling up to 5 s
+        self._retry_at = 0.0
         self._deframer = wire.Deframer()
         self._write_lock = threading.Lock()
         self._results: dict[int, commands.CommandResult] = {}
@@ -101,9 +106,48 @@ class GroundStation:
             self.poll()
 
     def poll(self) -> None:
-        data = self._port.read(max(1, self._port.in_waiting))
+        """Read what arrived and handle it. A lost port (unplugged adapter) is reopened with backoff;
+        the stream state stays, so the device's resends fill the outage without duplicates."""
+        port = self._port or self._reopen()
+        if port is None:
+            return
+        try:
+            data = port.read(max(1, port.in_waiting))
+        except _PORT_ERRORS as exc:
+            self._lost(port, exc)
+            return
         if data:
             self.handle_bytes(data)
+
+    def _lost(self, port, exc: Exception) -> None:
+        with self._write_lock:
+            if self._port is not port:
+                return  # another thread already noticed
+            self._port = None
+        try:
+            port.close()
+        except Exception:  # closing a dead port must not hide the error that killed it
+            pass
+        self._deframer = wire.Deframer()  # a frame cut by the outage is garbage
+        self._backoff, self._retry_at = 0.2, time.monotonic() + 0.2
+        log.warning("port %s lost (%s); reopening until it comes back", self.url, exc)
+
+    def _reopen(self):
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, 0.05))
+            return None
+        try:
+            port = self._port_factory(self.url)
+        except TelemetryError:
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, 5.0)
+            return None
+        with self._write_lock:
+            self._port = port
+        self.stats.reconnects += 1
+        log.info("port %s is back", self.url)
+        return port
 
     def handle_bytes(self, data: bytes) -> None:
         for frame in wire.verified_frames(self._deframer, data, self.key, self.stats):
@@ -171,8 +215,17 @@ class GroundStation:
         self._write(wire.Frame(wire.FrameType.ACK, stream, ack, now_ms(), bytes(payload)))
 
     def _write(self, frame: wire.Frame) -> None:
+        """Send a frame; while the port is down it is dropped (ACKs and commands are sent again)."""
         with self._write_lock:
-            self._port.write(wire.encode(frame, self.key))
+            port = self._port
+            if port is None:
+                return
+            try:
+                port.write(wire.encode(frame, self.key))
+                return
+            except _PORT_ERRORS as exc:
+                error = exc
+        self._lost(port, error)
 
     # ---- downlink commands --------------------------------------------------------------------
     def _next_counter(self) -> int:
@@ -220,4 +273,5 @@ class GroundStation:
     def close(self) -> None:
         if self._out is not None:
             self._out.close()
-        self._port.close()
+        if self._port is not None:
+            self._port.close()

@@ -1,0 +1,167 @@
+"""The ground listener survives its serial port disappearing (USB adapter unplugged) and coming back:
+one warning per outage, the stream state kept, every record written exactly once."""
+
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import tty
+
+import pytest
+
+from edge_sdk.runtime.telemetry.ground import GroundStation
+from edge_sdk.runtime.telemetry.link import Sender
+from test_telemetry_cli import CLI
+from test_telemetry_link import KEY, check_exactly_once, expected_rows, fill, read_out, running, wait_for
+
+GROUND_LOG = "edge_sdk.runtime.telemetry.ground"
+
+
+class UnpluggableLine:
+    """The device on one pty pair; the ground on a second pair reached through a symlink, as a USB
+    adapter is through /dev/serial/by-id/... `unplug()` destroys the ground's pair (its open port
+    reads EIO, the name is gone); `plug()` creates a new pair behind the same name."""
+
+    def __init__(self, tmp_path):
+        self.ma, self._sa = self._pair()
+        self.a = os.ttyname(self._sa)
+        self.b = str(tmp_path / "ttyUSB-ground")
+        self._lock = threading.Lock()
+        self._mb = self._sb = None
+        self.dropped = 0  # device bytes that fell on the floor while unplugged
+        self._stop = threading.Event()
+        self.plug()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _pair():
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        return master, slave
+
+    def plug(self):
+        mb, sb = self._pair()
+        tmp = self.b + ".new"
+        os.symlink(os.ttyname(sb), tmp)
+        os.replace(tmp, self.b)
+        with self._lock:
+            self._mb, self._sb = mb, sb
+
+    def unplug(self):
+        with self._lock:
+            mb, sb, self._mb, self._sb = self._mb, self._sb, None, None
+            os.unlink(self.b)
+            os.close(mb)
+            os.close(sb)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            with self._lock:
+                fds = [self.ma] + ([self._mb] if self._mb is not None else [])
+                ready, _, _ = select.select(fds, [], [], 0.02)
+                for fd in ready:
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError:
+                        continue
+                    out = self._mb if fd == self.ma else self.ma
+                    if out is None:
+                        self.dropped += len(data)
+                        continue
+                    try:
+                        os.write(out, data)
+                    except OSError:
+                        pass
+            time.sleep(0.001)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=2)
+        for fd in (self.ma, self._sa, self._mb, self._sb):
+            if fd is not None:
+                os.close(fd)
+
+
+@pytest.fixture
+def line(tmp_path):
+    line = UnpluggableLine(tmp_path)
+    yield line
+    line.close()
+
+
+def outage(line, gone_s):
+    line.unplug()
+    time.sleep(gone_s)  # long enough for the ground to try reopening a missing name
+    line.plug()
+
+
+@pytest.mark.parametrize("gone_s", [0.05, 0.8])
+def test_records_before_and_after_outages_arrive_once(tmp_path, line, caplog, gone_s):
+    q, _ = fill(tmp_path, 240)
+    want = expected_rows(q)
+    out = tmp_path / "out.jsonl"
+    outages = 3
+    sender = Sender(line.a, KEY, q, budget=6000, rto=0.3)  # slow enough for outages mid-stream
+    ground = GroundStation(line.b, KEY, out)
+    with caplog.at_level(logging.INFO, logger=GROUND_LOG), running((sender.run, {}), (ground.run, {})):
+        for i in range(outages):
+            acked = q.acked
+            assert wait_for(lambda: q.acked > acked, 10), f"nothing acknowledged before outage {i + 1}"
+            outage(line, gone_s)
+        assert wait_for(lambda: q.acked == max(want), 30), "records after the outages did not arrive"
+    ground.close()
+    check_exactly_once(q, out, want)
+    assert [r["seq"] for r in read_out(out)] == list(range(1, max(want) + 1))
+    warnings = [r for r in caplog.records if r.name == GROUND_LOG and r.levelno >= logging.WARNING]
+    assert len(warnings) == outages and all(r.exc_info is None for r in warnings)
+    assert all("lost" in r.getMessage() for r in warnings)
+    assert ground.stats.reconnects == outages
+    assert ground.summary()["frames"]["reconnects"] == outages
+
+
+def test_listen_command_survives_an_unplugged_port(tmp_path, line):
+    q, _ = fill(tmp_path, 150)
+    want = expected_rows(q)
+    key = tmp_path / "key"
+    key.write_text(KEY.hex())
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(CLI + ["listen", line.b, "--key", str(key),
+                             "--out", str(out), "--seconds", "60"], stderr=subprocess.PIPE, text=True)
+    try:
+        sender = Sender(line.a, KEY, q, budget=4000, rto=0.3)
+        with running((sender.run, {})):
+            assert wait_for(lambda: q.acked > 0, 20)
+            outage(line, 0.5)
+            assert wait_for(lambda: q.acked == max(want), 30), "the listener did not come back"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "SerialException" not in err
+    assert sum("lost" in line for line in err.splitlines()) == 1
+    check_exactly_once(q, out, want)
+
+
+def test_command_sent_across_an_outage_runs_once_and_its_replay_is_refused(tmp_path, line):
+    from test_telemetry_link import device
+
+    from edge_sdk.runtime.telemetry.commands import Status
+
+    q, tel, handler, sender = device(tmp_path, line.a)
+    ground = GroundStation(line.b, KEY, tmp_path / "out.jsonl", counter_file=tmp_path / "counter")
+    with running((sender.run, {}), (ground.run, {})):
+        frame = ground.command_frame(q.stream_id, "set-interval", 2.5)
+        line.unplug()
+        threading.Timer(0.6, line.plug).start()
+        res = ground.send_command(0, "", frame=frame, timeout=15, retry=0.2)  # written into a dead port first
+        assert (res.status, tel.interval, handler.executed) == (Status.OK, 2.5, 1)
+        outage(line, 0.3)
+        assert ground.send_command(0, "", frame=frame, timeout=15, retry=0.2).status == Status.OK
+        assert handler.executed == 1  # the stored result, not a second run
+    ground.close()
+    assert ground.stats.reconnects == 2
