@@ -56,6 +56,7 @@ def test_root_is_reused_and_guarded(tmp_path):
 
 def test_default_location_is_the_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("EDGE_SDK_CACHE", raising=False)
     assert emulated_root("orin-nx-16gb") == tmp_path / "edge-sdk/emulated/orin-nx-16gb"
     monkeypatch.setenv("EDGE_SDK_EMULATE", "orin-nx-16gb")
     assert Platform.from_options().root == tmp_path / "edge-sdk/emulated/orin-nx-16gb"
@@ -117,3 +118,44 @@ def test_concurrent_creation_gives_one_whole_root(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [o.strip() for o, _e in outs] == ["agx-orin-32gb"] * 3, [e for _o, e in outs]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no staging directories left behind
+
+
+def test_two_roots_in_one_process_keep_their_own_state(tmp_path):
+    a = Platform(emulated_root("agx-orin-64gb", tmp_path / "a"))
+    b = Platform(emulated_root("agx-orin-64gb", tmp_path / "b"))
+    pa, pb = PowerManager(a), PowerManager(b)
+    before = {f: (b.root / f).read_bytes() for f in ("var/lib/nvpmodel/status", "sys/kernel/nvpmodel_clk_cap/emc")}
+    pa.set("MODE_15W", allow_reboot=True)
+    assert run_tool(a.root, "jetson_clocks").returncode == 0
+    assert pa.current().name == "MODE_15W" and pb.current().name == "MODE_30W"
+    assert {f: (b.root / f).read_bytes() for f in before} == before
+    gpu = "sys/class/devfreq/17000000.gpu"
+    assert (a.root / gpu / "min_freq").read_text() == (a.root / gpu / "max_freq").read_text()
+    assert (b.root / gpu / "min_freq").read_text() != (b.root / gpu / "max_freq").read_text()
+
+
+def test_the_default_board_follows_the_cache_setting(tmp_path, monkeypatch):
+    """Two jobs with their own EDGE_SDK_CACHE get their own default board, and so their own power mode."""
+    roots = []
+    for job in ("job1", "job2"):
+        monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / job))
+        roots.append(Platform.from_options(emulate="orin-nx-16gb").root)
+    assert roots == [tmp_path / "job1/emulated/orin-nx-16gb", tmp_path / "job2/emulated/orin-nx-16gb"]
+    PowerManager(Platform(roots[0])).set("MODE_10W")
+    assert PowerManager(Platform(roots[1])).current().name != "MODE_10W"
+
+
+def test_mode_changes_on_one_root_wait_for_each_other(tmp_path):
+    """While one nvpmodel holds the board's lock, another's switch waits; it lands whole once let go."""
+    import fcntl
+
+    root = emulated_root("orin-nx-16gb", tmp_path / "r")  # MODE_15W -> MODE_10W: no reboot
+    status = root / "var/lib/nvpmodel/status"
+    with open(root / ".edge-sdk-emulated.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([str(root / "bin/nvpmodel"), "-m", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=3)  # blocked on the lock (a free run ends well within this)
+        assert status.read_text().strip() == "pmode:0002"
+    assert proc.wait(timeout=60) == 0
+    assert status.read_text().strip() == "pmode:0001"

@@ -22,8 +22,12 @@ TOOLS = ("nvpmodel", "jetson_clocks", "tegrastats")
 
 
 def default_root(board: str) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "edge-sdk" / "emulated" / board
+    """The board's root when --root is not given: one per user and cache (EDGE_SDK_CACHE, else
+    XDG_CACHE_HOME/edge-sdk, else ~/.cache/edge-sdk). Its power mode and clocks live in it, so jobs that
+    must not share a board pass their own --root (or EDGE_SDK_CACHE)."""
+    cache = os.environ.get("EDGE_SDK_CACHE")
+    base = Path(cache) if cache else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-sdk"
+    return base / "emulated" / board
 
 
 def emulated_root(board: str, root: str | os.PathLike | None = None) -> Path:

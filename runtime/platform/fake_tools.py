@@ -6,9 +6,11 @@ Each script in ROOT/bin calls ``main(tool, __file__, argv)``; the root is the sc
 from __future__ import annotations
 
 import argparse
+import fcntl
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .board import read_board
@@ -16,9 +18,24 @@ from .nvpmodel_conf import NvpConf, PowerModel, apply_model, parse_conf
 from .root import CPU_DIR, EMC_CAP, GPU_DEVFREQ, NVPMODEL_CONF, NVPMODEL_STATUS, SysRoot
 
 
+LOCK = ".edge-sdk-emulated.lock"
+
+
 def main(tool: str, script: str, argv: list[str]) -> int:
     root = SysRoot(Path(script).resolve().parent.parent)
-    return {"nvpmodel": nvpmodel, "jetson_clocks": jetson_clocks, "tegrastats": tegrastats}[tool](root, argv)
+    if tool == "tegrastats":
+        return tegrastats(root, argv)
+    with locked(root):
+        return {"nvpmodel": nvpmodel, "jetson_clocks": jetson_clocks}[tool](root, argv)
+
+
+@contextmanager
+def locked(root: SysRoot):
+    """One nvpmodel / jetson_clocks at a time per root: jobs sharing an emulated board see whole
+    mode changes (read the status, apply the caps, write the status), never a mix of two."""
+    with open(root.path(LOCK), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 # -- nvpmodel ---------------------------------------------------------------------------------------
