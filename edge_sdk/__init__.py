@@ -26,10 +26,17 @@ def convert(model_dir, output, **options):
     return _convert(model_dir, output, **options)
 
 
-def load(bundle, **options):
-    """Load a verified bundle for generation (needs ``edge-sdk[runtime]``)."""
-    from .errors import require
+def load(bundle, *, key=None, **options):
+    """Load a verified bundle for generation (needs ``edge-sdk[runtime]``).
 
+    ``key``: trusted ed25519 public key file; the bundle's manifest.sig must verify against it (the same
+    setting as ``--key`` of verify, run, bench and serve)."""
+    from .errors import ConfigError, require
+
+    if key is not None:
+        if options.get("public_key") not in (None, key):
+            raise ConfigError("load() got both key and public_key", hint="pass the trusted key once, as key=")
+        options["public_key"] = str(key)
     require("onnxruntime", "runtime")
     from .runtime import load as _load
 

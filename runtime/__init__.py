@@ -21,6 +21,7 @@ def load(bundle, **options):
     manifest = open_bundle(root, opts)
     tokenizer = Tokenizer(root, manifest.get("tokenizer"))
     backend = make_backend(root, manifest, opts)
+    manifest.check_unchanged()  # what the backend and tokenizer opened by name is what was verified
     return Model(root, manifest, backend, tokenizer, opts)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,7 +17,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_sdk.bundle import MANIFEST
+from edge_sdk.bundle import MANIFEST, sha256_file
+
+log = logging.getLogger("edge_sdk.runtime")
 
 METADATA = "engine.json"
 ENGINE = "engine.plan"
@@ -60,9 +63,12 @@ def lookup(root: Path, key: EngineKey) -> Path | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+    except (OSError, ValueError, RecursionError):
         return None
-    if meta.get("key") != asdict(key) or meta.get("engine_bytes") != engine.stat().st_size:
+    if not isinstance(meta, dict) or meta.get("key") != asdict(key) or meta.get("engine_bytes") != engine.stat().st_size:
+        return None
+    if sha256_file(engine) != meta.get("engine_sha256"):  # the key above binds it to the bundle's manifest hash
+        log.warning("TensorRT engine cache %s fails its sha256 check: rebuild it with `edge-sdk engine build`", engine)
         return None
     return engine
 
@@ -74,7 +80,7 @@ def lookup_bundle(root: Path, board: str, tensorrt_version: str, bundle_hash: st
     for meta_path in parent.glob(f"{bundle_hash[:16]}*/{METADATA}"):
         try:
             key = EngineKey(**json.loads(meta_path.read_text())["key"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         engine = lookup(root, key) if key.bundle_hash == bundle_hash else None
         if engine:
@@ -88,7 +94,7 @@ def write_entry(root: Path, key: EngineKey, engine_bytes: bytes, metadata: dict)
 
     d = key.directory(root)
     with staged_directory(d, overwrite=True) as tmp:  # fsynced, then renamed into place
-        meta = dict(metadata, key=asdict(key), engine_bytes=len(engine_bytes))
+        meta = dict(metadata, key=asdict(key), engine_bytes=len(engine_bytes), engine_sha256=hashlib.sha256(engine_bytes).hexdigest())
         (tmp / ENGINE).write_bytes(engine_bytes)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return d / ENGINE

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk.errors import BundleError, require
-from edge_sdk.bundle import staged_directory
+from edge_sdk.bundle import sha256_file, staged_directory
 
 from .engine_cache import write_atomic
 
@@ -101,7 +101,9 @@ class EmbeddingRows:
         self.vocab, self.hidden = (int(x) for x in t["shape"])
         self.dtype = np.dtype(t["dtype"])
         self.row = self.hidden * self.dtype.itemsize
-        self.fd = os.open(self.path, os.O_RDONLY)
+        # rows are read on every token: through the descriptor verification hashed, never by name
+        verified = getattr(manifest, "fd", None)
+        self.fd = os.dup(verified(w["file"])) if verified else os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         weakref.finalize(self, os.close, self.fd)
         if os.fstat(self.fd).st_size < self.offset + self.nbytes:
             raise self._truncated()
@@ -171,11 +173,30 @@ def ensure(bundle: Path, manifest: dict, bundle_hash: str, cache_root: Path, acc
             _build_weights(Path(bundle), manifest, d, bundle_hash, max_positions)
             prune(Path(cache_root), Path(bundle), keep=d)
         graph = d / GRAPH_NAME.format(level=accuracy_level)
-        if not graph.is_file():
+        if not _graph_valid(graph, bundle_hash):
             model = build_graph(Shape.from_manifest(manifest), json.loads(meta.read_text())["tensors"], accuracy_level,
                                 qkv_bias=_has_qkv_bias(manifest))
-            write_atomic(graph, model.SerializeToString(deterministic=True))
+            data = model.SerializeToString(deterministic=True)
+            write_atomic(graph, data)
+            write_atomic(_graph_hash_path(graph), json.dumps({"bundle_hash": bundle_hash, "sha256": hashlib.sha256(data).hexdigest()}).encode())
     return graph
+
+
+def _graph_hash_path(graph: Path) -> Path:
+    return graph.with_name(graph.name + ".sha256")
+
+
+def _graph_valid(graph: Path, bundle_hash: str) -> bool:
+    """The cached graph exists and its bytes hash to what was recorded for this bundle when it was written."""
+    try:
+        rec = json.loads(_graph_hash_path(graph).read_text())
+        ok = graph.is_file() and rec.get("bundle_hash") == bundle_hash
+    except (OSError, ValueError, AttributeError):
+        return False
+    if ok and sha256_file(graph) != rec.get("sha256"):
+        log.warning("fused graph cache %s fails its sha256 check: rebuilding it", graph)
+        return False
+    return ok
 
 
 def progress(it, **kw):
@@ -212,8 +233,14 @@ def _valid(d: Path, bundle_hash: str, max_positions: int) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     w = d / WEIGHTS_NAME
-    return (meta.get("bundle_hash") == bundle_hash and meta.get("builder_version") == BUILDER_VERSION
-            and meta.get("max_positions", 0) >= max_positions and w.is_file() and w.stat().st_size == meta.get("weights_bytes"))
+    if not (isinstance(meta, dict) and meta.get("bundle_hash") == bundle_hash and meta.get("builder_version") == BUILDER_VERSION
+            and meta.get("max_positions", 0) >= max_positions and w.is_file() and not w.is_symlink()
+            and w.stat().st_size == meta.get("weights_bytes") and meta.get("weights_sha256")):
+        return False
+    if sha256_file(w) != meta["weights_sha256"]:  # bound to the bundle through bundle_hash above
+        log.warning("fused graph cache %s fails its sha256 check: rebuilding it", w)
+        return False
+    return True
 
 
 # --- weights: bundle layout -> MatMulNBits layout ----------------------------------------------------------------
@@ -261,11 +288,24 @@ class _Sidecar:
                               "dtype": str(data.dtype)}
 
 
+def _verified_map(manifest: dict, rel: str, path: Path) -> np.ndarray:
+    """The bundle's weights as read-only bytes, mapped from the descriptor verification hashed."""
+    import mmap
+
+    verified = getattr(manifest, "fd", None)
+    if verified is None:
+        return np.memmap(path, np.uint8, mode="r")
+    fd = verified(rel)
+    if os.fstat(fd).st_size == 0:
+        return np.zeros(0, np.uint8)
+    return np.frombuffer(mmap.mmap(fd, 0, prot=mmap.PROT_READ), np.uint8)
+
+
 def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_positions: int) -> None:
     s = Shape.from_manifest(manifest)
     w = manifest["weights"]
     src = bundle / w["file"]
-    mm = np.memmap(src, np.uint8, mode="r")
+    mm = _verified_map(manifest, w["file"], src)
     group = int(manifest["quantization"]["group_size"])
     meta_t = w["tensors"]
 
@@ -318,7 +358,8 @@ def _build_weights(bundle: Path, manifest: dict, d: Path, bundle_hash: str, max_
                 out.add("lm_head.fp16", head)
             size = f.tell()
         meta = {"bundle_hash": bundle_hash, "bundle_path": str(bundle.absolute()), "builder_version": BUILDER_VERSION,
-                "max_positions": max_positions, "weights_bytes": size, "tensors": out.tensors}
+                "max_positions": max_positions, "weights_bytes": size, "weights_sha256": sha256_file(tmp / WEIGHTS_NAME),
+                "tensors": out.tensors}
         (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 

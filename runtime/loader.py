@@ -52,7 +52,20 @@ def graph_file(manifest: dict, kind: str, root: Path) -> Path:
     entry = graphs.get(kind) or graphs.get("fp32")
     if not entry:
         raise BundleError(f"{root}: manifest lists no {kind} or fp32 graph", hint="re-convert the model")
-    return root / entry["file"]
+    return bundle_file(manifest, entry["file"], root)
+
+
+def bundle_file(manifest: dict, rel: str, root: Path) -> Path:
+    """Path of a file the manifest lists and verification hashed (parse_manifest binds every field
+    that names a file to `files`; this refuses anything else)."""
+    if rel not in manifest.get("files", {}):
+        raise BundleError(f"{root}: {rel!r} is not a file listed (and hashed) in the manifest", hint="re-convert the model")
+    return root / rel
+
+
+def manifest_digest(root: Path, manifest: dict) -> str:
+    """sha256 of the verified manifest bytes (engine and fused-graph caches are keyed by it)."""
+    return getattr(manifest, "digest", None) or bundle_hash(root)
 
 
 def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
@@ -65,7 +78,7 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
     providers = prov.choose(options.provider, ort.get_available_providers())
     ep_options = {}
     if prov.TRT_EP in providers:
-        key = EngineKey(options.target_board or "local", _trt_version(), bundle_hash(root))
+        key = EngineKey(options.target_board or "local", _trt_version(), manifest_digest(root, manifest))
         ep_options[prov.TRT_EP] = prov.trt_ep_options(options.engine_root(root), key)
     path = graph_file(manifest, prov.graph_kind(providers), root)
     from .paging.select import paging_options
@@ -110,7 +123,7 @@ def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, provide
         return None
     model_max = int(manifest["architecture"].get("max_position_embeddings") or fused_graph.DEFAULT_POSITIONS)
     positions = max(options.max_seq_len or 0, min(model_max, fused_graph.DEFAULT_POSITIONS))
-    graph = fused_graph.ensure(root, manifest, bundle_hash(root), options.engine_root(root), options.accuracy_level, positions)
+    graph = fused_graph.ensure(root, manifest, manifest_digest(root, manifest), options.engine_root(root), options.accuracy_level, positions)
     return fused_graph.FusedGraph(graph, positions, fused_graph.EmbeddingRows(root, manifest))
 
 

@@ -15,6 +15,7 @@ def register(sub) -> None:
                    help="TOML config file (default: built-in defaults; the device uses /etc/edge-sdk/edge-sdk.toml); env EDGE_SDK_CONFIG")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1: this device only)")
     p.add_argument("--port", type=int, help="TCP port (default 8080; 0 picks a free one)")
+    p.add_argument("--key", metavar="PUB", help="trusted ed25519 public key: the bundle's manifest.sig must verify (bundle_key in the config)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or server.api_key / api_key_file in the config)")
     p.add_argument("--max-batch", type=int, help="sequences decoded together (scheduler.max_batch)")
     p.add_argument("--context", type=int, help="tokens per sequence (server.context_length; default: the model's)")
@@ -27,7 +28,7 @@ def register(sub) -> None:
 
 
 def overrides(args) -> dict:
-    return {"bundle": args.bundle, "emulate": args.emulate, "root": args.root, "server_host": args.host,
+    return {"bundle": args.bundle, "bundle_key": args.key, "emulate": args.emulate, "root": args.root, "server_host": args.host,
             "server_port": args.port, "server_api_key": args.api_key, "scheduler_max_batch": args.max_batch,
             "server_context_length": args.context, "scheduler_when_full": args.when_full,
             "memory_weights_budget": args.memory_budget}

@@ -65,6 +65,7 @@ class ServeConfig:
     memory: MemorySection = field(default_factory=MemorySection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     bundle: str = ""
+    bundle_key: str = ""  # trusted ed25519 public key file: manifest.sig must verify against it; empty: hashes only
     emulate: str = ""
     root: str = ""
 
@@ -147,7 +148,7 @@ def _section(cls, raw, name: str, path: str):
 
 def parse_config(raw: dict, path: str = "<config>") -> ServeConfig:
     sections = {"server": ServerSection, "scheduler": SchedulerSection, "memory": MemorySection, "telemetry": TelemetrySection}
-    top = {"bundle", "emulate", "root"}
+    top = {"bundle", "bundle_key", "emulate", "root"}
     unknown = sorted(set(raw) - set(sections) - top)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) or key(s): {', '.join(unknown)}", hint=f"known: {', '.join([*sections, *top])}")
@@ -181,7 +182,7 @@ def reload_changes(old: ServeConfig, new: ServeConfig) -> tuple[dict, list[str]]
                     applied[f"{section}.{f.name}"] = getattr(b, f.name)
                 else:
                     restart.append(f"{section}.{f.name}")
-    for key in ("bundle", "emulate", "root"):
+    for key in ("bundle", "bundle_key", "emulate", "root"):
         if getattr(old, key) != getattr(new, key):
             restart.append(key)
     return applied, restart

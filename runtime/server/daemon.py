@@ -80,6 +80,8 @@ def load_bundle_model(config: ServeConfig):
     if not Path(config.bundle).is_dir():
         raise ConfigError(f"bundle {config.bundle} is not a directory", hint="pass the directory `edge-sdk convert` wrote")
     options = {"max_batch": config.scheduler.max_batch}
+    if config.bundle_key:
+        options["public_key"] = config.bundle_key
     if config.emulate:
         options["emulate"] = config.emulate
     if config.root:
