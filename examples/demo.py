@@ -1,8 +1,12 @@
 """The whole path in one command: convert the built-in tiny DeepSeek-architecture model, serve it on
 an emulated Jetson AGX Orin, ask it a chat question with the official openai client, shut down.
 
-    python examples/demo.py                 # prints each step, the reply, and the daemon's exit status
-    python examples/demo.py --keep DIR      # keep the model, bundle and daemon log in DIR
+    python examples/demo.py                 # prints each step, the reply, and the commands to try next
+    python examples/demo.py --dir DIR       # work in DIR instead of the default place
+    python examples/demo.py --remove        # delete the work directory at the end
+
+The model, bundle and daemon log stay in $EDGE_SDK_CACHE/demo (default ~/.cache/edge-sdk/demo), so that
+`edge-sdk run`, `bench` and `serve` have a bundle to act on afterwards.
 
 The tiny model has random weights, so its reply is gibberish; everything around it (GPTQ int4
 conversion, signed-format bundle, onnxruntime with KV cache, batching daemon, SSE) is the real thing.
@@ -11,12 +15,12 @@ conversion, signed-format bundle, onnxruntime with KV cache, batching daemon, SS
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -73,14 +77,29 @@ def ask(url: str) -> None:
     print(f"  {len(parts)} chunks, identical to the reply: {''.join(parts) == r.choices[0].message.content}")
 
 
+def default_dir() -> Path:
+    """$EDGE_SDK_CACHE/demo, else $XDG_CACHE_HOME/edge-sdk/demo, else ~/.cache/edge-sdk/demo."""
+    cache = os.environ.get("EDGE_SDK_CACHE")
+    base = Path(cache) if cache else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-sdk"
+    return base / "demo"
+
+
+def next_commands(bundle: Path, board: str) -> list[str]:
+    return [f"edge-sdk run {bundle} --emulate {board} --prompt 'Hello' --max-tokens 16",
+            f"edge-sdk bench {bundle} --emulate {board}",
+            f"edge-sdk serve --bundle {bundle} --emulate {board}      # then: curl localhost:8080/v1/models"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary directory)")
+    ap.add_argument("--dir", "--keep", dest="dir", metavar="DIR", type=Path,
+                    help="work directory, kept afterwards (default: $EDGE_SDK_CACHE/demo or ~/.cache/edge-sdk/demo)")
+    ap.add_argument("--remove", action="store_true", help="delete the work directory at the end")
     ap.add_argument("--arch", default="qwen2", choices=("qwen2", "llama"), help="R1-Distill-Qwen or -Llama architecture")
     ap.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
     ap.add_argument("--board", default="agx-orin-64gb")
     args = ap.parse_args(argv)
-    work = Path(args.keep or tempfile.mkdtemp(prefix="edge-sdk-demo-"))
+    work = args.dir or default_dir()
     work.mkdir(parents=True, exist_ok=True)
     proc = None
     try:
@@ -91,11 +110,14 @@ def main(argv=None) -> int:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
         print(f"daemon exited with status {code}")
+        if not args.remove:
+            step(f"the bundle stays in {bundle} (the model has random weights: its text is gibberish); try next")
+            print("\n".join(next_commands(bundle, args.board)))
         return code
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
-        if not args.keep:
+        if args.remove:
             shutil.rmtree(work, ignore_errors=True)
 
 
