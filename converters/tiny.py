@@ -58,13 +58,15 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     return tok
 
 
-def write_tokenizer(tok, directory: Path) -> None:
+def write_tokenizer(tok, directory: Path, *, pad_token: bool = True) -> None:
     tok.save(str(directory / "tokenizer.json"))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
         "add_bos_token": True, "add_eos_token": False, "model_max_length": 16384, "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False, "legacy": True,
     }
+    if not pad_token:
+        del cfg["pad_token"]
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
@@ -77,8 +79,19 @@ def tiny_config(arch: str, vocab_size: int, **overrides) -> dict:
 
 
 def build_model_dir(directory: str | Path, arch: str = "qwen2", *, seed: int = 0, config: dict | None = None,
-                    tokenizer=None, texts: list[str] | None = None, init_std: float = 0.02) -> Path:
-    """Write a random-weight checkpoint of `arch` (or of `config`) with a tokenizer into `directory`."""
+                    tokenizer=None, texts: list[str] | None = None, init_std: float = 0.02, pad_token: bool = True) -> Path:
+    """Write a random-weight checkpoint of `arch` (or of `config`) with a tokenizer into `directory`
+    (what torch and transformers print meanwhile goes to the conversion log, see thirdparty_log).
+
+    pad_token=False writes what Llama-3-derived checkpoints ship: no `pad_token` in tokenizer_config.json
+    and `pad_token_id: null` in config.json (same vocabulary and weights as with a pad token)."""
+    from .thirdparty_log import third_party_output
+
+    with third_party_output():
+        return _build_model_dir(directory, arch, seed, config, tokenizer, texts, init_std, pad_token)
+
+
+def _build_model_dir(directory, arch, seed, config, tokenizer, texts, init_std, pad_token) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -86,6 +99,8 @@ def build_model_dir(directory: str | Path, arch: str = "qwen2", *, seed: int = 0
     d.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or build_tokenizer(texts or [default_calibration_text()])
     cfg = config or tiny_config(arch, tok.get_vocab_size())
+    if not pad_token:
+        cfg = dict(cfg, pad_token_id=None)
     hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"}, architectures=cfg["architectures"])
     hf_cfg.initializer_range = init_std
     torch.manual_seed(seed)
@@ -97,5 +112,5 @@ def build_model_dir(directory: str | Path, arch: str = "qwen2", *, seed: int = 0
             elif "norm" in name:
                 p.normal_(1.0, 0.1)
     model.save_pretrained(d, safe_serialization=True)
-    write_tokenizer(tok, d)
+    write_tokenizer(tok, d, pad_token=pad_token)
     return d

@@ -122,3 +122,40 @@ def test_calibration_windows_are_fixed_and_repeat_short_text():
     assert w.sha256 == windows(list(range(10)), 3, 5, 99).sha256 != windows(list(range(10)), 3, 5, None).sha256
     with pytest.raises(ConversionError, match="no tokens"):
         windows([], 1, 8, None)
+
+
+def test_checkpoint_without_pad_token_converts(tmp_path):
+    """A Llama-3-style tokenizer (no pad_token, config pad_token_id null) converts with GPTQ; the bundle
+    keeps the checkpoint's tokenizer as it is and its graph matches the PyTorch reference."""
+    from edge_sdk.converters.tiny import build_model_dir
+
+    d = build_model_dir(tmp_path / "nopad", "qwen2", pad_token=False)
+    convert(d, tmp_path / "b", log_file=tmp_path / "convert.log", **FAST)
+    m = verify_bundle(tmp_path / "b")
+    assert m["quantization"]["method"] == "gptq" and m["tokenizer"]["pad_token_id"] is None
+    assert (tmp_path / "b" / "tokenizer_config.json").read_bytes() == (d / "tokenizer_config.json").read_bytes()
+    check = m["accuracy"]["onnx_vs_torch"]
+    assert check["greedy_tokens_equal"] and check["max_abs_logit_diff"] < 1e-3
+
+
+THIRD_PARTY_LINES = ("GPT-QModel", "INFO ", "WARN", "Failed to load", "_pytree", "Tokenicer", "Traceback")
+
+
+def test_cli_convert_prints_progress_and_result_only(tiny_model_dir, tmp_path):
+    """Library output (GPTQModel banners, torchao, torch warnings) goes to one log file under
+    EDGE_SDK_CACHE/logs, never to the terminal or a logs/ folder in the current directory."""
+    import os
+
+    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd.mkdir()
+    env = dict(os.environ, EDGE_SDK_CACHE=str(cache))
+    r = subprocess.run([sys.executable, "-m", "edge_sdk.cli.main", "convert", str(tiny_model_dir("qwen2")), "-o", "b",
+                        "--nsamples", "4", "--seqlen", "64", "--eval-tokens", "128"],
+                       capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == ["b"]
+    assert [x for x in THIRD_PARTY_LINES if x in r.stderr + r.stdout] == []
+    assert [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("convert: ")] == []  # our progress bar only
+    (log,) = (cache / "logs").glob("convert-*.log")
+    assert f"library log   {log}" in r.stdout
+    assert "GPT-QModel" in log.read_text(errors="replace")

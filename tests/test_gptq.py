@@ -210,3 +210,47 @@ def test_rtn_roundtrip_is_within_half_a_step():
     # the positive extreme sits at 7.5 steps and is clamped to 7; rounding the scale to fp16 (relative
     # error <= 2^-11) moves a value at most 7.5 * 2^-11 steps further
     assert ((ql.dequantize() - w).abs() <= step * (0.5 + 7.5 * 2**-11)).all()
+
+
+def test_pad_token_for_gptqmodel_is_inside_the_vocabulary(tiny_model_dir, tmp_path):
+    from edge_sdk.converters.gptq import gptq_source, pad_token_id
+    from edge_sdk.converters.tiny import EOS, build_model_dir
+
+    assert pad_token_id(open_checkpoint(tiny_model_dir("qwen2"))) is None  # its own pad token (id 2) is used
+    nopad = open_checkpoint(build_model_dir(tmp_path / "nopad", "qwen2", pad_token=False))
+    assert pad_token_id(nopad) == (1, EOS)
+    view = gptq_source(nopad, tmp_path / "view")
+    assert json.loads((view / "config.json").read_text())["pad_token_id"] == 1
+    assert json.loads((view / "tokenizer_config.json").read_text())["pad_token"] == EOS
+    assert "pad_token" not in json.loads((nopad.path / "tokenizer_config.json").read_text())  # the checkpoint is untouched
+    cfg = json.loads((nopad.path / "config.json").read_text())
+    (nopad.path / "config.json").write_text(json.dumps(cfg | {"pad_token_id": cfg["vocab_size"]}))
+    assert pad_token_id(open_checkpoint(nopad.path)) == (1, EOS)  # a pad id past the vocabulary is replaced too
+
+
+def test_checkpoint_without_pad_token_quantizes_like_one_with(tiny_model_dir, tmp_path):
+    """Llama-3-style checkpoints name no pad token; GPTQModel used to die on them in nn.Embedding
+    (padding_idx == vocab_size). The integers must equal those of the same weights with a pad token."""
+    from edge_sdk.converters.tiny import build_model_dir
+
+    nopad = build_model_dir(tmp_path / "nopad", "qwen2", seed=0, pad_token=False)
+    calib, opts = calib_windows(nopad, nsamples=4, seqlen=64), ConvertOptions(nsamples=4, seqlen=64)
+    names = linear_names(2, open_checkpoint(nopad).arch)
+    got, _ = gptq_quantize(open_checkpoint(nopad), calib, opts, names)
+    want, _ = gptq_quantize(open_checkpoint(tiny_model_dir("qwen2")), calib, opts, names)
+    for n in names:
+        assert torch.equal(got[n].q, want[n].q) and torch.equal(got[n].scales, want[n].scales), n
+
+
+def test_gptqmodel_failure_is_one_line_naming_the_stage(tiny_model_dir, monkeypatch):
+    import gptqmodel
+
+    def broken(*a, **k):
+        raise AssertionError("Padding_idx must be within num_embeddings\nsecond line")
+
+    monkeypatch.setattr(gptqmodel.GPTQModel, "load", broken)
+    ck = open_checkpoint(tiny_model_dir("qwen2"))
+    with pytest.raises(ConversionError) as e:
+        gptq_quantize(ck, calib_windows(tiny_model_dir("qwen2"), 2, 32), ConvertOptions(nsamples=2, seqlen=32), linear_names(2, ck.arch))
+    assert "while loading" in str(e.value) and "AssertionError: Padding_idx must be within num_embeddings" in str(e.value)
+    assert "\n" not in str(e.value) and "--method rtn" in str(e.value)

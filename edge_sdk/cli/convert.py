@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--lm-head-dtype", choices=["int4", "fp16"], default="int4")
     p.add_argument("--fp16-graph", action="store_true", help="also write model.fp16.onnx (fp16 activations, for TensorRT/CUDA)")
     p.add_argument("--max-ppl-increase", type=float, metavar="PERCENT", help="fail when perplexity rises more than this")
+    p.add_argument("--min-top1-agreement", type=float, metavar="FRACTION",
+                   help="fail when fewer held-out tokens than this keep the float model's top-1 prediction (e.g. 0.9)")
     p.add_argument("--sign-key", metavar="KEY", help="ed25519 private key: write manifest.sig")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX vs PyTorch check")
@@ -39,6 +41,7 @@ def run(args) -> int:
         act_order=args.act_order, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, lm_head_dtype=args.lm_head_dtype,
         graphs=("fp32", "fp16") if args.fp16_graph else ("fp32",), max_ppl_increase=args.max_ppl_increase,
+        min_top1_agreement=args.min_top1_agreement,
         sign_key=args.sign_key, overwrite=args.overwrite, verify=not args.no_verify, progress=not args.json,
     )
     if args.json:
@@ -55,4 +58,5 @@ def run(args) -> int:
           f"top-1 agreement {acc['top1_agreement'] * 100:.1f}% on {acc['eval_tokens']} tokens")
     print("  time          " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
     print(f"  peak memory   {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(f"  library log   {summary['log']}")
     return 0

@@ -1,0 +1,65 @@
+"""Third-party output of a conversion goes to one log file; the terminal keeps our progress and result.
+
+The libraries under the pipeline write through every path there is: GPTQModel (logbar) prints its
+banner, config dumps and tables to stdout, tokenicer and transformers log through handlers bound to
+the original stderr, torch logs `_pytree` deprecations, torchao reports `Failed to load ..._C_mxfp8`
+while it is imported, tqdm bars and C code write to file descriptors 1 and 2. Pointing descriptors 1
+and 2 at the log file catches all of them; our own progress bar writes to a copy of the terminal's
+stderr taken before the switch.
+
+The log is `$EDGE_SDK_CACHE/logs/convert-<UTC time>-<pid>.log` (EDGE_SDK_CACHE defaults to
+~/.cache/edge-sdk), one file per process, appended to by every conversion step of that process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+_process_log: Path | None = None
+
+
+def default_log_path() -> Path:
+    """One log file per process, never in the current directory."""
+    global _process_log
+    if _process_log is None:
+        cache = Path(os.environ.get("EDGE_SDK_CACHE") or Path.home() / ".cache" / "edge-sdk")
+        _process_log = cache / "logs" / f"convert-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
+    return _process_log
+
+
+@contextmanager
+def third_party_output(log_path: str | Path | None = None):
+    """Send descriptors 1 and 2 (and so sys.stdout, sys.stderr and every handler on them) to the log;
+    yield a text stream on the terminal's stderr for our own progress bar."""
+    path = Path(log_path) if log_path else default_log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _flush()
+    try:
+        saved = os.dup(1), os.dup(2)
+    except OSError:  # no descriptors to redirect (embedded interpreter): leave the streams alone
+        yield sys.stderr
+        return
+    terminal = os.fdopen(os.dup(saved[1]), "w", encoding="utf-8", errors="replace")
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            _flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            terminal.close()
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
