@@ -5,7 +5,8 @@ banner, config dumps and tables to stdout, tokenicer and transformers log throug
 the original stderr, torch logs `_pytree` deprecations, torchao reports `Failed to load ..._C_mxfp8`
 while it is imported, tqdm bars and C code write to file descriptors 1 and 2. Pointing descriptors 1
 and 2 at the log file catches all of them; our own progress bar writes to a copy of the terminal's
-stderr taken before the switch.
+stderr taken before the switch. Logging configuration a library makes on import (tokenicer calls
+logging.basicConfig(level=INFO)) is undone on the way out, so it does not outlive the conversion.
 
 The log is `$EDGE_SDK_CACHE/logs/convert-<UTC time>-<pid>.log` (EDGE_SDK_CACHE defaults to
 ~/.cache/edge-sdk), one file per process, appended to by every conversion step of that process.
@@ -13,6 +14,7 @@ The log is `$EDGE_SDK_CACHE/logs/convert-<UTC time>-<pid>.log` (EDGE_SDK_CACHE d
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -44,6 +46,8 @@ def third_party_output(log_path: str | Path | None = None):
         yield sys.stderr
         return
     terminal = os.fdopen(os.dup(saved[1]), "w", encoding="utf-8", errors="replace")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     with open(path, "ab") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -51,6 +55,8 @@ def third_party_output(log_path: str | Path | None = None):
             yield terminal
         finally:
             _flush()
+            root.handlers[:] = handlers
+            root.setLevel(level)
             for fd, copy in zip((1, 2), saved):
                 os.dup2(copy, fd)
                 os.close(copy)
