@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from edge_sdk.errors import ConversionError
+from edge_sdk.errors import AccuracyGateError, ConversionError
 
 LOGIT_ATOL = 1e-3  # fp32 graph vs fp32 PyTorch, same weights: only summation order differs
 
@@ -104,3 +104,20 @@ def report(float_nll: tuple, quant_nll: tuple) -> dict:
         "nll_quant": round(nq.mean().item(), 5),
         "top1_agreement": round((pf == pq).float().mean().item(), 4),
     }
+
+
+GATE_HINT = ("use more or more representative calibration data (--calib, --nsamples), a smaller --group-size, "
+             "or --lm-head-dtype fp16")
+
+
+def gate(report: dict, max_ppl_increase: float | None, min_top1_agreement: float | None) -> None:
+    """Refuse a conversion whose accuracy report is past either limit (None: no limit)."""
+    rise, top1 = report["ppl_increase_percent"], report["top1_agreement"]
+    if max_ppl_increase is not None and rise > max_ppl_increase:
+        raise AccuracyGateError(
+            f"perplexity rose {rise:.2f}% (float {report['ppl_float']:.3f} -> int4 {report['ppl_quant']:.3f}), "
+            f"above --max-ppl-increase {max_ppl_increase}%", hint=GATE_HINT)
+    if min_top1_agreement is not None and top1 < min_top1_agreement:
+        raise AccuracyGateError(
+            f"top-1 agreement with the float model is {top1:.4f}, below --min-top1-agreement {min_top1_agreement}",
+            hint=GATE_HINT)

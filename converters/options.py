@@ -28,6 +28,7 @@ class ConvertOptions:
     lm_head_dtype: str = "int4"  # "int4" (group_size, round-to-nearest) or "fp16"
     graphs: tuple[str, ...] = ("fp32",)
     max_ppl_increase: float | None = None  # percent
+    min_top1_agreement: float | None = None  # fraction of held-out tokens whose argmax matches the float model's
     sign_key: str | None = None
     overwrite: bool = False
     verify: bool = True
@@ -62,6 +63,9 @@ class ConvertOptions:
                 raise ConfigError(f"{f}: no such file")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise ConfigError(f"max_ppl_increase must be >= 0 (percent), got {self.max_ppl_increase}")
+        if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
+            raise ConfigError(f"min_top1_agreement must be a fraction in [0, 1], got {self.min_top1_agreement}",
+                              hint="0.9 means 90 % of held-out tokens keep the float model's top-1 prediction")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,39 +1,54 @@
 #!/usr/bin/env python
-"""Train a tiny Qwen2-architecture model on Python's own standard-library sources (local text only).
+"""Train a tiny Qwen2-architecture model on a fixed corpus shipped with the tests (local text only).
 
-The result, cached under ~/.cache/edge-sdk/tiny-trained-qwen2/, is a real Hugging Face model
-directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) plus eval.txt
-(held-out stdlib source) and calib.txt (in-domain calibration text) for accuracy reports: a trained model shows what int4 quantization
-really costs, which random weights cannot. A few minutes on one CPU core.
+The corpus (tests/data/corpus/: Python source text, see its README) is the same bytes on every
+machine, the seeds are fixed and training runs on one thread, so the model does not depend on the
+Python build that runs the script. The result, cached under ~/.cache/edge-sdk/tiny-trained-qwen2/,
+is a real Hugging Face model directory (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json) plus eval.txt (held-out text) and calib.txt (in-domain calibration text)
+for accuracy reports: a trained model shows what int4 quantization really costs, which random
+weights cannot. A few minutes on one CPU core.
 
     python scripts/train_tiny.py [--steps 400] [--out DIR]
+    python scripts/train_tiny.py --check      # exit 0 when the cached model is current
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import lzma
 import math
 import os
-import sysconfig
 import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(os.environ.get("EDGE_SDK_CACHE", Path.home() / ".cache" / "edge-sdk")) / "tiny-trained-qwen2"
-TRAIN_MODULES = ["argparse", "collections/__init__", "json/decoder", "json/encoder", "pathlib", "shutil", "textwrap",
-                 "tempfile", "csv", "dataclasses", "functools", "inspect", "string", "typing", "subprocess", "logging/__init__"]
-EVAL_MODULES = ["configparser", "fractions"]
-CALIB_MODULES = ["argparse", "pathlib"]  # part of the training text
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "corpus"
+PARTS = ("train", "eval", "calib")  # calib is a slice of the training text; eval is held out
+RECIPE = 2  # bump when training changes, so a cached model from an older recipe is retrained
 
 
-def stdlib_text(modules: list[str]) -> str:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts = []
-    for m in modules:
-        p = root / f"{m}.py"
-        if p.exists():
-            parts.append(p.read_text(encoding="utf-8", errors="replace"))
-    return "\n\n".join(parts)
+def corpus_text(part: str) -> str:
+    return lzma.decompress((CORPUS / f"{part}.txt.xz").read_bytes()).decode("utf-8")
+
+
+def fingerprint(args) -> str:
+    """What the trained model is a function of: corpus bytes, recipe, hyperparameters."""
+    h = hashlib.sha256(f"recipe={RECIPE} steps={args.steps} batch={args.batch} seqlen={args.seqlen} "
+                       f"vocab={args.vocab} seed={args.seed}".encode())
+    for part in PARTS:
+        h.update((CORPUS / f"{part}.txt.xz").read_bytes())
+    return h.hexdigest()
+
+
+def is_current(args) -> bool:
+    try:
+        info = json.loads((args.out / "training.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("fingerprint") == fingerprint(args) and (args.out / "model.safetensors").is_file()
 
 
 def main(argv=None) -> int:
@@ -45,7 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", action="store_true", help="exit 0 if the cached model matches this recipe, 1 if not")
     args = ap.parse_args(argv)
+    if args.check:
+        return 0 if is_current(args) else 1
 
     import torch
     from tqdm import tqdm
@@ -55,7 +73,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    train, held_out = stdlib_text(TRAIN_MODULES), stdlib_text(EVAL_MODULES)
+    torch.use_deterministic_algorithms(True)
+    train, held_out = corpus_text("train"), corpus_text("eval")
     tok = build_tokenizer([train], vocab_size=args.vocab)
     ids = torch.tensor(tok.encode(train).ids)
     cfg = tiny_config("qwen2", tok.get_vocab_size())
@@ -80,12 +99,12 @@ def main(argv=None) -> int:
     model.save_pretrained(args.out, safe_serialization=True)
     write_tokenizer(tok, args.out)
     (args.out / "eval.txt").write_text(held_out, encoding="utf-8")
-    (args.out / "calib.txt").write_text(stdlib_text(CALIB_MODULES), encoding="utf-8")  # in-domain calibration
+    (args.out / "calib.txt").write_text(corpus_text("calib"), encoding="utf-8")  # in-domain calibration
     with torch.no_grad():
         ev = torch.tensor(tok.encode(held_out).ids[:2048]).unsqueeze(0)
         ppl = math.exp(model(input_ids=ev, labels=ev).loss.item())
     info = {"steps": args.steps, "seconds": round(time.time() - t0, 1), "train_tokens": len(ids), "final_loss": round(loss.item(), 4),
-            "held_out_ppl": round(ppl, 3), "train_modules": TRAIN_MODULES, "eval_modules": EVAL_MODULES}
+            "held_out_ppl": round(ppl, 3), "fingerprint": fingerprint(args)}
     (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
     return 0

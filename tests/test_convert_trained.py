@@ -1,6 +1,11 @@
 """Accuracy report on a small *trained* model (scripts/train_tiny.py, cached under ~/.cache/edge-sdk):
 int4 costs little perplexity, GPTQ agrees with the float model more often than round-to-nearest,
-and --max-ppl-increase stops a conversion that loses more."""
+and the accuracy gate stops a conversion that loses more.
+
+Only what holds with a measured margin is asserted. Over training seeds 0-2 of the fixed corpus,
+GPTQ kept the float model's top-1 token 2.6-3.2 points more often than round-to-nearest
+(0.971-0.977 against 0.939-0.948), while the perplexity change of either method stayed within
+±0.7 % and changed sign between seeds: perplexity cannot order the two methods on this model."""
 
 from __future__ import annotations
 
@@ -52,17 +57,43 @@ def test_int4_perplexity_increase_is_small_and_reported(reports, trained):
 
 def test_gptq_agrees_with_the_float_model_more_than_rtn(reports):
     g, r = reports["gptq"]["accuracy"], reports["rtn"]["accuracy"]
-    assert g["top1_agreement"] > r["top1_agreement"]
-    assert g["nll_quant"] - g["nll_float"] < r["nll_quant"] - r["nll_float"]
+    assert g["ppl_float"] == r["ppl_float"]  # the same float model and held-out tokens on both sides
+    assert g["top1_agreement"] > r["top1_agreement"] + 0.01
 
 
 def test_accuracy_gate_fails_without_leaving_a_bundle(trained, reports, tmp_path):
     from edge_sdk.converters import convert
 
-    rise = reports["rtn"]["accuracy"]["ppl_increase_percent"]
-    assert rise > 0.02
-    with pytest.raises(AccuracyGateError, match="perplexity rose") as e:
+    top1 = reports["rtn"]["accuracy"]["top1_agreement"]
+    assert top1 < 1.0
+    with pytest.raises(AccuracyGateError, match="top-1 agreement") as e:
         convert(trained, tmp_path / "gated", method="rtn", calib=str(trained / "calib.txt"), eval_text=str(trained / "eval.txt"),
-                max_ppl_increase=rise / 2, **CALIB)
-    assert "--max-ppl-increase" in str(e.value)
+                min_top1_agreement=(top1 + 1) / 2, **CALIB)
+    assert "--min-top1-agreement" in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+REPORT = {"ppl_float": 10.0, "ppl_quant": 10.5, "ppl_increase_percent": 5.0, "top1_agreement": 0.93}
+
+
+@pytest.mark.parametrize("max_rise, min_top1, refused", [
+    (None, None, None), (5.0, 0.93, None), (4.99, None, "perplexity rose 5.00%"), (None, 0.931, "top-1 agreement"),
+    (0.0, 0.0, "perplexity rose"),
+])
+def test_gate_refuses_exactly_past_its_limits(max_rise, min_top1, refused):
+    from edge_sdk.converters.accuracy import gate
+
+    if refused is None:
+        gate(REPORT, max_rise, min_top1)
+    else:
+        with pytest.raises(AccuracyGateError, match=refused):
+            gate(REPORT, max_rise, min_top1)
+
+
+@pytest.mark.parametrize("field, value", [("max_ppl_increase", -1.0), ("min_top1_agreement", 1.5), ("min_top1_agreement", -0.1)])
+def test_gate_limits_are_validated(field, value):
+    from edge_sdk.converters.options import ConvertOptions
+    from edge_sdk.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        ConvertOptions(**{field: value})
