@@ -123,6 +123,22 @@ class KVCache:
         capacity = capacity or max(c.capacity for c in caches)
         return caches[0]._gather([(c, r, 0) for c in caches for r in range(c.batch)], capacity)
 
+    @staticmethod
+    def stack(rows: list[tuple["KVCache", int]], capacity: int) -> "KVCache":
+        """One new cache of the given rows ((cache, row) pairs, from any caches), right aligned, with the
+        common left padding trimmed: one copy of the KV. Memory while it runs: the sources, the new
+        cache (len(rows) x capacity tokens) and one [rows, H, length, D] staging array."""
+        if not rows:
+            raise ConfigError("stack needs at least one row")
+        length = max(int(c.mask[r].sum()) for c, r in rows)  # rows are right aligned: real tokens end each row
+        return rows[0][0]._gather([(c, r, c.length - length if c.length >= length else 0) for c, r in rows], capacity)
+
+    @staticmethod
+    def stacked_bytes(rows: int, capacity: int, length: int, kv_bytes_per_token: int, io: "ModelIO") -> tuple[int, int]:
+        """(bytes of a stacked cache, bytes of its staging array): kv_bytes_per_token counts every buffer."""
+        staging = rows * length * io.kv_bytes_per_token() // (2 * io.num_layers)
+        return rows * capacity * kv_bytes_per_token, staging
+
     def _gather(self, parts: list[tuple["KVCache", int, int]], capacity: int) -> "KVCache":
         length = max(c.length - start for c, _, start in parts)
         out = self._empty(len(parts), capacity)
@@ -140,6 +156,7 @@ class KVCache:
                     n = c.length - start
                     dst[row, :, length - n:] = c.host_past(layer, kind)[r, :, start:]
                 out.store_past(layer, kind, dst)
+                del dst  # one staging array at a time
         return out
 
     # --- how a backend reaches the buffers (device caches override these) -------------------

@@ -32,18 +32,32 @@ def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle, prefill_chun
     got = {k: [] for k in ids}
     live: list[str] = []
 
+    def held_arrays():  # bytes of the KV arrays the adapter holds
+        caches = [step_model._batch] * (step_model._batch is not None) + list(step_model._pending.values())
+        return sum(c.nbytes for c in caches)
+
     def join(k):
+        predicted = step_model.kv_bytes_held([(len(ids[k]), 10)])
         got[k].append(int(np.argmax(step_model.prefill(k, ids[k], 10))))
+        assert step_model.kv_bytes_held() == predicted  # what admission counted is what the prefill left
         live.append(k)
 
     def step():
+        before, peak = held_arrays(), step_model.kv_bytes_held()
         logits = step_model.step(live, [got[k][-1] for k in live])
+        rebuilt = before != held_arrays()
+        assert step_model.kv_bytes_held() == held_arrays()  # after a step: exactly the arrays
+        assert peak == (before + held_arrays() + staging() if rebuilt else before)  # the old batch beside the new one
         assert logits.shape == (len(live), step_model.vocab_size)
         for k, row in zip(list(live), logits):
             got[k].append(int(np.argmax(row)))
             if len(got[k]) == len(want[k]):
                 live.remove(k)
                 step_model.release(k)
+
+    def staging():  # the one [rows, H, length, D] array a rebuild stages each layer through
+        b, io = step_model._batch, model.backend.io
+        return b.batch * (b.length - 1) * io.kv_bytes_per_token() // (2 * io.num_layers)
 
     join("a")
     for _ in range(3):

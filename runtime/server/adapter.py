@@ -1,8 +1,11 @@
 """A loaded bundle (`edge_sdk.load`) driven step by step for the scheduler (the StepModel protocol).
 
 Each new request is prefilled alone into its own KV cache, in the runtime's prefill chunks. Running sequences share one batched
-cache; it is rebuilt (KVCache.select + KVCache.merge, one copy of the KV) only when a sequence joins
-or leaves, and every decode step is one `backend.forward(tokens[B, 1], cache)` for all of them.
+cache; it is rebuilt (KVCache.stack, one copy of the KV) only when a sequence joins, and every decode step is one
+`backend.forward(tokens[B, 1], cache)` for all of them. Rows of finished sequences stay (fed a pad token) until then:
+dropping them would need a second copy of the batch. Rows are right aligned, so the batch holds
+rows x (longest row + most tokens any row may still append + 1) tokens; `kv_bytes_held` says so exactly,
+for the memory manager.
 """
 
 from __future__ import annotations
@@ -30,10 +33,9 @@ class BundleStepModel:
         # what a reserved token really costs
         self.kv_bytes_per_token = getattr(self.backend, "kv_copies", 2) * io.kv_bytes_per_token()
         self.weights_bytes = graph_bytes(model.bundle, model.manifest, self.backend)
-        # prefill runs in chunks (the runtime's prefill_chunk): logits [chunk, V] fp32, plus one transient
-        # copy of the batch KV when a sequence joins
+        # prefill runs in chunks (the runtime's prefill_chunk): logits [chunk, V] fp32; KV copies are in kv_bytes_held
         chunk = min(self.context_length, int(getattr(model.generator, "prefill_chunk", self.context_length)))
-        self.workspace_bytes = chunk * io.vocab_size * 4 + max_batch * self.context_length * io.kv_bytes_per_token()
+        self.workspace_bytes = chunk * io.vocab_size * 4
         self._batch = None  # KVCache of the running rows, in self._rows order
         self._rows: list[str] = []
         self._pending: dict[str, object] = {}  # prefilled alone, not merged yet
@@ -57,13 +59,14 @@ class BundleStepModel:
         return logits[0]
 
     def step(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
-        if self._pending or set(seq_ids) != set(self._rows):
+        if self._pending or not set(seq_ids) <= set(self._rows):
             self._rebuild(seq_ids)
         feed = dict(zip(seq_ids, tokens))
-        ids = np.asarray([[feed[r]] for r in self._rows], np.int64)
+        ids = np.asarray([[feed.get(r, 0)] for r in self._rows], np.int64)  # finished rows: a pad token
         logits = self.backend.forward(ids, self._batch)[:, -1]  # [B, V]
         for r in self._rows:
-            self._left[r] -= 1
+            if r in self._left:
+                self._left[r] -= 1
         order = {r: i for i, r in enumerate(self._rows)}
         return logits[[order[s] for s in seq_ids]]
 
@@ -71,21 +74,40 @@ class BundleStepModel:
         from ..kv_cache import KVCache
 
         wanted = set(seq_ids)
-        keep = [i for i, r in enumerate(self._rows) if r in wanted]
-        parts, rows = [], []
-        if keep and self._batch is not None:
-            parts.append(self._batch.select(keep))
-            rows += [self._rows[i] for i in keep]
-        for r in list(self._pending):
-            if r in wanted:
-                parts.append(self._pending.pop(r))
-                rows.append(r)
+        parts = [(self._batch, i, r) for i, r in enumerate(self._rows) if r in wanted]
+        parts += [(self._pending[r], 0, r) for r in self._pending if r in wanted]
+        rows = [r for _, _, r in parts]
         assert set(rows) == wanted, "step() asked for sequences that were never prefilled"
-        length = max(p.length for p in parts)
-        # every row may still append up to its remaining tokens; rows stay right aligned
-        capacity = length + max(self._left[r] for r in rows) + 1
-        self._batch = parts[0] if len(parts) == 1 and parts[0].capacity >= capacity else KVCache.merge(parts, capacity=capacity)
+        capacity = self._capacity([(int(c.mask[i].sum()), self._left[r]) for c, i, r in parts])
+        self._batch = KVCache.stack([(c, i) for c, i, _ in parts], capacity)
+        for r in rows:
+            self._pending.pop(r, None)
         self._rows = rows
+
+    @staticmethod
+    def _capacity(rows: list[tuple[int, int]]) -> int:
+        """Tokens per row of a batch of (cached tokens, tokens still to append) rows, right aligned."""
+        return max(n for n, _ in rows) + max(left for _, left in rows) + 1
+
+    def kv_bytes_held(self, joining: Sequence[tuple[int, int]] = ()) -> int:
+        """KV bytes held at their peak until the next step ends: the batched cache and the prompts
+        prefilled alone; when sequences join (prefilled, or `joining`: (prompt tokens, max new tokens)),
+        also their prefill caches, the rebuilt batch beside the old one and its staging array."""
+        from ..kv_cache import KVCache
+
+        b = self.kv_bytes_per_token
+        held = self._cache_bytes(self._batch) + sum(self._cache_bytes(c) for c in self._pending.values())
+        if not (self._pending or joining):
+            return held
+        rows = [(int(n), self._left[r]) for n, r in zip(self._batch.mask.sum(axis=1), self._rows) if r in self._left] \
+            if self._batch is not None else []
+        rows += [(c.length, self._left[r]) for r, c in self._pending.items()]
+        rows += [(int(p), int(m)) for p, m in joining]
+        new, staging = KVCache.stacked_bytes(len(rows), self._capacity(rows), max(n for n, _ in rows), b, self.backend.io)
+        return held + sum(p for p, _ in joining) * b + new + staging
+
+    def _cache_bytes(self, cache) -> int:
+        return 0 if cache is None else cache.batch * cache.capacity * self.kv_bytes_per_token
 
     def release(self, seq_id: str) -> None:
         self._pending.pop(seq_id, None)

@@ -6,10 +6,16 @@ pool of fixed-size KV blocks. A request reserves every block it can ever need (p
 when it is admitted, so a running request never runs out of memory half-way; one that can never fit
 is refused (413), one that cannot fit now waits or is refused with a retry hint (503). Idle state
 (caches nobody is using) is released before a request is refused.
+
+Running sequences share one batched cache whose rows are padded to the longest one, so the model
+holds more than the sum of the reservations. The model states what it holds (`held_bytes`: its KV
+bytes at their peak until the next step, the rebuild that lets a sequence join included); the rest
+is kept as padding blocks in the same pool, so the pool counts what is really allocated.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -19,6 +25,7 @@ from typing import Callable
 from ...errors import MemoryBudgetError
 
 MIB = 2**20
+log = logging.getLogger(__name__)
 
 
 class NoFreeBlocksError(MemoryBudgetError):
@@ -145,8 +152,10 @@ class MemoryManager:
         self.pool = BlockAllocator(layout.kv_blocks)
         self._reservations: dict[str, Reservation] = {}
         self._idle: OrderedDict[str, _Idle] = OrderedDict()  # least recently parked first
+        self._padding: list[int] = []  # blocks the model holds beyond the reservations (batch padding)
         self._lock = threading.Lock()
         self.idle_released = 0
+        self.peak_blocks_used = 0
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.layout.kv_block_tokens)
@@ -165,28 +174,73 @@ class MemoryManager:
                 hint="lower max_tokens or raise the memory budget")
         return total
 
-    def reserve(self, request_id: str, prompt_tokens: int, max_new_tokens: int) -> Reservation:
+    def reserve(self, request_id: str, prompt_tokens: int, max_new_tokens: int, *,
+                held_bytes: int | None = None) -> Reservation:
+        """Reserve the request's blocks; with held_bytes (what the model will hold once this request
+        joins, at its peak), also the padding beyond all reservations. Both or neither."""
         tokens = self.check(prompt_tokens, max_new_tokens)
         n = self.blocks_for(tokens)
         with self._lock:
             assert request_id not in self._reservations, f"request {request_id} reserved twice"
-            idle = sum(len(i.blocks) for i in self._idle.values())
-            if self.pool.num_free + idle >= n:  # evict only when it makes the request fit
-                while self.pool.num_free < n:
-                    self._release_oldest_idle()
-            if self.pool.num_free < n:
-                raise MemoryBusyError(
-                    f"the KV pool has {self.pool.num_free} of {self.pool.num_blocks} blocks free and this request needs {n}",
-                    hint="retry when running requests finish")
+            pad = self._padding_for(held_bytes, n) if held_bytes is not None else len(self._padding)
+            need = n + max(0, pad - len(self._padding))
+            self._make_room(need, f"this request needs {n} (and {need - n} more for the padded batch)" if need > n
+                            else f"this request needs {n}")
             r = Reservation(request_id, tokens, self.pool.allocate(n))
             self._reservations[request_id] = r
+            self._set_padding(pad)
             return r
 
-    def release(self, request_id: str) -> None:
+    def hold(self, held_bytes: int) -> None:
+        """Grow the padding to what the model will hold (a reserved request joining the batch); raises
+        MemoryBusyError, changing nothing, when it does not fit. Never shrinks (see settle)."""
+        with self._lock:
+            grow = self._padding_for(held_bytes) - len(self._padding)
+            if grow > 0:
+                self._make_room(grow, f"joining the batch pads it by {grow} more")
+                self._set_padding(len(self._padding) + grow)
+
+    def settle(self, held_bytes: int) -> None:
+        """Set the padding to what the model holds now (after a step: rebuilds done, rows dropped)."""
+        with self._lock:
+            self._set_padding(self._padding_for(held_bytes))
+
+    def release(self, request_id: str, *, held_bytes: int | None = None) -> None:
+        """Free a request's blocks; with held_bytes, keep as padding what the model still holds (its
+        row stays in the batched cache until the next rebuild)."""
         with self._lock:
             r = self._reservations.pop(request_id, None)
             if r is not None:
                 self.pool.free(r.blocks)
+            if held_bytes is not None:
+                self._set_padding(self._padding_for(held_bytes))
+
+    def _padding_for(self, held_bytes: int, extra_blocks: int = 0) -> int:
+        reserved = sum(len(r.blocks) for r in self._reservations.values()) + extra_blocks
+        over = held_bytes - reserved * self.layout.kv_block_bytes
+        return max(0, -(-over // self.layout.kv_block_bytes))
+
+    def _make_room(self, n: int, what: str) -> None:
+        idle = sum(len(i.blocks) for i in self._idle.values())
+        if self.pool.num_free + idle >= n:  # evict only when it makes the request fit
+            while self.pool.num_free < n:
+                self._release_oldest_idle()
+        if self.pool.num_free < n:
+            raise MemoryBusyError(f"the KV pool has {self.pool.num_free} of {self.pool.num_blocks} blocks free and {what}",
+                                  hint="retry when running requests finish")
+
+    def _set_padding(self, blocks: int) -> None:
+        if blocks < len(self._padding):
+            self.pool.free([self._padding.pop() for _ in range(len(self._padding) - blocks)])
+        elif blocks > len(self._padding):
+            grow = blocks - len(self._padding)
+            while self.pool.num_free < grow and self._idle:
+                self._release_oldest_idle()
+            if self.pool.num_free < grow:  # admission predicted less than the model holds: a bug, say so
+                log.warning("the model holds %d KV blocks more than the pool has free", grow - self.pool.num_free)
+                grow = self.pool.num_free
+            self._padding += self.pool.allocate(grow)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.pool.num_used)
 
     def park_idle(self, key: str, blocks: int, release: Callable[[], None]) -> bool:
         """Account idle state (a cache kept for reuse) in the pool; it is released first under pressure.
@@ -223,6 +277,7 @@ class MemoryManager:
                 "budget_bytes": lay.budget_bytes, "reserve_bytes": lay.reserve_bytes, "weights_bytes": lay.weights_bytes,
                 "workspace_bytes": lay.workspace_bytes, "kv_blocks_total": lay.kv_blocks, "kv_blocks_used": used,
                 "kv_blocks_idle": sum(len(i.blocks) for i in self._idle.values()),
+                "kv_blocks_padding": len(self._padding), "kv_blocks_peak": self.peak_blocks_used,
                 "kv_used_bytes": used * lay.kv_block_bytes, "kv_pool_bytes": lay.kv_pool_bytes,
                 "accounted_bytes": lay.weights_bytes + lay.workspace_bytes + used * lay.kv_block_bytes,
                 "reservations": len(self._reservations), "idle_released": self.idle_released,

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from ...errors import EdgeSDKError, MemoryBudgetError
 from .engine import Sampler, SamplingParams, StepModel, TextStream
-from .memory import MemoryBusyError, MemoryManager
+from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -226,14 +226,40 @@ class Scheduler:
         admitted = []
         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
             req = self._waiting[0]
-            if not req.reserved:
-                try:
-                    self.memory.reserve(req.id, len(req.prompt_ids), req.params.max_tokens)
-                except MemoryBudgetError:
+            # what the model will hold once this request joins the batch (padding to the longest row included)
+            held = self._kv_held([(len(r.prompt_ids), r.params.max_tokens) for r in admitted + [req]])
+            try:
+                if not req.reserved:
+                    self.memory.reserve(req.id, len(req.prompt_ids), req.params.max_tokens, held_bytes=held)
+                    req.reserved = True
+                elif held is not None:
+                    self.memory.hold(held)
+            except MemoryBudgetError as exc:
+                if self._running or admitted:
                     break  # first come, first served: the ones behind it wait too
-                req.reserved = True
+                self._waiting.popleft()  # alone, with nothing else to wait for: it can never fit
+                self._refuse(req, exc)
+                continue
             admitted.append(self._waiting.popleft())
         return admitted
+
+    def _refuse(self, req: Request, exc: MemoryBudgetError) -> None:
+        if req.reserved:
+            self.memory.release(req.id)
+        req.finish_reason = "error"
+        req.emit(Event("error", error=RequestTooLargeError(
+            f"{exc.message}, with nothing else running", hint="lower max_tokens or the prompt, or raise the memory budget")))
+
+    def _kv_held(self, joining: list[tuple[int, int]] | None = None) -> int | None:
+        """KV bytes the model holds at their peak until the next step ends (None: the model does not say)."""
+        held = getattr(self.model, "kv_bytes_held", None)
+        if held is None:
+            return None
+        try:
+            return int(held(joining or ()))
+        except Exception:  # accounting must never take a request down; the next step settles it
+            log.exception("the model could not report its KV memory")
+            return None
 
     def _guard(self, runs: list[_Running], fn, *args) -> None:
         """Run a model call; if it fails, fail the requests it served (the daemon keeps going)."""
@@ -259,6 +285,9 @@ class Scheduler:
         t0 = time.monotonic()
         logits = self.model.step([r.req.id for r in runs], [r.last for r in runs])
         self.metrics.record_step(len(runs), time.monotonic() - t0)
+        held = self._kv_held()
+        if held is not None:
+            self.memory.settle(held)  # the rebuild is done: the old batch and prefill caches are gone
         for run, row in zip(runs, logits):
             self._accept(run, run.sampler(row))
 
@@ -286,7 +315,7 @@ class Scheduler:
         try:
             self.model.release(req.id)
         finally:
-            self.memory.release(req.id)
+            self.memory.release(req.id, held_bytes=self._kv_held())  # its row may stay in the batch until a rebuild
         req.finish_reason = reason or "error"
         self.metrics.finished[req.finish_reason] = self.metrics.finished.get(req.finish_reason, 0) + 1
         if error is not None:
