@@ -150,7 +150,7 @@ class Ours:
         self.bandwidth = bandwidth
 
     def once(self, prompt: list[int], new_tokens: int) -> dict:
-        from edge_sdk.runtime.bench import bench
+        from edge_sdk.runtime.generate.bench import bench
 
         return bench(self.model, prompt_tokens=len(prompt), new_tokens=new_tokens, repeats=1, bandwidth_gbps=self.bandwidth)
 
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         return 0
     import numpy as np
 
-    from edge_sdk.runtime.bench import read_bandwidth_gbps, roofline_share_text
+    from edge_sdk.runtime.generate.bench import read_bandwidth_gbps, roofline_share_text
 
     bw = read_bandwidth_gbps(threads)  # buffers sized past the last-level cache
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]

@@ -49,7 +49,7 @@ def run(path: Path, threads: int, huge: bool, repeats: int) -> float:
     import numpy as np
     import onnxruntime as ort
 
-    from edge_sdk.runtime import hugepages
+    from edge_sdk.runtime.backends import hugepages
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bytes-per-token", type=int, default=820_600_832)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from edge_sdk.runtime.bench import read_bandwidth_gbps
+    from edge_sdk.runtime.generate.bench import read_bandwidth_gbps
 
     threads = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as d:

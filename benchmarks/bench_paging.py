@@ -76,7 +76,7 @@ def session_builds(backend, samples: int = 4) -> tuple[float, float]:
 def decode(model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     import resource
 
-    from edge_sdk.runtime.bench import bench
+    from edge_sdk.runtime.generate.bench import bench
 
     def cpu() -> float:
         ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
     import edge_sdk
     from edge_sdk.runtime.loader import graph_file
-    from edge_sdk.runtime.model import Model
+    from edge_sdk.runtime.generate.model import Model
     from edge_sdk.runtime.paging.backend import PagedBackend, PagingOptions
     from edge_sdk.runtime.paging.plan import BuildProbe, parse_budget
     from edge_sdk.runtime.paging.select import weight_bytes

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.runtime.bench import READ_KERNELS, last_level_cache_bytes, split_for_threads, timed_read
+from edge_sdk.runtime.generate.bench import READ_KERNELS, last_level_cache_bytes, split_for_threads, timed_read
 
 READER_C = r"""
 #include <pthread.h>

@@ -11,7 +11,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from edge_sdk.runtime.chat import DEEPSEEK_R1_TEMPLATE
+from edge_sdk.chat import DEEPSEEK_R1_TEMPLATE
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"

@@ -12,9 +12,9 @@ from pathlib import Path
 def load(bundle, **options):
     """Verify `bundle`, pick a backend, and return a Model (options: see RuntimeOptions)."""
     from .loader import make_backend, open_bundle
-    from .model import Model
+    from .generate.model import Model
     from .options import RuntimeOptions
-    from .tokenizer import Tokenizer
+    from .generate.tokenizer import Tokenizer
 
     opts = RuntimeOptions.from_kwargs(**options)
     root = Path(bundle)

@@ -8,9 +8,9 @@ from pathlib import Path
 from edge_sdk.bundle import verify_bundle
 from edge_sdk.errors import BundleError, ConfigError, NotBuiltError, require
 
-from . import providers as prov
-from .engine_cache import EngineKey, bundle_hash
-from .kv_cache import ModelIO
+from .backends import providers as prov
+from .backends.engine_cache import EngineKey, bundle_hash
+from .backends.kv_cache import ModelIO
 from .options import RuntimeOptions
 
 log = logging.getLogger("edge_sdk.runtime")
@@ -71,7 +71,7 @@ def manifest_digest(root: Path, manifest: dict) -> str:
 def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
     io = ModelIO.from_manifest(manifest)
     if options.provider == "tensorrt":
-        from .tensorrt_backend import TensorRTBackend
+        from .backends.tensorrt.backend import TensorRTBackend
 
         return TensorRTBackend.from_cache(root, io, options)
     ort = require("onnxruntime", "runtime")
@@ -95,7 +95,7 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
 
         return PagedBackend(root, manifest, path, io, paging, providers=prov.with_options(providers, ep_options),
                             threads=options.num_threads, accuracy_level=options.accuracy_level)
-    from .ort_backend import OrtBackend
+    from .backends.ort import OrtBackend
 
     fused = fused_graph_for(root, manifest, options, providers)
     backend = OrtBackend(fused.path if fused else path, io, providers=prov.with_options(providers, ep_options),
@@ -110,7 +110,7 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
 def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, providers: list):
     """The fused graph (fused_graph.FusedGraph) when this load runs it, else None. 'auto' picks it on the
     CPU provider whenever the bundle allows; 'fused' insists (and says why not)."""
-    from . import fused_graph
+    from .backends.fused import graph as fused_graph
 
     if options.graph == "standard":
         return None

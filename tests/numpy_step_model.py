@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from edge_sdk.runtime.kv_cache import KVCache, ModelIO
+from edge_sdk.runtime.backends.kv_cache import KVCache, ModelIO
 from edge_sdk.runtime.server.adapter import BundleStepModel
 
 VOCAB = 64

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_sdk.runtime import bench as b
+from edge_sdk.runtime.generate import bench as b
 from test_runtime_loader import make_toy_bundle
 
 REFERENCE = {  # what each kernel computes, in exact arithmetic on small integers

@@ -268,7 +268,7 @@ def test_fifo_is_refused_without_hanging(bundle):
 
 
 def test_files_are_read_through_the_verified_descriptors(bundle):
-    from edge_sdk.runtime.fused_graph import EmbeddingRows
+    from edge_sdk.runtime.backends.fused.graph import EmbeddingRows
     import numpy as np
 
     m = verify_bundle(bundle)
@@ -339,7 +339,7 @@ def test_flipped_fused_graph_bytes_are_rebuilt(bundle):
 
 
 def test_tensorrt_engine_cache_checks_its_hash(tmp_path, caplog):
-    from edge_sdk.runtime import engine_cache as ec
+    from edge_sdk.runtime.backends import engine_cache as ec
 
     key = ec.EngineKey("agx-orin-64gb", "10.3", "a" * 64)
     path = ec.write_entry(tmp_path, key, b"engine" * 100, {})

@@ -10,8 +10,8 @@ import pytest
 
 import edge_sdk
 from edge_sdk.errors import ConfigError
-from edge_sdk.runtime import fused_graph as fg
-from edge_sdk.runtime import hugepages as hp
+from edge_sdk.runtime.backends.fused import graph as fg
+from edge_sdk.runtime.backends import hugepages as hp
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -289,7 +289,7 @@ def test_cli_chooses_the_graph(tiny_bundle, capsys):
 def test_fused_cache_appends_in_place(tiny_bundle, tmp_path):
     """The fused graph's cache is one buffer per layer and kind, bound as past and present: a decode step
     writes only the new position, the buffer never moves, and select/merge keep every row exact."""
-    from edge_sdk.runtime.kv_cache import KVCache, SharedKVCache
+    from edge_sdk.runtime.backends.kv_cache import KVCache, SharedKVCache
 
     fused, std = load_pair(tiny_bundle("qwen2"), tmp_path)
     f, s = fused.backend, std.backend
@@ -410,7 +410,7 @@ def test_bench_peak_memory_leaves_out_the_bandwidth_probe(tiny_bundle, tmp_path)
 
     code = textwrap.dedent(f"""
         import json, numpy as np, edge_sdk
-        from edge_sdk.runtime import bench as b
+        from edge_sdk.runtime.generate import bench as b
 
         def probe():  # stands in for the bandwidth probe: 1 GiB touched
             buf = np.ones(1 << 30, np.uint8)

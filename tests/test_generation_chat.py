@@ -3,7 +3,7 @@
 import pytest
 
 from edge_sdk.errors import ConfigError
-from edge_sdk.runtime.chat import DEEPSEEK_R1_TEMPLATE, ThinkSplit, render_r1, render_template, split_think
+from edge_sdk.chat import DEEPSEEK_R1_TEMPLATE, ThinkSplit, render_r1, render_template, split_think
 
 BOS = "<｜begin▁of▁sentence｜>"
 

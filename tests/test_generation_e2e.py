@@ -98,7 +98,7 @@ def torch_greedy(hf, prompt: list[int], n: int) -> list[int]:
 
 
 def runtime_greedy(model, prompts, n, prefill_chunk=512):
-    from edge_sdk.runtime.generation import GenerationConfig, Generator
+    from edge_sdk.runtime.generate.generation import GenerationConfig, Generator
 
     gen = Generator(model.backend, model.tokenizer, max_seq_len=64, prefill_chunk=prefill_chunk)
     tokens = [[] for _ in prompts]
@@ -143,7 +143,7 @@ def test_streaming_equals_non_streaming_on_real_tokenizer(pair):
 def test_int4_matmuls_fused_to_matmulnbits(pair, tmp_path, level):
     """onnxruntime turns every DequantizeLinear -> MatMul pair of the bundle's graph into MatMulNBits at the
     chosen accuracy level (the standard graph, as the CUDA and TensorRT providers get it)."""
-    from edge_sdk.runtime.ort_backend import OrtBackend
+    from edge_sdk.runtime.backends.ort import OrtBackend
 
     model, _ = pair
     graph = Path(model.bundle) / model.manifest["graphs"]["fp32"]["file"]
@@ -161,7 +161,7 @@ def test_int4_matmuls_fused_to_matmulnbits(pair, tmp_path, level):
 
 def test_bytes_read_per_token_matches_planner(pair):
     """What bench counts from the bundle's weights table equals the planner's figure for the same config."""
-    from edge_sdk.runtime.bench import _planned_read_per_token, weight_bytes_per_token
+    from edge_sdk.runtime.generate.bench import _planned_read_per_token, weight_bytes_per_token
 
     model, _ = pair
     assert weight_bytes_per_token(model.manifest) == _planned_read_per_token(model.manifest["source"]["config"]) > 0
@@ -207,7 +207,7 @@ def test_native_tensorrt_greedy_matches_cpu(pair, tmp_path):
     pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
     import json
 
-    from edge_sdk.runtime.tensorrt_build import EngineBuildSettings, build_engine
+    from edge_sdk.runtime.backends.tensorrt.build import EngineBuildSettings, build_engine
 
     model, _ = pair
     manifest = json.loads((model.bundle / "manifest.json").read_text())
@@ -228,7 +228,7 @@ def test_kv_budget_from_board_memory_plan(pair):
 
 
 def test_bundle_chat_template_renders_deepseek_r1_format(pair):
-    from edge_sdk.runtime.chat import render_r1
+    from edge_sdk.chat import render_r1
 
     model, _ = pair
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

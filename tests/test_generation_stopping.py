@@ -2,7 +2,7 @@
 
 import pytest
 
-from edge_sdk.runtime.stopping import StopMatcher
+from edge_sdk.runtime.generate.stopping import StopMatcher
 
 
 def feed_all(stops, pieces):

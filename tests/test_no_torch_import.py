@@ -16,7 +16,7 @@ RUN = """
 import sys
 import edge_sdk
 from edge_sdk.cli.main import main
-import edge_sdk.runtime.tensorrt_build, edge_sdk.runtime.tensorrt_backend, edge_sdk.runtime.bench
+import edge_sdk.runtime.backends.tensorrt.build, edge_sdk.runtime.backends.tensorrt.backend, edge_sdk.runtime.generate.bench
 model = edge_sdk.load(sys.argv[1], provider="cpu", threads=1)
 text = "".join(c.text for c in model.generate("Hello", max_new_tokens=4, stream=True, ignore_eos=True))
 model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2)
@@ -33,7 +33,7 @@ def test_runtime_generates_without_heavy_imports(tmp_path):
     assert r.stdout.strip().splitlines()[-1] == "HEAVY="
 
 
-@pytest.mark.parametrize("module", ["edge_sdk.runtime.loader", "edge_sdk.runtime.model", "edge_sdk.runtime.ort_backend",
+@pytest.mark.parametrize("module", ["edge_sdk.runtime.loader", "edge_sdk.runtime.generate.model", "edge_sdk.runtime.backends.ort",
                                     "edge_sdk.cli.run", "edge_sdk.cli.engine"])
 def test_runtime_modules_import_light(module):
     code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"

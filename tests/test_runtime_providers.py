@@ -3,8 +3,8 @@
 import pytest
 
 from edge_sdk.errors import ConfigError
-from edge_sdk.runtime import providers as prov
-from edge_sdk.runtime.engine_cache import EngineKey
+from edge_sdk.runtime.backends import providers as prov
+from edge_sdk.runtime.backends.engine_cache import EngineKey
 from edge_sdk.runtime.options import RuntimeOptions
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

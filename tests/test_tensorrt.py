@@ -13,9 +13,9 @@ import pytest
 
 from edge_sdk.bundle import write_manifest
 from edge_sdk.errors import ConfigError, NotBuiltError, RuntimeBackendError
-from edge_sdk.runtime import engine_cache as ec
-from edge_sdk.runtime.kv_cache import ModelIO
-from edge_sdk.runtime.tensorrt_build import EngineBuildSettings, build_engine, profiles
+from edge_sdk.runtime.backends import engine_cache as ec
+from edge_sdk.runtime.backends.kv_cache import ModelIO
+from edge_sdk.runtime.backends.tensorrt.build import EngineBuildSettings, build_engine, profiles
 
 MANIFEST = {
     "format": "edge-sdk-bundle",

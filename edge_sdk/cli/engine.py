@@ -32,7 +32,7 @@ def register(sub) -> None:
 def build(args) -> int:
     from edge_sdk.runtime.loader import open_bundle, require_tensorrt
     from edge_sdk.runtime.options import RuntimeOptions
-    from edge_sdk.runtime.tensorrt_build import EngineBuildSettings, build_engine
+    from edge_sdk.runtime.backends.tensorrt.build import EngineBuildSettings, build_engine
 
     settings = EngineBuildSettings(max_batch=args.max_batch, max_prompt=args.max_prompt, max_seq_len=args.max_seq_len,
                                    opt_prompt=min(128, args.max_prompt), opt_past=min(512, args.max_seq_len - 1),

@@ -96,8 +96,8 @@ def run(args) -> int:
 
 
 def bench(args) -> int:
-    from edge_sdk.runtime.bench import bench as run_bench
-    from edge_sdk.runtime.bench import board_roofline, roofline_share_text
+    from edge_sdk.runtime.generate.bench import bench as run_bench
+    from edge_sdk.runtime.generate.bench import board_roofline, roofline_share_text
 
     import time
 

@@ -15,9 +15,9 @@ import numpy as np
 
 from edge_sdk.errors import BundleError, ConfigError, RuntimeBackendError, require
 
-from ..backend import check_step
-from ..fused_graph import EMBED, EmbeddingRows
-from ..kv_cache import KVCache, ModelIO
+from ..backends.base import check_step
+from ..backends.fused.graph import EMBED, EmbeddingRows
+from ..backends.kv_cache import KVCache, ModelIO
 from .buffers import Ledger, TokenBucket
 from .plan import PagingPlan, page_round, plan_paging
 from .reader import LayerReader, WeightsFile
@@ -61,7 +61,7 @@ class PagedBackend:
     def __init__(self, root: Path, manifest: dict, graph_path: Path, io: ModelIO, options: PagingOptions, *,
                  providers: list, threads: int, accuracy_level: int = 4):
         ort = require("onnxruntime", "runtime")
-        from ..engine_cache import bundle_hash
+        from ..backends.engine_cache import bundle_hash
         from .surgery import cache_dir
 
         self.root, self.options = Path(root), options

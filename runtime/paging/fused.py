@@ -26,9 +26,9 @@ import numpy as np
 
 from edge_sdk.errors import BundleError, EdgeSDKError, RuntimeBackendError, require
 
-from .. import fused_graph as fg
-from ..backend import check_step, one_token_at_a_time_over_a_past
-from ..kv_cache import KVCache, ModelIO, SharedKVCache
+from ..backends.fused import graph as fg
+from ..backends.base import check_step, one_token_at_a_time_over_a_past
+from ..backends.kv_cache import KVCache, ModelIO, SharedKVCache
 from . import heap
 from .backend import PagedBackend, PagingOptions
 from .buffers import Ledger, TokenBucket
@@ -185,7 +185,7 @@ class FusedPagedBackend:
 
         self.ledger = Ledger(options.budget_bytes)
         self.ledger.charge("lm_head+norm", self.plan.fixed_bytes)
-        from .. import hugepages
+        from ..backends import hugepages
 
         before = hugepages.anonymous_regions() if huge_pages else None
         mm = np.memmap(self.file.path, np.uint8, mode="r")

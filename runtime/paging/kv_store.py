@@ -13,7 +13,7 @@ import numpy as np
 from edge_sdk.errors import ConfigError
 from edge_sdk.fsutil import fsync_path
 
-from ..kv_cache import KVCache, ModelIO
+from ..backends.kv_cache import KVCache, ModelIO
 
 FORMAT = "edge-sdk-kv"
 VERSION = 1

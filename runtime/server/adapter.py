@@ -71,7 +71,7 @@ class BundleStepModel:
         return logits[[order[s] for s in seq_ids]]
 
     def _rebuild(self, seq_ids: Sequence[str]) -> None:
-        from ..kv_cache import KVCache
+        from ..backends.kv_cache import KVCache
 
         wanted = set(seq_ids)
         parts = [(self._batch, i, r) for i, r in enumerate(self._rows) if r in wanted]
@@ -93,7 +93,7 @@ class BundleStepModel:
         """KV bytes held at their peak until the next step ends: the batched cache and the prompts
         prefilled alone; when sequences join (prefilled, or `joining`: (prompt tokens, max new tokens)),
         also their prefill caches, the rebuilt batch beside the old one and its staging array."""
-        from ..kv_cache import KVCache
+        from ..backends.kv_cache import KVCache
 
         b = self.kv_bytes_per_token
         held = self._cache_bytes(self._batch) + sum(self._cache_bytes(c) for c in self._pending.values())

@@ -12,8 +12,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..sampling import Sampler as RuntimeSampler
-from ..sampling import SamplingParams as RuntimeSamplingParams
+from ..generate.sampling import Sampler as RuntimeSampler
+from ..generate.sampling import SamplingParams as RuntimeSamplingParams
 
 _NO_HISTORY = np.empty(0, dtype=np.int64)  # no repetition penalty over the OpenAI API
 

@@ -13,9 +13,9 @@ import numpy as np
 
 from edge_sdk.errors import NotBuiltError, RuntimeBackendError, require
 
-from . import engine_cache as ec
-from .backend import check_step
-from .kv_cache import KVCache, ModelIO
+from .. import engine_cache as ec
+from ..base import check_step
+from ..kv_cache import KVCache, ModelIO
 
 PREFILL, DECODE = 0, 1
 
@@ -82,7 +82,7 @@ class TensorRTBackend:
 
     @classmethod
     def from_cache(cls, bundle: Path, io: ModelIO, options) -> "TensorRTBackend":
-        from .loader import require_tensorrt
+        from ...loader import require_tensorrt
 
         trt = require_tensorrt()
         board = options.target_board or "local"

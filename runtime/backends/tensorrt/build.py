@@ -15,8 +15,8 @@ from typing import Callable
 
 from edge_sdk.errors import ConfigError, RuntimeBackendError
 
-from . import engine_cache as ec
-from .kv_cache import ModelIO
+from .. import engine_cache as ec
+from ..kv_cache import ModelIO
 
 Shape = tuple[int, ...]
 

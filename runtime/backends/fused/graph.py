@@ -34,7 +34,7 @@ import numpy as np
 from edge_sdk.errors import BundleError, require
 from edge_sdk.bundle import sha256_file, staged_directory
 
-from .engine_cache import write_atomic
+from ..engine_cache import write_atomic
 
 log = logging.getLogger("edge_sdk.runtime")
 

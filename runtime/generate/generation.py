@@ -10,7 +10,7 @@ import numpy as np
 
 from edge_sdk.errors import ConfigError, MemoryBudgetError
 
-from .backend import Backend
+from ..backends.base import Backend
 from .sampling import Sampler, SamplingParams
 from .stopping import StopMatcher
 from .tokenizer import IncrementalDecoder, Tokenizer

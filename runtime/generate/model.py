@@ -8,7 +8,7 @@ from typing import Iterator
 
 from edge_sdk.errors import ConfigError
 
-from .chat import THINK_OPEN, ThinkSplit, check_messages, render_r1, render_template, split_think
+from edge_sdk.chat import THINK_OPEN, ThinkSplit, check_messages, render_r1, render_template, split_think
 from .generation import Chunk, GenerationConfig, Generator, Timings
 
 

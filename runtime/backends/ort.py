@@ -11,7 +11,7 @@ import numpy as np
 from edge_sdk.errors import ConfigError, RuntimeBackendError, require
 
 from . import providers as prov
-from .backend import check_step, one_token_at_a_time_over_a_past
+from .base import check_step, one_token_at_a_time_over_a_past
 from .kv_cache import KVCache, ModelIO, SharedKVCache
 
 log = logging.getLogger("edge_sdk.runtime")

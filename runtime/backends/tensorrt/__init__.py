@@ -1,0 +1,1 @@
+"""Native TensorRT: building engines from the bundle graph and running them."""

@@ -1,0 +1,1 @@
+"""Generation: Model, the token loop, sampling, stop strings, tokenizer, decode benchmark."""
