@@ -70,8 +70,7 @@ def import_linear(sd: dict, name: str, st: dict) -> QuantizedLinear:
 
 def import_gptq(ck, shape, opts):
     from .checkpoint import load_weights
-    from .quant import rtn
-    from .quantize import QuantResult
+    from .quant import QuantResult, rtn
 
     st = settings(ck.quantization_config, str(ck.path))
     sd = load_weights(ck)

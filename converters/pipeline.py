@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge_sdk import __version__
+from edge_sdk.version import __version__
 from edge_sdk.bundle import staged_directory, write_manifest
 from edge_sdk.errors import ConversionError
 

@@ -29,6 +29,13 @@ class QuantizedLinear:
         assert self.scales.shape == (out, inp // self.group_size) and self.scales.dtype == torch.float16
 
 
+@dataclass
+class QuantResult:
+    weights: dict[str, torch.Tensor]  # float tensors of the source (for imports: the dequantized checkpoint)
+    quantized: dict[str, QuantizedLinear]  # {HF module name: int4 weights}
+    section: dict  # the manifest's quantization fields
+
+
 def group_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """GPTQ's symmetric grid: scale = 2 * absmax / 15 per group, rounded to fp16. w: [out, in] -> [out, in/g]."""
     out, inp = w.shape

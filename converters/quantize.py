@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
 from .archs import linear_names
-from .quant import QuantizedLinear, check_group, rtn
-
-
-@dataclass
-class QuantResult:
-    weights: dict[str, torch.Tensor]  # float tensors of the source (for imports: the dequantized checkpoint)
-    quantized: dict[str, QuantizedLinear]  # {HF module name: int4 weights}
-    section: dict  # the manifest's quantization fields
+from .quant import QuantResult, check_group, rtn
 
 
 def quantize_checkpoint(ck, shape, calib, opts) -> QuantResult:

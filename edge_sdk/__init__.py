@@ -9,7 +9,7 @@ Public API (heavy parts are imported only when called):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .boards import Board, PowerMode, board_names, get_board  # noqa: E402
 from .errors import EdgeSDKError  # noqa: E402

@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 
 from edge_sdk.bundle import verify_bundle
-from edge_sdk.errors import BundleError, ConfigError, NotBuiltError, require
+from edge_sdk.errors import BundleError, ConfigError, require
 
 from .backends import providers as prov
 from .backends.engine_cache import EngineKey, bundle_hash
 from .backends.kv_cache import ModelIO
+from .backends.tensorrt import tensorrt_version
 from .options import RuntimeOptions
 
 log = logging.getLogger("edge_sdk.runtime")
@@ -78,7 +79,7 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
     providers = prov.choose(options.provider, ort.get_available_providers())
     ep_options = {}
     if prov.TRT_EP in providers:
-        key = EngineKey(options.target_board or "local", _trt_version(), manifest_digest(root, manifest))
+        key = EngineKey(options.target_board or "local", tensorrt_version(), manifest_digest(root, manifest))
         ep_options[prov.TRT_EP] = prov.trt_ep_options(options.engine_root(root), key)
     path = graph_file(manifest, prov.graph_kind(providers), root)
     from .paging.select import paging_options
@@ -125,22 +126,3 @@ def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, provide
     positions = max(options.max_seq_len or 0, min(model_max, fused_graph.DEFAULT_POSITIONS))
     graph = fused_graph.ensure(root, manifest, manifest_digest(root, manifest), options.engine_root(root), options.accuracy_level, positions)
     return fused_graph.FusedGraph(graph, positions, fused_graph.EmbeddingRows(root, manifest))
-
-
-def _trt_version() -> str:
-    try:
-        import tensorrt
-
-        return tensorrt.__version__
-    except ImportError:
-        return "ep"  # the TensorRT EP's own library; its engines are still keyed by board and bundle
-
-
-def require_tensorrt():
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise NotBuiltError("TensorRT is not installed on this machine",
-                            hint="on Jetson it comes with JetPack (`apt install nvidia-tensorrt`, python3-libnvinfer); "
-                                 "elsewhere use provider='cpu' or 'cuda'") from exc
-    return tensorrt

@@ -30,7 +30,8 @@ def register(sub) -> None:
 
 
 def build(args) -> int:
-    from edge_sdk.runtime.loader import open_bundle, require_tensorrt
+    from edge_sdk.runtime.backends.tensorrt import require_tensorrt
+    from edge_sdk.runtime.loader import open_bundle
     from edge_sdk.runtime.options import RuntimeOptions
     from edge_sdk.runtime.backends.tensorrt.build import EngineBuildSettings, build_engine
 

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from .. import __version__
+from ..version import __version__
 from ..errors import EdgeSDKError
 
 # subcommand -> module in edge_sdk.cli that registers it (imports stay light: handlers import

@@ -16,6 +16,7 @@ from edge_sdk.errors import NotBuiltError, RuntimeBackendError, require
 from .. import engine_cache as ec
 from ..base import check_step
 from ..kv_cache import KVCache, ModelIO
+from . import require_tensorrt
 
 PREFILL, DECODE = 0, 1
 
@@ -82,8 +83,6 @@ class TensorRTBackend:
 
     @classmethod
     def from_cache(cls, bundle: Path, io: ModelIO, options) -> "TensorRTBackend":
-        from ...loader import require_tensorrt
-
         trt = require_tensorrt()
         board = options.target_board or "local"
         root = options.engine_root(bundle)
