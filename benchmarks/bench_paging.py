@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     from edge_sdk.runtime.loader import graph_file
     from edge_sdk.runtime.generate.model import Model
     from edge_sdk.runtime.paging.backend import PagedBackend, PagingOptions
-    from edge_sdk.runtime.paging.plan import BuildProbe, parse_budget
+    from edge_sdk.paging_model import BuildProbe, parse_budget
     from edge_sdk.runtime.paging.select import weight_bytes
 
     bundle = args.bundle

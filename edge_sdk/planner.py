@@ -276,7 +276,7 @@ def fused_layer_bytes(s: ModelShape, q: QuantSpec) -> tuple[list[int], int] | No
     """(bytes of each layer, bytes of lm_head + final norm) in the fused executor's sidecar, as
     runtime/fused_graph.py writes it: q/k/v packed into one int4 matrix and gate/up into another, fp32
     scales and norms, every tensor page aligned. None where the fused graph does not apply (MoE, other than int4)."""
-    from .runtime.paging.plan import page_round as pr
+    from .paging_model import page_round as pr
 
     if s.spec.moe or q.bits != 4:
         return None
@@ -306,7 +306,7 @@ def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budge
     from dataclasses import replace
 
     from .errors import MemoryBudgetError
-    from .runtime.paging.plan import plan_paging, plan_pipelined
+    from .paging_model import plan_paging, plan_pipelined
 
     bw = b.storage[storage].read_mbps * 1e6
     fused = fused_layer_bytes(s, q or QuantSpec()) if executor == "fused" else None

@@ -49,7 +49,7 @@ class RuntimeOptions:
         if self.kv_budget_bytes is not None and self.kv_budget_bytes <= 0:
             raise ConfigError(f"kv_budget_bytes must be > 0, got {self.kv_budget_bytes}")
         if self.memory_budget is not None:
-            from .paging.plan import parse_budget
+            from edge_sdk.paging_model import parse_budget
 
             parse_budget(self.memory_budget, 1)
         if self.board and self.emulate and self.board != self.emulate:

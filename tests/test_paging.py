@@ -17,7 +17,7 @@ from edge_sdk.errors import BundleError, ConfigError, MemoryBudgetError
 from edge_sdk.runtime.paging.backend import PagedBackend, PagingOptions
 from edge_sdk.runtime.paging.fused import FusedPagedBackend
 from edge_sdk.runtime.paging.kv_store import load_kv, save_kv
-from edge_sdk.runtime.paging.plan import PAGE, page_round, parse_budget, plan_paging, spread
+from edge_sdk.paging_model import PAGE, page_round, parse_budget, plan_paging, plan_pipelined, spread
 from edge_sdk.runtime.paging.select import weight_bytes
 
 EXACT = dict(provider="cpu", accuracy_level=1, threads=1, log_provider=False)
@@ -215,7 +215,7 @@ def test_truncated_weights_file_is_a_bundle_error(deep_bundle, tmp_path, graph):
         rt.load(bundle, memory_budget="25%", graph=graph, **EXACT)
     manifest = rt.loader.open_bundle(src, rt.options.RuntimeOptions(**EXACT))
     with pytest.raises(BundleError, match="truncated"):  # and the executor itself checks the size
-        PagedBackend(bundle, manifest, bundle / "model.onnx", rt.kv_cache.ModelIO.from_manifest(manifest),
+        PagedBackend(bundle, manifest, bundle / "model.onnx", rt.backends.kv_cache.ModelIO.from_manifest(manifest),
                      PagingOptions(10 << 20), providers=["CPUExecutionProvider"], threads=1)
 
 
@@ -379,7 +379,7 @@ def test_planner_models_the_fused_executor_exactly(deep_bundle, arch):
     layers, fixed = fused_layer_bytes(shape, QuantSpec(group_size=model.manifest["quantization"]["group_size"]))
     assert layers == [n for _, n in layer_spans(meta["tensors"], LAYERS)]
     assert fixed == sidecar_fixed_bytes(meta["tensors"])
-    assert be.probe is not None and be.plan == rt.paging.plan.plan_pipelined(layers, fixed, be.options.budget_bytes, be.probe)
+    assert be.probe is not None and be.plan == plan_pipelined(layers, fixed, be.options.budget_bytes, be.probe)
     be.close()
 
 
@@ -406,7 +406,7 @@ def test_decode_model_with_session_builds_by_hand():
 def test_plan_shape_chosen_from_the_probe_by_hand():
     """With a measured build, a third slot (bought with a resident layer) is taken where the slots'
     turnover bounds the two-slot plan, and not where storage bounds both."""
-    from edge_sdk.runtime.paging.plan import BuildProbe, plan_pipelined
+    from edge_sdk.paging_model import BuildProbe, plan_pipelined
 
     layer = 10 * PAGE
     budget = PAGE + 7 * layer  # (3 slots + 3 sessions) leaves 1 layer resident, (2 + 3) leaves 2

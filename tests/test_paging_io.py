@@ -10,7 +10,7 @@ import pytest
 
 from edge_sdk.errors import BundleError, MemoryBudgetError
 from edge_sdk.runtime.paging.buffers import Ledger, TokenBucket
-from edge_sdk.runtime.paging.plan import PAGE
+from edge_sdk.paging_model import PAGE
 from edge_sdk.runtime.paging.reader import LayerReader, WeightsFile
 
 

@@ -19,7 +19,7 @@ from ..backends.base import check_step
 from ..backends.fused.graph import EMBED, EmbeddingRows
 from ..backends.kv_cache import KVCache, ModelIO
 from .buffers import Ledger, TokenBucket
-from .plan import PagingPlan, page_round, plan_paging
+from edge_sdk.paging_model import PagingPlan, page_round, plan_paging
 from .reader import LayerReader, WeightsFile
 from .surgery import HIDDEN_IN, HIDDEN_OUT, PAST, PRESENT, load_or_split
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from edge_sdk.errors import MemoryBudgetError
 
-from .plan import PAGE, page_round
+from edge_sdk.paging_model import PAGE, page_round
 
 
 class Ledger:

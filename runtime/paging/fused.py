@@ -32,7 +32,7 @@ from ..backends.kv_cache import KVCache, ModelIO, SharedKVCache
 from . import heap
 from .backend import PagedBackend, PagingOptions
 from .buffers import Ledger, TokenBucket
-from .plan import MEASURED_SHAPES, BuildProbe, PagingPlan, page_round, plan_pipelined
+from edge_sdk.paging_model import MEASURED_SHAPES, BuildProbe, PagingPlan, page_round, plan_pipelined
 from .reader import LayerReader, WeightsFile
 
 log = logging.getLogger("edge_sdk.runtime")

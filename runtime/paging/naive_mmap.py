@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plan import PAGE
+from edge_sdk.paging_model import PAGE
 
 
 class MmapPages:

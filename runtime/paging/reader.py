@@ -16,7 +16,7 @@ import numpy as np
 from edge_sdk.errors import BundleError
 
 from .buffers import TokenBucket
-from .plan import PAGE, page_round
+from edge_sdk.paging_model import PAGE, page_round
 
 log = logging.getLogger("edge_sdk.runtime")
 CHUNK = 4 << 20  # bytes per preadv call (and per throttle grant)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from .backend import EMBED, PagingOptions, fixed_bytes, layer_table
-from .plan import page_round, parse_budget
+from edge_sdk.paging_model import page_round, parse_budget
 
 log = logging.getLogger("edge_sdk.runtime")
 
