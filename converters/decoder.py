@@ -8,39 +8,13 @@ against. Module paths give the graph its stable node names (`/model/layers.0/att
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from edge_sdk.modelspec import ModelShape
+
 from .archs import ATTN, MLP, ArchTable
-
-
-@dataclass(frozen=True)
-class DecoderShape:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    qkv_bias: bool
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_config(cls, cfg: dict, arch: ArchTable) -> "DecoderShape":
-        heads = cfg["num_attention_heads"]
-        return cls(
-            hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            qkv_bias=bool(cfg.get("attention_bias", arch.qkv_bias_default)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
 
 
 def rope_tables(cfg: dict, arch: ArchTable) -> tuple[torch.Tensor, float]:
@@ -84,7 +58,7 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
-    def __init__(self, s: DecoderShape, lin: dict[str, Linear]):
+    def __init__(self, s: ModelShape, lin: dict[str, Linear]):
         super().__init__()
         for name in ATTN:
             setattr(self, name, lin[name])
@@ -121,7 +95,7 @@ class MLPBlock(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, s: DecoderShape, norms: tuple[torch.Tensor, torch.Tensor], lin: dict[str, Linear]):
+    def __init__(self, s: ModelShape, norms: tuple[torch.Tensor, torch.Tensor], lin: dict[str, Linear]):
         super().__init__()
         self.input_layernorm = RMSNorm(norms[0], s.rms_norm_eps)
         self.attn = Attention(s, lin)
@@ -155,7 +129,7 @@ class _Cast:
         return self[name] if name in self.weights else None
 
 
-def trace_stub(s: DecoderShape, arch: ArchTable, inv_freq: torch.Tensor, rope_scaling: float, dtype=torch.float32) -> "Decoder":
+def trace_stub(s: ModelShape, arch: ArchTable, inv_freq: torch.Tensor, rope_scaling: float, dtype=torch.float32) -> "Decoder":
     """The same graph at a fraction of the size: real heads, head_dim, layers, eps and rope, but small
     hidden / intermediate / vocab (they only set initializer shapes, which the export replaces)."""
     from dataclasses import replace
@@ -181,7 +155,7 @@ class Decoder(nn.Module):
     """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), past/present
     ordered key0, value0, key1, value1, ... with layout [B, KVH, S, D]."""
 
-    def __init__(self, s: DecoderShape, weights: dict[str, torch.Tensor], arch: ArchTable,
+    def __init__(self, s: ModelShape, weights: dict[str, torch.Tensor], arch: ArchTable,
                  inv_freq: torch.Tensor, rope_scaling: float = 1.0, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.s = s

@@ -130,13 +130,15 @@ def _convert(model_dir, output, opts: ConvertOptions, stages: Stages) -> dict:
     import torch
     from tokenizers import Tokenizer
 
-    from .decoder import Decoder, DecoderShape, rope_tables, trace_stub
+    from edge_sdk.modelspec import shape_from_config
+
+    from .decoder import Decoder, rope_tables, trace_stub
     from .quantize import quantize_checkpoint
 
     torch.manual_seed(opts.seed)
     with stages("load"):
         ck = open_checkpoint(model_dir)
-        shape = DecoderShape.from_config(ck.config, ck.arch)
+        shape = shape_from_config(ck.config, str(ck.path / "config.json"))
         tok = Tokenizer.from_file(str(ck.path / "tokenizer.json"))
         tk = tokenizer_section(ck)
         text = calibration.read_text(opts.calib) if opts.calib else calibration.default_text()

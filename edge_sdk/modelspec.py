@@ -46,6 +46,7 @@ class ModelShape:
     qkv_bias: bool
     max_position_embeddings: int
     torch_dtype: str
+    rms_norm_eps: float = 1e-6
     # MLA (DeepSeek-V2/V3)
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -137,6 +138,7 @@ def shape_from_config(cfg: dict, source: str = "config.json") -> ModelShape:
         qkv_bias=bool(cfg.get("attention_bias", spec.qkv_bias_default)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
     )
     if heads % common["num_kv_heads"]:
         raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {common['num_kv_heads']}")

@@ -166,10 +166,10 @@ def test_gptq_v2_zero_points_import_to_the_same_weights(gptqmodel_checkpoint, tm
 
 
 def _shape(d):
-    from edge_sdk.converters.decoder import DecoderShape
+    from edge_sdk.modelspec import shape_from_config
 
     ck = open_checkpoint(d)
-    return DecoderShape.from_config(ck.config, ck.arch)
+    return shape_from_config(ck.config)
 
 
 def test_asymmetric_checkpoint_is_refused(gptqmodel_checkpoint, tmp_path):

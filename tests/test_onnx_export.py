@@ -166,13 +166,14 @@ def test_fp16_graph_shares_weights_and_tracks_fp32(fp16_bundle):
 def test_in_pipeline_check_passes_on_bundle_weights_and_catches_a_wrong_graph(tiny_bundle):
     from edge_sdk.converters.accuracy import check_onnx
     from edge_sdk.converters.archs import arch_for
-    from edge_sdk.converters.decoder import Decoder, DecoderShape, rope_tables
+    from edge_sdk.converters.decoder import Decoder, rope_tables
+    from edge_sdk.modelspec import shape_from_config
     from edge_sdk.errors import ConversionError
 
     b = tiny_bundle("llama")
     man = manifest(b)
     cfg, arch = man["source"]["config"], arch_for(man["source"]["config"])
-    shape = DecoderShape.from_config(cfg, arch)
+    shape = shape_from_config(cfg)
     inv_freq, scale = rope_tables(cfg, arch)
     weights = {k: torch.from_numpy(v.copy()) for k, v in dequantized_state_dict(b, man).items()}
     calib = [[5, 17, 99, 3, 250, 7, 8, 12, 40, 41, 42, 43, 44, 45, 46, 47]] * 2
