@@ -61,8 +61,6 @@ class RuntimeOptions:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ConfigError(f"unknown load option(s): {', '.join(unknown)}", hint=f"known options: {', '.join(sorted(known))}")
-        if kwargs.get("emulate") is None and os.environ.get("EDGE_SDK_EMULATE"):
-            kwargs["emulate"] = os.environ["EDGE_SDK_EMULATE"]
         return cls(**kwargs)
 
     @property

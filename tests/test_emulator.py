@@ -58,8 +58,7 @@ def test_default_location_is_the_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("EDGE_SDK_CACHE", raising=False)
     assert emulated_root("orin-nx-16gb") == tmp_path / "edge-sdk/emulated/orin-nx-16gb"
-    monkeypatch.setenv("EDGE_SDK_EMULATE", "orin-nx-16gb")
-    assert Platform.from_options().root == tmp_path / "edge-sdk/emulated/orin-nx-16gb"
+    assert Platform.from_options(emulate="orin-nx-16gb").root == tmp_path / "edge-sdk/emulated/orin-nx-16gb"
 
 
 def test_emulate_cli(tmp_path, capsys):

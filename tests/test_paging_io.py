@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from edge_sdk.errors import BundleError, MemoryBudgetError
-from edge_sdk.runtime.paging.buffers import Ledger, TokenBucket
+from edge_sdk.runtime.paging.buffers import Ledger
+from edge_sdk.runtime.token_bucket import TokenBucket
 from edge_sdk.paging_model import PAGE
 from edge_sdk.runtime.paging.reader import LayerReader, WeightsFile
 
@@ -29,19 +30,19 @@ class FakeClock:
 
 def test_token_bucket_paces_to_the_rate():
     clock = FakeClock()
-    tb = TokenBucket(100e6, burst=10_000_000, clock=clock, sleep=clock.sleep)
+    tb = TokenBucket(100e6, capacity=10_000_000, clock=clock, sleep=clock.sleep)
     for _ in range(30):
-        tb.take(10_000_000)
+        tb.pace(10_000_000)
     # 300 MB at 100 MB/s with a 10 MB burst: 2.9 s of waiting
     assert clock.slept == pytest.approx(2.9)
 
 
 def test_token_bucket_refills_while_idle():
     clock = FakeClock()
-    tb = TokenBucket(1e6, burst=1_000_000, clock=clock, sleep=clock.sleep)
-    tb.take(1_000_000)
+    tb = TokenBucket(1e6, capacity=1_000_000, clock=clock, sleep=clock.sleep)
+    tb.pace(1_000_000)
     clock.t += 0.5
-    tb.take(1_000_000)
+    tb.pace(1_000_000)
     assert clock.slept == pytest.approx(0.5)
 
 
@@ -69,7 +70,7 @@ def test_reader_reads_exact_bytes(weights, direct):
 def test_reader_is_throttled_to_the_board_speed(weights):
     path, data = weights
     clock = FakeClock()
-    wf = WeightsFile(path, len(data), TokenBucket(PAGE * 10, burst=PAGE, clock=clock, sleep=clock.sleep))
+    wf = WeightsFile(path, len(data), TokenBucket(PAGE * 10, capacity=PAGE, clock=clock, sleep=clock.sleep))
     buf = np.empty(12 * PAGE + PAGE, np.uint8)
     buf = buf[(-buf.ctypes.data) % PAGE:][: 12 * PAGE]
     wf.read_into(buf, 0, 12 * PAGE)

@@ -2,6 +2,7 @@
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -165,11 +166,15 @@ def test_commands_come_from_root_bin_with_a_timeout(tmp_path):
         p.run(["jetson_clocks"])
 
 
-def test_from_options_follows_the_environment(tmp_path, monkeypatch):
+def test_only_the_cli_reads_the_environment(tmp_path, monkeypatch):
+    from edge_sdk.cli.main import build_parser
+
     monkeypatch.setenv("EDGE_SDK_ROOT", str(tmp_path))
     monkeypatch.delenv("EDGE_SDK_EMULATE", raising=False)
-    assert Platform.from_options().root == tmp_path
+    assert Platform.from_options().root == Path("/")
     assert Platform.from_options(root=os.fspath(tmp_path / "x")).root == tmp_path / "x"
+    args = build_parser().parse_args(["doctor"])
+    assert Platform.from_options(emulate=args.emulate, root=args.root).root == tmp_path
 
 
 def test_r35_gpu_paths_are_found(partial):

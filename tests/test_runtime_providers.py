@@ -57,7 +57,8 @@ def test_bad_options(kw):
         RuntimeOptions(**kw)
 
 
-def test_emulate_from_environment(monkeypatch):
-    monkeypatch.setenv("EDGE_SDK_EMULATE", "orin-nano-8gb")
-    assert RuntimeOptions.from_kwargs().target_board == "orin-nano-8gb"
+def test_load_options_ignore_the_environment(monkeypatch):
+    monkeypatch.setenv("EDGE_SDK_EMULATE", "orin-nano-8gb")  # the CLI's default for --emulate, not load()'s
+    assert RuntimeOptions.from_kwargs().target_board is None
+    assert RuntimeOptions.from_kwargs(emulate="orin-nano-8gb").target_board == "orin-nano-8gb"
     assert RuntimeOptions(threads=3).num_threads == 3 and RuntimeOptions().num_threads >= 1

@@ -115,15 +115,16 @@ def test_proc_readings_from_a_fake_root(tmp_path):
 
 
 def test_state_dir_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDGE_SDK_STATE_DIR", str(tmp_path / "env"))
-    assert state_dir(tmp_path / "flag") == tmp_path / "flag"
-    assert state_dir(None) == tmp_path / "env"
-    monkeypatch.delenv("EDGE_SDK_STATE_DIR")
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr("os.geteuid", lambda: 1000)
-    assert state_dir(None) == tmp_path / "xdg" / "edge-sdk"
-    monkeypatch.setattr("os.geteuid", lambda: 0)
-    assert str(state_dir(None)) == "/var/lib/edge-sdk"
+    env = {"EDGE_SDK_STATE_DIR": str(tmp_path / "env"), "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    assert state_dir(tmp_path / "flag", env, False) == tmp_path / "flag"
+    assert state_dir(None, env, False) == tmp_path / "env"
+    del env["EDGE_SDK_STATE_DIR"]
+    assert state_dir(None, env, False) == tmp_path / "xdg" / "edge-sdk"
+    assert str(state_dir(None, env, True)) == "/var/lib/edge-sdk"
+    monkeypatch.setenv("EDGE_SDK_STATE_DIR", str(tmp_path / "cli"))  # the CLI passes its environment in
+    from edge_sdk.cli._common import state_dir as cli_state_dir
+
+    assert cli_state_dir(None) == tmp_path / "cli"
 
 
 def test_keys(tmp_path):

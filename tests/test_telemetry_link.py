@@ -11,7 +11,8 @@ from edge_sdk.runtime.telemetry import commands, records, wire
 from edge_sdk.runtime.telemetry.collector import Telemetry
 from edge_sdk.runtime.telemetry.commands import CommandHandler, Status
 from edge_sdk.runtime.telemetry.ground import GroundStation
-from edge_sdk.runtime.telemetry.link import Sender, TokenBucket
+from edge_sdk.runtime.telemetry.link import Sender
+from edge_sdk.runtime.token_bucket import TokenBucket
 from edge_sdk.runtime.telemetry.linesim import Noise, PtyLine, SocketLine
 from edge_sdk.runtime.telemetry.queue import TelemetryQueue
 

@@ -11,6 +11,15 @@ from typing import Any
 from ..errors import NotBuiltError
 
 
+def state_dir(explicit):
+    """The telemetry queue's directory: --state-dir, else the environment's (runtime.telemetry.uplink.state_dir)."""
+    import os
+
+    from edge_sdk.runtime.telemetry.uplink import state_dir as resolve
+
+    return resolve(explicit, os.environ, hasattr(os, "geteuid") and os.geteuid() == 0)
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

@@ -63,4 +63,6 @@ def telemetry_uplink(config):
     """The telemetry uplink when the config names a port; None otherwise."""
     from edge_sdk.runtime.server.telemetry_link import open_uplink
 
-    return open_uplink(config)
+    from ._common import state_dir
+
+    return open_uplink(config, state_dir(config.telemetry.state_dir or None))

@@ -110,7 +110,7 @@ def _listen(args) -> int:
 
 
 def _counter_file(explicit: str | None) -> Path:
-    from edge_sdk.runtime.telemetry.uplink import state_dir
+    from ._common import state_dir
 
     path = Path(explicit) if explicit else state_dir(None) / "ground-command-counter"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,9 @@ def _counter_file(explicit: str | None) -> Path:
 
 
 def _uplink(args) -> int:
-    from edge_sdk.runtime.telemetry.uplink import Uplink, UplinkSettings, load_key, state_dir
+    from edge_sdk.runtime.telemetry.uplink import Uplink, UplinkSettings, load_key
+
+    from ._common import state_dir
 
     settings = UplinkSettings(args.port_url, load_key(args.key), state_dir(args.state_dir), interval=args.interval,
                               link_budget=args.link_budget, queue_bytes=args.queue_bytes)
@@ -183,7 +185,7 @@ def _send_command(args) -> int:
 
 def _status(args) -> int:
     from edge_sdk.runtime.telemetry.queue import TelemetryQueue
-    from edge_sdk.runtime.telemetry.uplink import state_dir
+    from ._common import state_dir
 
     path = state_dir(args.state_dir) / "telemetry.sqlite"
     if not path.exists():

@@ -18,9 +18,10 @@ from edge_sdk.errors import BundleError, ConfigError, RuntimeBackendError, requi
 from ..backends.base import check_step
 from ..backends.fused.graph import EMBED, EmbeddingRows
 from ..backends.kv_cache import KVCache, ModelIO
-from .buffers import Ledger, TokenBucket
+from ..token_bucket import TokenBucket
+from .buffers import Ledger
 from edge_sdk.paging_model import PagingPlan, page_round, plan_paging
-from .reader import LayerReader, WeightsFile
+from .reader import READ_BURST, LayerReader, WeightsFile
 from .surgery import HIDDEN_IN, HIDDEN_OUT, PAST, PRESENT, load_or_split
 
 log = logging.getLogger("edge_sdk.runtime")
@@ -73,7 +74,7 @@ class PagedBackend:
         self.plan: PagingPlan = plan_paging([n for _, n in self.layers], fixed_bytes(manifest), options.budget_bytes, options.slots)
         self.graphs = load_or_split(graph_path, self.tensors, cache_dir(root, bundle_hash(root), options.cache_root))
         needed = max(int(t["offset"]) + int(t["nbytes"]) for t in self.tensors.values())
-        throttle = TokenBucket(options.read_bytes_per_s) if options.read_bytes_per_s else None
+        throttle = TokenBucket(options.read_bytes_per_s, READ_BURST) if options.read_bytes_per_s else None
         self.file = WeightsFile(self.root / weights.get("file", "model.weights"), needed, throttle, options.direct_io)
 
         so = ort.SessionOptions()

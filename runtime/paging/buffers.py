@@ -1,10 +1,8 @@
-"""Page-aligned buffers counted against the budget, and a token bucket for emulated storage speed."""
+"""Page-aligned buffers counted against the budget."""
 
 from __future__ import annotations
 
 import threading
-import time
-from typing import Callable
 
 import numpy as np
 
@@ -43,21 +41,3 @@ class Ledger:
         raw = np.empty(size + PAGE, np.uint8)
         start = (-raw.ctypes.data) % PAGE
         return raw[start:start + size]
-
-
-class TokenBucket:
-    """Read throttle: at most `rate` bytes/s on average, bursts up to `burst` bytes."""
-
-    def __init__(self, rate: float, burst: int = 8 << 20, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.rate, self.burst, self.clock, self.sleep = float(rate), burst, clock, sleep
-        self.tokens = float(burst)
-        self.last = clock()
-
-    def take(self, n: int) -> None:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        self.tokens -= n
-        if self.tokens < 0:
-            self.sleep(-self.tokens / self.rate)

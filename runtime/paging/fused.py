@@ -31,9 +31,10 @@ from ..backends.base import check_step, one_token_at_a_time_over_a_past
 from ..backends.kv_cache import KVCache, ModelIO, SharedKVCache
 from . import heap
 from .backend import PagedBackend, PagingOptions
-from .buffers import Ledger, TokenBucket
+from ..token_bucket import TokenBucket
+from .buffers import Ledger
 from edge_sdk.paging_model import MEASURED_SHAPES, BuildProbe, PagingPlan, page_round, plan_pipelined
-from .reader import LayerReader, WeightsFile
+from .reader import READ_BURST, LayerReader, WeightsFile
 
 log = logging.getLogger("edge_sdk.runtime")
 
@@ -151,7 +152,7 @@ class FusedPagedBackend:
         meta = fused.metadata()
         self.tensors = meta["tensors"]
         self.spans = layer_spans(self.tensors, s.layers)
-        throttle = TokenBucket(options.read_bytes_per_s) if options.read_bytes_per_s else None
+        throttle = TokenBucket(options.read_bytes_per_s, READ_BURST) if options.read_bytes_per_s else None
         self.file = WeightsFile(fused.sidecar_dir / fg.WEIGHTS_NAME, meta["weights_bytes"], throttle, options.direct_io)
         self.embedding = fused.embedding
         # rotary rows are computed per step for the step's positions only (no table held)

@@ -15,11 +15,12 @@ import numpy as np
 
 from edge_sdk.errors import BundleError
 
-from .buffers import TokenBucket
+from ..token_bucket import TokenBucket
 from edge_sdk.paging_model import PAGE, page_round
 
 log = logging.getLogger("edge_sdk.runtime")
 CHUNK = 4 << 20  # bytes per preadv call (and per throttle grant)
+READ_BURST = 8 << 20  # bytes an emulated storage throttle lets through at once
 
 
 class WeightsFile:
@@ -58,7 +59,7 @@ class WeightsFile:
         while pos < nbytes:
             n = min(CHUNK, end - pos)
             if self.throttle:
-                self.throttle.take(n)
+                self.throttle.pace(n)
             got = self._pread(view[pos:pos + n], offset + pos)
             if got <= 0:
                 self.size = os.fstat(self.fd).st_size

@@ -36,9 +36,9 @@ class Platform:
 
     @classmethod
     def from_options(cls, emulate: str | None = None, root: str | os.PathLike | None = None) -> "Platform":
-        """What --emulate BOARD / --root DIR (or EDGE_SDK_EMULATE / EDGE_SDK_ROOT) point at."""
-        emulate = emulate or os.environ.get("EDGE_SDK_EMULATE") or None
-        root = root or os.environ.get("EDGE_SDK_ROOT") or None
+        """What --emulate BOARD / --root DIR point at (the CLI reads EDGE_SDK_EMULATE / EDGE_SDK_ROOT)."""
+        emulate = emulate or None
+        root = root or None
         if emulate:
             from .emulator import emulated_root
 

@@ -2,7 +2,9 @@
 
 from .collector import ALERT, EVENT, SAMPLE, Telemetry, platform_readings, proc_readings
 from .ground import GroundStation
-from .link import Sender, TokenBucket, open_port
+from ..token_bucket import TokenBucket
+from .link import Sender
+from .wire import open_port
 from .queue import TelemetryQueue
 from .uplink import Uplink, UplinkSettings, generate_key, load_key, state_dir
 

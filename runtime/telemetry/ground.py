@@ -19,11 +19,11 @@ from pathlib import Path
 from edge_sdk.errors import TelemetryError
 
 from . import commands, wire
-from .link import _SERIAL_ERRORS, ACK_GAP, now_ms, open_port
+from .wire import ACK_GAP, SERIAL_ERRORS, now_ms, open_port
 from .records import KINDS, SCHEMA_KIND, decode_batch, decode_record, decode_values, put_varint
 
 log = logging.getLogger(__name__)
-_PORT_ERRORS = (OSError,) + _SERIAL_ERRORS
+_PORT_ERRORS = (OSError,) + SERIAL_ERRORS
 
 
 def apply_schema_row(schemas: dict, row: dict) -> None:
@@ -56,8 +56,10 @@ class GroundStation:
     """Receives one or more device streams on a port; optionally sends downlink commands."""
 
     def __init__(self, url: str, key: bytes, out: str | os.PathLike | None = None, *, ack_data: bool = True,
-                 counter_file: str | os.PathLike | None = None, port_factory=open_port, on_record=None):
+                 counter_file: str | os.PathLike | None = None, port_factory=open_port, on_record=None,
+                 clock=time.time):
         self.url, self.key, self.ack_data = url, key, ack_data
+        self.clock = clock  # wall clock (s) for frame timestamps
         self.streams: dict[int, StreamState] = {}
         self.stats = GroundStats()
         self.on_record = on_record
@@ -212,7 +214,7 @@ class GroundStation:
     def _send_ack(self, stream: int, ack: int, flags: int) -> None:
         payload = bytearray()
         put_varint(payload, flags)
-        self._write(wire.Frame(wire.FrameType.ACK, stream, ack, now_ms(), bytes(payload)))
+        self._write(wire.Frame(wire.FrameType.ACK, stream, ack, now_ms(self.clock), bytes(payload)))
 
     def _write(self, frame: wire.Frame) -> None:
         """Send a frame; while the port is down it is dropped (ACKs and commands are sent again)."""
@@ -241,7 +243,7 @@ class GroundStation:
 
     def command_frame(self, stream: int, name: str, *args, counter: int | None = None) -> wire.Frame:
         counter = self._next_counter() if counter is None else counter
-        return wire.Frame(wire.FrameType.COMMAND, stream, counter, now_ms(), commands.encode_command(name, args))
+        return wire.Frame(wire.FrameType.COMMAND, stream, counter, now_ms(self.clock), commands.encode_command(name, args))
 
     def send_command(self, stream: int, name: str, *args, timeout: float = 10.0, retry: float = 1.0,
                      frame: wire.Frame | None = None) -> commands.CommandResult:

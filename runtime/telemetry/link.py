@@ -14,63 +14,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from edge_sdk.errors import ConfigError, TelemetryError, require
+from edge_sdk.errors import ConfigError, TelemetryError
 
 from . import wire
+from .wire import ACK_GAP, SERIAL_ERRORS, now_ms, open_port
 from .queue import MAX_RECORD, TelemetryQueue
+from ..token_bucket import TokenBucket
 from .records import DataBatch, batch_overhead, encode_batch, get_varint, put_varint
 
-try:
-    from serial import SerialException as _SerialException
-
-    _SERIAL_ERRORS: tuple = (_SerialException,)
-except ImportError:  # the runtime extra is missing: open_port says which package to install
-    _SERIAL_ERRORS = ()
-
 log = logging.getLogger(__name__)
-ACK_GAP = 1  # ACK payload flag: frames arrived that do not follow the acknowledgement
 MIN_FRAME_LIMIT = 192  # payload bytes a frame shrinks to on a lossy line (a single longer record still goes)
-
-
-def open_port(url: str, timeout: float = 0.02):
-    """A pyserial port from a URL: /dev/ttyTHS0, /dev/ttyACM0, a pty, socket://host:port, loop://."""
-    serial = require("serial", "runtime")
-    try:
-        return serial.serial_for_url(url, baudrate=115200, timeout=timeout, write_timeout=2)
-    except (serial.SerialException, OSError, ValueError) as exc:
-        raise TelemetryError(f"cannot open {url}: {exc}",
-                             hint="give a serial device, a pty, socket://HOST:PORT or loop://") from exc
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class TokenBucket:
-    """Bytes allowed on the line: fills at ``rate`` bytes/s up to ``capacity``."""
-
-    def __init__(self, rate: float | None, capacity: int, clock: Callable[[], float] = time.monotonic):
-        if rate is not None and rate <= 0:
-            raise ConfigError(f"link budget {rate} B/s must be positive", hint="omit --link-budget for no limit")
-        self.rate, self.capacity, self._clock = rate, capacity, clock
-        self._tokens, self._t = float(capacity), clock()
-
-    def _refill(self) -> None:
-        t = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (t - self._t) * (self.rate or 0))
-        self._t = t
-
-    def wait_time(self, n: int) -> float:
-        """Seconds until n bytes may be sent (0 = now)."""
-        if self.rate is None:
-            return 0.0
-        self._refill()
-        return max(0.0, (n - self._tokens) / self.rate)
-
-    def take(self, n: int) -> None:
-        if self.rate is not None:
-            self._refill()
-            self._tokens -= n
 
 
 @dataclass
@@ -99,12 +52,16 @@ class Sender:
 
     def __init__(self, url: str, key: bytes, queue: TelemetryQueue, *, budget: float | None = None,
                  window: int = 8, max_frame: int = 1024, rto: float = 1.0, max_rto: float = 8.0,
-                 on_command: Callable[[wire.Frame], bytes | None] | None = None, port_factory=open_port):
+                 on_command: Callable[[wire.Frame], bytes | None] | None = None, port_factory=open_port,
+                 clock: Callable[[], float] = time.time):
         if not MAX_RECORD + 64 <= max_frame <= wire.MAX_FRAME - 64:
             raise ConfigError(f"max frame {max_frame} B out of range", hint=f"use {MAX_RECORD + 64}..{wire.MAX_FRAME - 64}")
         if window < 1:
             raise ConfigError(f"window {window} must be at least 1")
+        if budget is not None and budget <= 0:
+            raise ConfigError(f"link budget {budget} B/s must be positive", hint="omit --link-budget for no limit")
         self.url, self.key, self.queue = url, key, queue
+        self.clock = clock  # wall clock (s) for frame timestamps
         self.window, self.max_frame = window, max_frame
         # wire size of a full frame: COBS adds one byte per 254, the delimiters two
         self.bucket = TokenBucket(budget, max_frame + wire.MIN_FRAME + max_frame // 254 + 3)
@@ -136,7 +93,7 @@ class Sender:
                     self._reset_window()
                     backoff = 0.2
                 self.step(drained)
-            except (TelemetryError, OSError) + _SERIAL_ERRORS as exc:
+            except (TelemetryError, OSError) + SERIAL_ERRORS as exc:
                 self._close()
                 self.stats.reconnects += 1
                 log.warning("link %s down (%s); retrying in %.1f s", self.url, exc, backoff)
@@ -197,7 +154,7 @@ class Sender:
                 result = self.on_command(frame)
                 if result is not None:
                     self._outbox.append(wire.encode(
-                        wire.Frame(wire.FrameType.RESULT, self.queue.stream_id, frame.seq, now_ms(), result), self.key))
+                        wire.Frame(wire.FrameType.RESULT, self.queue.stream_id, frame.seq, now_ms(self.clock), result), self.key))
             else:
                 self.stats.bad_frames += 1
 
@@ -253,7 +210,7 @@ class Sender:
     def _send_data(self) -> bool:
         if self._outbox or not self._has_room():
             return False
-        t = now_ms()
+        t = now_ms(self.clock)
         batch, payload_bytes = self._next_batch(t)
         if batch is None:
             return False

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +25,16 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 
 
-def state_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """--state-dir, else $EDGE_SDK_STATE_DIR, else /var/lib/edge-sdk for root (the service), else XDG."""
+def state_dir(explicit: str | os.PathLike | None, env: Mapping[str, str], is_root: bool) -> Path:
+    """--state-dir, else env EDGE_SDK_STATE_DIR, else /var/lib/edge-sdk for root (the service), else XDG
+    (`env` is the CLI's environment)."""
     if explicit:
         return Path(explicit)
-    if os.environ.get("EDGE_SDK_STATE_DIR"):
-        return Path(os.environ["EDGE_SDK_STATE_DIR"])
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
+    if env.get("EDGE_SDK_STATE_DIR"):
+        return Path(env["EDGE_SDK_STATE_DIR"])
+    if is_root:
         return Path("/var/lib/edge-sdk")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "edge-sdk"
 
 

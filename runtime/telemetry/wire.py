@@ -19,13 +19,33 @@ import hmac
 import logging
 import struct
 from dataclasses import dataclass
+from typing import Callable
 from enum import IntEnum
 
 import crc32c as _crc32c
+import serial
 
 from edge_sdk.errors import TelemetryError
 
 log = logging.getLogger(__name__)
+
+SERIAL_ERRORS: tuple = (serial.SerialException,)
+ACK_GAP = 1  # ACK payload flag: frames arrived that do not follow the acknowledgement
+
+
+def open_port(url: str, timeout: float = 0.02):
+    """A pyserial port from a URL: /dev/ttyTHS0, /dev/ttyACM0, a pty, socket://host:port, loop://."""
+    try:
+        return serial.serial_for_url(url, baudrate=115200, timeout=timeout, write_timeout=2)
+    except (serial.SerialException, OSError, ValueError) as exc:
+        raise TelemetryError(f"cannot open {url}: {exc}",
+                             hint="give a serial device, a pty, socket://HOST:PORT or loop://") from exc
+
+
+def now_ms(clock: Callable[[], float]) -> int:
+    """A frame timestamp: ms since the epoch by `clock` (seconds, e.g. time.time)."""
+    return int(clock() * 1000)
+
 
 VERSION = 1
 HEADER = struct.Struct(">BBII6s")
