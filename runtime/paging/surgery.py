@@ -1,7 +1,7 @@
 """Split the bundle's decoder graph into the three graphs the paging executor runs.
 
 - head: rotary tables and attention mask from `attention_mask` / `position_ids` (no weights;
-  embeddings are looked up from the weights file row by row, see `embeddings.py`);
+  embeddings are looked up from the weights file row by row, see `EmbeddingRows` in backends/fused/graph.py);
 - layer: decoder layer 0's nodes with its weights turned into graph inputs named by role
   (`self_attn.q_proj.qweight`, ...), past/present renamed `past_key` ... `present_value`, the
   residual stream `hidden_in` -> `hidden_out`; one session runs every layer;

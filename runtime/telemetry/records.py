@@ -156,7 +156,7 @@ def decode_record(body: bytes, schemas: dict[int, tuple[str, ...]]) -> dict:
 class WireRecord:
     seq: int
     time_ms: int
-    kind: int  # SCHEMA_KIND or a record kind from collector.KINDS
+    kind: int  # a key of KINDS (SCHEMA_KIND, sample, event)
     priority: int
     body: bytes
 
