@@ -141,7 +141,7 @@ class Peer:
 
 
 class Ours:
-    """edge-sdk's runtime (edge_sdk.load + runtime.bench) over a bundle."""
+    """edge-sdk's runtime (edge_sdk.load + runtime.generate.bench) over a bundle."""
 
     def __init__(self, bundle: Path, accuracy_level: int, bandwidth: float, graph: str = "auto"):
         import edge_sdk

@@ -1,6 +1,6 @@
 """Paged decode speed of a DeepSeek-R1-Distill-Qwen-1.5B-shaped bundle at a memory budget of 50% of
 its weights, against the bound min(storage read bandwidth / bytes paged per token, resident speed)
-measured in the same run, against the executor's own estimate (edge_sdk.runtime.paging.plan), and
+measured in the same run, against the executor's own estimate (edge_sdk.paging_model), and
 against naive mmap of the same file under the same budget (pages dropped after use, see naive_mmap.py).
 
     python benchmarks/bench_paging.py --bundle /path/to/bundle          # an existing bundle

@@ -293,14 +293,14 @@ def fused_layer_bytes(s: ModelShape, q: QuantSpec) -> tuple[list[int], int] | No
 
 def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budget_for_weights: int,
                    executor: str = "standard", q: QuantSpec | None = None, probe=None) -> dict:
-    """Layer streaming, with the paging executor's own plan (edge_sdk.runtime.paging.plan): lm_head
+    """Layer streaming, with the paging executor's own plan (edge_sdk.paging_model): lm_head
     and norms resident, embedding rows read on demand, page-aligned layer buffers for prefetch, as
     many layers resident as fit (spread evenly), the rest read from storage on every token.
 
     executor "standard": the bundle graph's executor (weights bound as inputs; what the CUDA and
     TensorRT providers of a device run), two slots. "fused": the CPU provider's executor over the
     fused sidecar (runtime/paging/fused.py), two slots and three prepacked sessions; given a `probe`
-    (runtime.paging.plan.BuildProbe: the session build and layer compute times measured where the
+    (edge_sdk.paging_model.BuildProbe: the session build and layer compute times measured where the
     executor runs), the plan the executor would choose and the executor's decode model with the
     board's storage speed, not the storage-only bound."""
     from dataclasses import replace

@@ -20,7 +20,7 @@ class RuntimeOptions:
     provider: str = "auto"  # auto | cpu | cuda | tensorrt-ep | tensorrt (native engine)
     threads: int | None = None  # intra-op threads; None = all cores
     accuracy_level: int = 4  # MatMulNBits: 1 exact fp32 activations ... 4 int8 activations
-    huge_pages: bool = True  # back the session's weights with transparent huge pages (runtime/hugepages.py)
+    huge_pages: bool = True  # back the session's weights with transparent huge pages (runtime/backends/hugepages.py)
     graph: str = "auto"  # CPU provider: "fused" onnxruntime contrib-op graph built from the bundle, or its "standard" graph
     max_batch: int = 1
     max_seq_len: int | None = None  # KV capacity per sequence; None = min(4096, model max)

@@ -1,4 +1,4 @@
-"""The fused onnxruntime graph (runtime/fused_graph.py) against the bundle's own graph and hand references."""
+"""The fused onnxruntime graph (runtime/backends/fused/graph.py) against the bundle's own graph and hand references."""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ def test_join_and_leave_mid_batch_keep_every_sequence_exact(bundle, prefill_chun
     assert step_model._rows == [] and step_model._batch is None and step_model._pending == {}
     # what one token of cache really allocates (the fused graph's cache: one buffer, appended in place)
     assert step_model.kv_bytes_per_token == model.backend.new_cache(1, 1).nbytes == model.backend.io.kv_bytes_per_token()
-    # the fused graph (runtime/fused_graph.py) loads its graph and its repacked weights; embedding rows are read per step
+    # the fused graph (runtime/backends/fused/graph.py) loads its graph and its repacked weights; embedding rows are read per step
     g = model.backend.graph_path
     assert model.backend.describe()["graph_form"] == "fused"
     assert step_model.weights_bytes == g.stat().st_size + (g.parent / "fused.weights").stat().st_size

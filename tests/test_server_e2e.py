@@ -278,7 +278,7 @@ def test_metrics_account_the_bundle(server, bundle):
     from edge_sdk.runtime.backends.engine_cache import bundle_hash
 
     fused = bundle.parent / ".edge-sdk-engines" / "ort-fused" / fused_graph.key(bundle_hash(bundle), onnxruntime.__version__)
-    if fused.is_dir():  # the fused graph built into the engine cache beside the bundle (runtime/fused_graph.py)
+    if fused.is_dir():  # the fused graph built into the engine cache beside the bundle (runtime/backends/fused/graph.py)
         on_disk = (fused / "fused-level4.onnx").stat().st_size + (fused / fused_graph.WEIGHTS_NAME).stat().st_size
     else:
         on_disk = files[manifest["graphs"]["fp32"]["file"]]["size"] + files[manifest["weights"]["file"]]["size"]

@@ -46,7 +46,7 @@ class OrtBackend:
             raise RuntimeBackendError(f"onnxruntime could not load {self.graph_path.name}: {exc}",
                                       hint="check the bundle with `edge-sdk verify`, or try provider='cpu'") from exc
         self.threads, self.accuracy_level = threads, accuracy_level
-        # the prepacked weights on 2 MiB pages: a decode step streams all of them (runtime/hugepages.py)
+        # the prepacked weights on 2 MiB pages: a decode step streams all of them (runtime/backends/hugepages.py)
         self.huge_pages = hugepages.advise_new(before, background=True) if huge_pages else hugepages.Advice(reason="disabled")
         self.fused = fused
         self.provider = self.session.get_providers()[0]

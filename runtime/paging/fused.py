@@ -1,4 +1,4 @@
-"""Layer-streamed executor over the fused graph (runtime/fused_graph.py), for onnxruntime's CPU provider.
+"""Layer-streamed executor over the fused graph (runtime/backends/fused/graph.py), for onnxruntime's CPU provider.
 
 The paged layers are read from the fused sidecar file, already in MatMulNBits' layout, by a reader
 thread (large aligned reads into raw slots); builder threads then build each layer's session from its
@@ -215,7 +215,7 @@ class FusedPagedBackend:
                 self.ledger.release("staging")
         finally:
             mm = None
-        # the resident sessions' prepacked weights on 2 MiB pages (runtime/hugepages.py)
+        # the resident sessions' prepacked weights on 2 MiB pages (runtime/backends/hugepages.py)
         self.huge_pages = hugepages.advise_new(before, background=True) if huge_pages else hugepages.Advice(reason="disabled")
         if hasattr(os, "posix_fadvise"):  # the sessions hold their own copies now
             os.posix_fadvise(self.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
