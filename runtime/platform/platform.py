@@ -12,7 +12,7 @@ from . import sensors
 from .board import BoardInfo, read_board
 from .meminfo import MemInfo, parse_meminfo
 from .root import EMULATED_MARKER, SysRoot, tegra234_data
-from .snapshot import CpuCore, Rail, Snapshot
+from .snapshot import CpuCore, Rail, Snapshot, input_power_mw
 
 log = logging.getLogger("edge_sdk.platform")
 
@@ -131,12 +131,8 @@ class Platform:
     def power_mw(self) -> int | None:
         """Board input power now (mW), reading only the rails (cheap enough for a sampling thread)."""
         rails = sensors.read_rails(self.sys, self.hardware)
-        if not rails:
-            return None
-        if "VDD_IN" in rails:
-            return rails["VDD_IN"][0]
-        names = self.total_rails() or list(rails)
-        return sum(rails[n][0] for n in names if n in rails)
+        mw = {n: v[0] for n, v in rails.items()}
+        return input_power_mw(mw, None if not mw or "VDD_IN" in mw else self.total_rails())
 
     def cpu_governors(self) -> dict[int, str | None]:
         return {i: gov for i, (online, _khz, gov) in sensors.read_cpus(self.sys, self.hardware).items() if online}

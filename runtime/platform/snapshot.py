@@ -51,12 +51,17 @@ class Snapshot:
 
     def total_power_mw(self, total_rails: list[str] | None = None) -> int | None:
         """Board input power: VDD_IN where the board has it, else the sum of the given (or all) rails."""
-        if not self.rails:
-            return None
-        if "VDD_IN" in self.rails:
-            return self.rails["VDD_IN"].mw
-        names = [n for n in (total_rails or self.rails) if n in self.rails]
-        return sum(self.rails[n].mw for n in names)
+        return input_power_mw({n: r.mw for n, r in self.rails.items()}, total_rails)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def input_power_mw(rails_mw: dict[str, int], total_rails: list[str] | None = None) -> int | None:
+    """Board input power (mW) from rail readings: VDD_IN where the board has it, else the sum of
+    `total_rails` (or of all rails); None without rails."""
+    if not rails_mw:
+        return None
+    if "VDD_IN" in rails_mw:
+        return rails_mw["VDD_IN"]
+    return sum(rails_mw[n] for n in (total_rails or rails_mw) if n in rails_mw)

@@ -20,15 +20,14 @@ from edge_sdk.errors import TelemetryError
 
 from . import commands, wire
 from .wire import ACK_GAP, SERIAL_ERRORS, now_ms, open_port
-from .records import KINDS, SCHEMA_KIND, decode_batch, decode_record, decode_values, put_varint
+from .records import KINDS, SCHEMA_KIND, decode_batch, decode_record, decode_values, merge_schema, put_varint
 
 log = logging.getLogger(__name__)
 _PORT_ERRORS = (OSError,) + SERIAL_ERRORS
 
 
 def apply_schema_row(schemas: dict, row: dict) -> None:
-    start = row.get("start", 0)
-    schemas[row["schema"]] = schemas.get(row["schema"], ())[:start] + tuple(row["fields"])
+    merge_schema(schemas, row["schema"], row.get("start", 0), row["fields"])
 
 
 @dataclass

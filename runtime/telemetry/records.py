@@ -140,8 +140,13 @@ def encode_schema(schema_id: int, fields: tuple[str, ...], start: int = 0) -> by
 def apply_schema(schemas: dict[int, tuple[str, ...]], body: bytes) -> tuple[int, tuple[str, ...]]:
     """Add one schema record to ``schemas``; returns (schema id, its fields so far)."""
     schema_id, start, *fields = decode_values(body)
+    return schema_id, merge_schema(schemas, schema_id, start, fields)
+
+
+def merge_schema(schemas: dict[int, tuple[str, ...]], schema_id: int, start: int, fields) -> tuple[str, ...]:
+    """A schema record replaces the fields from `start` on (earlier ones stay); returns the fields now."""
     schemas[schema_id] = schemas.get(schema_id, ())[:start] + tuple(fields)
-    return schema_id, schemas[schema_id]
+    return schemas[schema_id]
 
 
 def decode_record(body: bytes, schemas: dict[int, tuple[str, ...]]) -> dict:
