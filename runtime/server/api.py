@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -22,6 +24,31 @@ from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError, proces
 from .metrics import Metrics
 from .requests import BadRequest, parse_chat, parse_completion
 from .scheduler import Event, Request, Scheduler
+
+
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4 deep; Python's parser recurses, ~1,000 levels raise RecursionError
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest [ / { nesting of a JSON text, brackets inside strings not counted (linear, no recursion)."""
+    structure = np.frombuffer(_JSON_STRING.sub(b"", body), np.uint8)
+    steps = np.isin(structure, (0x5B, 0x7B)).astype(np.int64) - np.isin(structure, (0x5D, 0x7D))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; send finite numbers only")
+
+
+def parse_json(body: bytes):
+    """The body as JSON, or APIError 400: invalid UTF-8 or JSON, NaN/Infinity, nesting over MAX_JSON_DEPTH."""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the body nests JSON deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, over-long integers
+        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 @dataclass
@@ -89,13 +116,12 @@ def create_app(state: ServerState) -> Starlette:
             body += chunk
             if len(body) > limit:
                 raise APIError(413, f"request body is larger than {limit} bytes (server.max_request_bytes)", code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        data = parse_json(bytes(body))
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object")
         model = data.get("model")
+        if not (model is None or isinstance(model, str)):
+            raise APIError(400, f"'model' must be a string, got {model!r}", param="model", code="invalid_value")
         if model not in (None, "", state.model_id):
             raise APIError(404, f"model {model!r} is not served here; this daemon serves {state.model_id!r}",
                            code="model_not_found", param="model")
@@ -124,7 +150,7 @@ def create_app(state: ServerState) -> Starlette:
         authorize(request)
         data = await read_json(request)
         prompt, params, stream, include_usage = parse_completion(data, state.max_tokens_default)
-        ids = prompt if isinstance(prompt, list) else state.model.encode(prompt)
+        ids = check_ids(prompt) if isinstance(prompt, list) else state.model.encode(prompt)
         return await generate(request, ids, params, stream, include_usage, chat=False)
 
     async def chat(request: HTTPRequest) -> Response:
@@ -134,7 +160,17 @@ def create_app(state: ServerState) -> Starlette:
         ids = state.model.encode_chat(messages)
         return await generate(request, ids, params, stream, include_usage, chat=True)
 
+    def check_ids(ids: list[int]) -> list[int]:
+        vocab = getattr(state.model, "vocab_size", None)
+        bad = next((t for t in ids if vocab is not None and t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"'prompt' holds token id {bad}, outside the model's vocabulary [0, {vocab - 1}]",
+                           param="prompt", code="invalid_value")
+        return ids
+
     async def generate(request: HTTPRequest, ids: list[int], params: SamplingParams, stream: bool, include_usage: bool, chat: bool) -> Response:
+        if not ids:
+            raise APIError(400, "the prompt encodes to no tokens; send some text", param="prompt", code="invalid_value")
         req = state.scheduler.submit(ids, params, asyncio.get_running_loop())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -221,17 +257,21 @@ def create_app(state: ServerState) -> Starlette:
                 req.cancel()  # the client went away mid-stream
 
     async def health(request: HTTPRequest) -> Response:
-        draining = state.scheduler.draining
+        failure = state.scheduler.failure
+        status = "failed" if failure else "draining" if state.scheduler.draining else "ok"
         mem = state.memory.stats()
-        body = {"status": "draining" if draining else "ok", "model": state.model_id,
+        body = {"status": status, "model": state.model_id,
                 "running": state.scheduler.running(), "waiting": state.scheduler.queue_depth(),
                 "kv_blocks_used": mem["kv_blocks_used"], "kv_blocks_total": mem["kv_blocks_total"],
                 "uptime_s": round(time.time() - state.started, 1)}
-        return JSONResponse(body, status_code=503 if draining else 200)
+        if failure:
+            body["error"] = f"the scheduler stopped ({failure}); restart the service"
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     async def metrics(request: HTTPRequest) -> Response:
         mem = state.memory.stats()
         gauges = {
+            "scheduler_up": ("1 while the scheduler thread serves, 0 once it stopped on a failure.", 0 if state.scheduler.failure else 1),
             "queue_depth": ("Requests waiting for admission.", state.scheduler.queue_depth()),
             "running_requests": ("Requests being generated.", state.scheduler.running()),
             "kv_blocks_total": ("KV cache blocks in the pool.", mem["kv_blocks_total"]),

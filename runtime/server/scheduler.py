@@ -75,7 +75,7 @@ class _Running:
 
     def __init__(self, req: Request, model: StepModel):
         self.req = req
-        self.sampler = Sampler(req.params)
+        self.sampler: Sampler | None = None  # built in _prefill, under _guard: bad params fail only this request
         self.text = TextStream(model.decode, req.params.stop)
         self.last = -1
 
@@ -99,6 +99,7 @@ class Scheduler:
         self._stop = False
         self._draining = False
         self._thread: threading.Thread | None = None
+        self._failure: str | None = None
         self.heartbeat = time.monotonic()
 
     # --- called from HTTP handlers -----------------------------------------------------------
@@ -109,6 +110,9 @@ class Scheduler:
         self.memory.check(len(req.prompt_ids), params.max_tokens)
         with self._cv:
             req.id = f"req-{next(self._ids)}"
+            if self.failure:
+                raise ServiceBusyError(f"the scheduler stopped ({self.failure}) and serves nothing more",
+                                       hint="restart the service", retry_after_s=self.retry_after_s)
             if self._draining or self._stop:
                 raise ServiceBusyError("the daemon is shutting down and admits no new requests", hint="retry against the restarted service",
                                        retry_after_s=self.retry_after_s)
@@ -167,6 +171,13 @@ class Scheduler:
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler thread ended on its own; None while it runs, before start() and after stop()."""
+        if self._failure is None and self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return "the scheduler thread ended"
+        return self._failure
+
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -176,6 +187,28 @@ class Scheduler:
     # --- the loop (scheduler thread) -----------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug, not a request: say so everywhere instead of hanging
+            log.critical("the scheduler stopped: %s", exc, exc_info=True)
+            self._failure = f"{type(exc).__name__}: {exc}"
+            try:
+                self._fail_everything(EdgeSDKError(f"the scheduler stopped: {self._failure}", hint="restart the service"))
+            except Exception:
+                log.exception("failing the requests in flight failed")
+
+    def _fail_everything(self, err: EdgeSDKError) -> None:
+        with self._cv:
+            for req in list(self._waiting):
+                self._waiting.remove(req)
+                self.memory.release(req.id)
+                req.finish_reason = "error"
+                req.emit(Event("error", error=err))
+            for run in list(self._running.values()):
+                self._finish(run, None, error=err)
+            self._cv.notify_all()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not (self._stop or self._waiting or self._running):
@@ -226,9 +259,9 @@ class Scheduler:
         admitted = []
         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
             req = self._waiting[0]
-            # what the model will hold once this request joins the batch (padding to the longest row included)
-            held = self._kv_held([(len(r.prompt_ids), r.params.max_tokens) for r in admitted + [req]])
             try:
+                # what the model will hold once this request joins the batch (padding to the longest row included)
+                held = self._kv_held([(len(r.prompt_ids), r.params.max_tokens) for r in admitted + [req]])
                 if not req.reserved:
                     self.memory.reserve(req.id, len(req.prompt_ids), req.params.max_tokens, held_bytes=held)
                     req.reserved = True
@@ -257,6 +290,8 @@ class Scheduler:
             return None
         try:
             return int(held(joining or ()))
+        except MemoryBudgetError:  # the batch cannot take these rows now
+            raise
         except Exception:  # accounting must never take a request down; the next step settles it
             log.exception("the model could not report its KV memory")
             return None
@@ -274,6 +309,7 @@ class Scheduler:
 
     def _prefill(self, run: _Running) -> None:
         req = run.req
+        run.sampler = Sampler(req.params)
         logits = self.model.prefill(req.id, req.prompt_ids, req.params.max_tokens)
         self.metrics.prompt_tokens += len(req.prompt_ids)
         self._accept(run, run.sampler(logits))
@@ -314,6 +350,8 @@ class Scheduler:
         self._running.pop(req.id, None)
         try:
             self.model.release(req.id)
+        except Exception:  # e.g. a sequence whose prefill failed; its memory is released all the same
+            log.exception("releasing %s failed", req.id)
         finally:
             self.memory.release(req.id, held_bytes=self._kv_held())  # its row may stay in the batch until a rebuild
         req.finish_reason = reason or "error"
