@@ -4,7 +4,7 @@ Each new request is prefilled alone into its own KV cache, in the runtime's pref
 cache; it is rebuilt (KVCache.stack, one copy of the KV) only when a sequence joins, and every decode step is one
 `backend.forward(tokens[B, 1], cache)` for all of them. Rows of finished sequences stay (fed a pad token) until then:
 dropping them would need a second copy of the batch. Rows are right aligned, so the batch holds
-rows x (longest row + most tokens any row may still append + 1) tokens; `kv_bytes_held` says so exactly,
+rows x (longest row + most tokens any row may still append) tokens; `kv_bytes_held` says so exactly,
 for the memory manager.
 """
 
@@ -87,7 +87,7 @@ class BundleStepModel:
     @staticmethod
     def _capacity(rows: list[tuple[int, int]]) -> int:
         """Tokens per row of a batch of (cached tokens, tokens still to append) rows, right aligned."""
-        return max(n for n, _ in rows) + max(left for _, left in rows) + 1
+        return max(n for n, _ in rows) + max(left for _, left in rows)
 
     def kv_bytes_held(self, joining: Sequence[tuple[int, int]] = ()) -> int:
         """KV bytes held at their peak until the next step ends: the batched cache and the prompts
