@@ -208,6 +208,12 @@ def test_nesting_is_capped_but_brackets_inside_strings_are_text(server):
     assert status == 400 and "deeper than 32" in data["error"]["message"]
 
 
+def test_a_megabyte_of_escaped_quotes_is_refused_without_a_hang(server):
+    """Skipping strings before counting brackets must stay linear (a regex restarting in every string did not)."""
+    status, data = post(server.url + "/v1/completions", b'{"prompt": "' + b'\\"' * 500_000)
+    assert status == 400 and data["error"]["code"] == "invalid_json"
+
+
 @pytest.mark.parametrize("ids", [[999999], [5, 2**31], [2**63]])
 def test_token_ids_outside_the_vocabulary_get_400(bundle_server, ids):
     status, data = post(bundle_server.url + "/v1/completions", json.dumps({"prompt": ids, "max_tokens": 2}).encode())

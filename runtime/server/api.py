@@ -27,7 +27,8 @@ from .scheduler import Event, Request, Scheduler
 
 
 MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4 deep; Python's parser recurses, ~1,000 levels raise RecursionError
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# a string, or an unterminated one up to the end: never restarts inside a string, so linear in the body
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
 
 
 def json_depth(body: bytes) -> int:
