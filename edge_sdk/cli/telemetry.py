@@ -105,7 +105,8 @@ def _listen(args) -> int:
             print(f"stream {sid}: {s['records']} records, acknowledged up to {s['ack']}, {s['duplicates']} duplicates, "
                   f"{s['gaps']} gaps, device dropped {s['device_dropped']}", file=sys.stderr)
         f = summary["frames"]
-        print(f"frames {f['frames']}, CRC errors {f['crc_errors']}, rejected by MAC {f['auth_failures']}", file=sys.stderr)
+        print(f"frames {f['frames']}, CRC errors {f['crc_errors']}, rejected by MAC {f['auth_failures']}, "
+              f"port outages survived {f['reconnects']}", file=sys.stderr)
     return 0
 
 
