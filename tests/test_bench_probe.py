@@ -1,7 +1,9 @@
 """The read-bandwidth probe: its kernels are reductions over the whole buffer, its buffer is sized past
 the last-level cache, and a decode share above 100 % of the probed bound is flagged as the probe's fault."""
 
+import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -88,8 +90,6 @@ def test_cli_bench_flags_a_probe_that_under_reads(tmp_path, monkeypatch, capsys,
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("roofline"))
     assert ("the bandwidth probe under-reads" in line) == flagged
     assert main(argv + ["--json"]) == 0
-    import json
-
     assert json.loads(capsys.readouterr().out)["bandwidth_probe_under_reads"] is flagged
 
 
