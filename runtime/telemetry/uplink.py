@@ -102,8 +102,14 @@ class Uplink:
             "set-power-mode": self._set_power_mode,
             **({"update": update} if update else {}),  # starts an OTA update (edge_sdk.runtime.fleet.trigger)
         })
-        self.sender = Sender(settings.url, settings.key, self.queue, budget=settings.link_budget,
-                             window=settings.window, max_frame=settings.max_frame, on_command=self.commands)
+        if settings.url.startswith("mqtt://"):  # direct uplink to a broker (docs/fleet.md)
+            from .mqtt import MqttSender
+
+            self.sender = MqttSender(settings.url, settings.key, self.queue, on_command=self.commands,
+                                     report=lambda kind, **f: self.telemetry.event(kind, **f))
+        else:
+            self.sender = Sender(settings.url, settings.key, self.queue, budget=settings.link_budget,
+                                 window=settings.window, max_frame=settings.max_frame, on_command=self.commands)
         self.drained = threading.Event()
         self._stop_collect = threading.Event()
         self._stop_link = threading.Event()
