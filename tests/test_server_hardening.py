@@ -191,8 +191,9 @@ DEEP = 2000
     ("/v1/completions", '{"prompt": "hi", "seed": 1' + "0" * 5000 + "}", None),  # beyond Python's int parsing limit
     ("/v1/completions", '{"prompt": [9223372036854775808], "max_tokens": 2}', "prompt"),
     ("/v1/completions", '{"prompt": "hi", "model": ["x"]}', "model"),
-    ("/v1/chat/completions", '{"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}], "max_tokens": 2}',
-     "messages[0].role"),
+    ("/v1/chat/completions", '{"messages": [{"role": "tool", "content": "42", "tool_call_id": 7}], "max_tokens": 2}',
+     "messages[0].tool_call_id"),
+    ("/v1/chat/completions", '{"messages": [{"role": "robot", "content": "42"}], "max_tokens": 2}', "messages[0].role"),
 ])
 def test_hostile_body_gets_400_not_500(server, path, body, param):
     status, data = post(server.url + path, body.encode())
@@ -236,11 +237,13 @@ def test_developer_role_is_the_system_prompt(bundle_server):
     assert post(bundle_server.url + "/v1/chat/completions", json.dumps(body).encode())[1]["usage"]["prompt_tokens"] < with_system[0]
 
 
-def test_tool_role_is_refused_with_the_fix(bundle_server):
-    body = {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42", "tool_call_id": "c1"}]}
+def test_tool_role_is_served_and_a_malformed_tool_call_gets_400(bundle_server):
+    body = {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42", "tool_call_id": "c1"}], "max_tokens": 2}
     status, data = post(bundle_server.url + "/v1/chat/completions", json.dumps(body).encode())
-    assert status == 400 and data["error"]["param"] == "messages[1].role"
-    assert "tool" in data["error"]["message"] and "user message" in data["error"]["message"]
+    assert status == 200, data
+    body["messages"].insert(1, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": 3}}]})
+    status, data = post(bundle_server.url + "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and data["error"]["param"] == "messages[1].tool_calls[0]"
 
 
 def test_serve_refuses_a_busy_port_before_loading(tmp_path, capsys, monkeypatch):

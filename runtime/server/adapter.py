@@ -58,6 +58,16 @@ class BundleStepModel:
         self._left[seq_id] = max_new_tokens
         return logits[0]
 
+    def prompt_logits(self, tokens: Sequence[int]):
+        """Logits [S, V] of every prompt position, chunk by chunk, through a cache of its own that is dropped
+        afterwards (echo + logprobs: the prompt's own token log-probabilities)."""
+        ids = np.asarray([tokens], np.int64)
+        cache = self.backend.new_cache(1, len(tokens))
+        step = int(getattr(self.model.generator, "prefill_chunk", len(tokens)))
+        for s in range(0, len(tokens), step):
+            part = ids[:, s:s + step]
+            yield self.backend.forward(part, cache, np.ones_like(part))[0]
+
     def step(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
         if self._pending or not set(seq_ids) <= set(self._rows):
             self._rebuild(seq_ids)

@@ -43,7 +43,8 @@ def _int(data: dict, key: str, default: int | None, lo: int) -> int | None:
 
 
 def _common(data: dict, max_tokens_default: int) -> tuple[SamplingParams, bool, bool]:
-    max_tokens = _int(data, "max_completion_tokens", None, 1) or _int(data, "max_tokens", max_tokens_default, 1)
+    least = 0 if data.get("echo") is True else 1  # echo with max_tokens 0 scores the prompt alone
+    max_tokens = _int(data, "max_completion_tokens", None, 1) or _int(data, "max_tokens", max_tokens_default, least)
     stop = data.get("stop")
     if stop is None:
         stop = ()
@@ -104,7 +105,7 @@ def _text(s: str, param: str) -> str:
 
 def _content(msg: dict, i: int) -> str:
     content = msg.get("content")
-    if content is None and msg.get("role") == "assistant":
+    if content is None and msg.get("role") == "assistant":  # e.g. one that only calls tools
         return ""
     if isinstance(content, str):
         return _text(content, f"messages[{i}].content")
@@ -126,10 +127,12 @@ def parse_chat(data: dict, max_tokens_default: int):
     out = []
     for i, msg in enumerate(messages):
         role = msg.get("role") if isinstance(msg, dict) else None
-        if role == "tool":
-            raise BadRequest(f"messages[{i}]: role 'tool' is not supported (the chat template has no tool outputs); "
-                             "put the tool's result in a user message", f"messages[{i}].role")
-        if role not in ROLES:
-            raise BadRequest(f"messages[{i}] must be an object whose role is one of {', '.join(ROLES)}", f"messages[{i}].role")
+        if role not in ROLES + ("tool",):
+            raise BadRequest(f"messages[{i}] must be an object whose role is one of {', '.join(ROLES)}, tool", f"messages[{i}].role")
+        if role == "tool" or (role == "assistant" and msg.get("tool_calls") is not None):
+            from .tools import check_message
+
+            out.append(check_message(msg, i, _content(msg, i)))
+            continue
         out.append({"role": "system" if role == "developer" else role, "content": _content(msg, i)})
     return (out, *_common(data, max_tokens_default))

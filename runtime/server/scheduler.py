@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ...errors import EdgeSDKError, MemoryBudgetError
+from ..constrain import DEAD_END
 from .engine import Sampler, SamplingParams, StepModel, TextStream
 from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError
 from .metrics import Metrics
@@ -36,6 +37,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     error: EdgeSDKError | None = None
+    logprobs: list | None = None  # with logprobs: (token, log p, top) of the tokens behind this text
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Request:
     completion_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     reserved: bool = False
+    options: object | None = None  # structured.RequestOptions: grammar, logprobs, echo
     _cancelled: bool = False
 
     def cancel(self) -> None:
@@ -104,9 +107,10 @@ class Scheduler:
 
     # --- called from HTTP handlers -----------------------------------------------------------
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None) -> Request:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None,
+               options=None) -> Request:
         """Queue a request or raise: RequestTooLargeError (never fits) / MemoryBusyError (not now)."""
-        req = Request(list(prompt_ids), params, loop, events=asyncio.Queue())
+        req = Request(list(prompt_ids), params, loop, events=asyncio.Queue(), options=options)
         self.memory.check(len(req.prompt_ids), params.max_tokens)
         with self._cv:
             req.id = f"req-{next(self._ids)}"
@@ -310,9 +314,14 @@ class Scheduler:
     def _prefill(self, run: _Running) -> None:
         req = run.req
         run.sampler = Sampler(req.params)
+        opts = req.options
+        if opts is not None and opts.echo and opts.logprobs is not None:
+            opts.prefill_logprobs(self.model, req.prompt_ids)
+        if req.params.max_tokens == 0:  # echo: the prompt alone
+            return self._finish(run, "length")
         logits = self.model.prefill(req.id, req.prompt_ids, req.params.max_tokens)
         self.metrics.prompt_tokens += len(req.prompt_ids)
-        self._accept(run, run.sampler(logits))
+        self._next(run, logits)
 
     def _decode_step(self) -> None:
         runs = [r for r in self._running.values() if r.req.finish_reason is None]
@@ -325,7 +334,19 @@ class Scheduler:
         if held is not None:
             self.memory.settle(held)  # the rebuild is done: the old batch and prefill caches are gone
         for run, row in zip(runs, logits):
-            self._accept(run, run.sampler(row))
+            self._next(run, row)
+
+    def _next(self, run: _Running, logits) -> None:
+        opts = run.req.options
+        if opts is None or not opts.active:
+            return self._accept(run, run.sampler(logits))
+        token = opts.choose(run.sampler, logits)
+        if token is None:
+            return self._finish(run, DEAD_END)
+        complete = opts.accepted(token) if token not in self.model.eos_token_ids else False
+        self._accept(run, token)
+        if complete and run.req.finish_reason is None:
+            self._finish(run, "stop")  # the grammar is complete: nothing but EOS may follow
 
     def _accept(self, run: _Running, token: int) -> None:
         req = run.req
@@ -339,7 +360,7 @@ class Scheduler:
         run.last = token
         text, hit_stop = run.text.push(token)
         if text:
-            req.emit(Event("text", text=text))
+            req.emit(Event("text", text=text, logprobs=_take(req)))
         if hit_stop:
             return self._finish(run, "stop")
         if len(req.completion_ids) >= req.params.max_tokens:
@@ -361,5 +382,9 @@ class Scheduler:
             return
         rest = run.text.flush()
         if rest:
-            req.emit(Event("text", text=rest))
-        req.emit(Event("done", finish_reason=reason))
+            req.emit(Event("text", text=rest, logprobs=_take(req)))
+        req.emit(Event("done", finish_reason=reason, logprobs=_take(req)))
+
+
+def _take(req: Request) -> list | None:
+    return None if req.options is None else req.options.take()
