@@ -76,7 +76,8 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_fre
     layers = Layers(ck, shape, src, calib, opts, work, device, LayerBar(stages, shape.num_layers))
     with stages("quantize"):
         quantize_layers(layers)
-    extra = {"work_dir": str(work_path), "device": str(device), "layer_seconds": layers.layer_seconds}
+    extra = {"work_dir": str(work_path), "device": str(device), "layer_seconds": layers.layer_seconds,
+             "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     with staged_directory(output, overwrite=opts.overwrite) as tmp:
         with stages("export"):
             wsec, fp16_names, groups = write_weights_streamed(tmp / "model.weights", src, work, shape, ck.arch, opts)
