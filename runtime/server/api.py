@@ -165,7 +165,7 @@ def create_app(state: ServerState) -> Starlette:
         messages, params, stream, include_usage = parse_chat(data, state.max_tokens_default)
         opts, tools = parse_options(data, chat=True), parse_tools(data)
         ids = chat_ids(state.model, messages, tools, opts)
-        await asyncio.to_thread(compile_for, state.model, opts, "tool_choice" if tools and tools.constrained else "response_format")
+        await asyncio.to_thread(compile_for, state.model, opts, "tool_choice" if tools and tools.constrained else None)
         return await generate(request, ids, params, stream, include_usage, chat=True, opts=opts, tools=tools)
 
     def check_ids(ids: list[int]) -> list[int]:

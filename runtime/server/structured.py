@@ -25,6 +25,7 @@ class RequestOptions:
     echo: bool = False  # completions: the prompt's tokens (and their logprobs) come first
     matcher: Matcher | None = None  # compiled for this request
     prompt: list | None = None  # echo + logprobs: (token, log p, top) per prompt token
+    param: str = "response_format"  # the field the constraint came from, named in errors
     pending: list = field(default_factory=list)  # logprob entries not yet sent with text
     _last: tuple | None = None
 
@@ -110,14 +111,16 @@ def parse_options(data: dict, chat: bool) -> RequestOptions:
                                      regex=fields["regex"], grammar=fields["grammar"])
     except ConfigError as exc:
         raise BadRequest(exc.message, next((k for k, v in fields.items() if v is not None), None)) from None
+    opts.param = next((k for k, v in fields.items() if v is not None), opts.param)
     return opts
 
 
-def compile_for(model, opts: RequestOptions, param: str = "response_format") -> None:
+def compile_for(model, opts: RequestOptions, param: str | None = None) -> None:
     """Build the request's matcher from the model's tokenizer (call it off the event loop: a large
     schema compiles in tens of milliseconds)."""
     if opts.constraint is None:
         return
+    param = param or opts.param
     try:
         compiler = _COMPILERS.get(model)
         if compiler is None:
