@@ -22,39 +22,63 @@ from importlib import resources
 from pathlib import Path
 
 
-def build(cfg_name: str, work: Path, layers: int | None) -> Path:
+def build(cfg_name: str, work: Path, layers: int | None, shard_bytes: int = 2 * 2**30) -> Path:
+    """A sharded bf16 checkpoint with model.safetensors.index.json, written one tensor at a time."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from safetensors.torch import save_file
 
+    from edge_sdk.converters.archs import arch_for
+    from edge_sdk.modelspec import shape_from_config
+    from edge_sdk.converters.tensors import expected_shapes
     from edge_sdk.converters.tiny import build_tokenizer, default_calibration_text, write_tokenizer
 
     d = work / (f"{cfg_name}-random" + (f"-{layers}l" if layers else ""))
-    if d.is_dir() and any(d.glob("*.safetensors")):
+    if (d / "model.safetensors.index.json").is_file():
         return d
     cfg = json.loads(resources.files("edge_sdk.data").joinpath("configs", f"{cfg_name}.json").read_text())
     if layers:
         cfg["num_hidden_layers"] = layers
         cfg["max_window_layers"] = min(cfg.get("max_window_layers", layers), layers)
     cfg.pop("torch_dtype", None)
-    hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"}, architectures=cfg["architectures"])
-    torch.manual_seed(0)
+    cfg["bos_token_id"], cfg["eos_token_id"] = 0, 1
+    arch = arch_for(cfg)
+    shape = shape_from_config(cfg)
+    names = expected_shapes(shape, arch, None)
+    ordered = {arch.embed: names[arch.embed]}
+    for i in range(shape.num_layers):
+        ordered |= expected_shapes(shape, arch, i)
+    ordered[arch.final_norm] = names[arch.final_norm]
+    if not shape.tie_word_embeddings:
+        ordered[arch.lm_head] = names[arch.lm_head]
+    d.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
-    model = model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(d, safe_serialization=True)
-    tok = build_tokenizer([default_calibration_text()])
-    write_tokenizer(tok, d)
-    cfg_saved = json.loads((d / "config.json").read_text())
-    cfg_saved["bos_token_id"], cfg_saved["eos_token_id"] = 0, 1
-    (d / "config.json").write_text(json.dumps(cfg_saved, indent=2))
+    weight_map, shard, size, k = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, k
+        if shard:
+            k += 1
+            save_file(shard, str(d / f"model-{k:05d}.safetensors"), metadata={"format": "pt"})
+            for n in shard:
+                weight_map[n] = f"model-{k:05d}.safetensors"
+            shard, size = {}, 0
+
+    for name, shp in ordered.items():
+        x = torch.empty(shp, dtype=torch.bfloat16)
+        if "norm" in name:
+            x.copy_(1 + 0.1 * torch.randn(shp, generator=g))
+        else:
+            for a in range(0, shp[0], 4096):  # fp32 noise in row chunks
+                x[a:a + 4096] = 0.02 * torch.randn((min(4096, shp[0] - a), *shp[1:]), generator=g)
+        shard[name] = x
+        size += x.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_tokenizer(build_tokenizer([default_calibration_text()]), d)
     print(f"built {d} in {time.time() - t:.0f}s", file=sys.stderr)
     return d
 
@@ -68,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=512)
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="only the prediction of `edge-sdk convert --dry-run`")
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     src = build(args.config, args.work, args.layers)
@@ -76,12 +103,17 @@ def main(argv=None) -> int:
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "edge_sdk.cli.main", "convert", str(src), "-o", str(out), "--overwrite", "--json",
                         "--method", args.method, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                        "--eval-tokens", str(args.eval_tokens)], stdout=subprocess.PIPE, text=True)
+                        "--eval-tokens", str(args.eval_tokens), "--device", args.device]
+                       + (["--no-verify"] if args.no_verify else []) + (["--dry-run"] if args.dry_run else []), stdout=subprocess.PIPE, text=True)
     wall = time.time() - t
     if r.returncode:
         print(f"convert failed with exit code {r.returncode}", file=sys.stderr)
         return r.returncode
     s = json.loads(r.stdout)
+    if args.dry_run:
+        print(json.dumps({"config": args.config, "layers": args.layers, "method": args.method, "predicted": s["predicted"],
+                          "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}, indent=2))
+        return 0
     from edge_sdk.planner import plan
 
     planned = plan(out, "agx-orin-64gb").weight_bytes["total"]
@@ -92,7 +124,7 @@ def main(argv=None) -> int:
         "bundle_weight_bytes": s["weight_bytes"], "planned_weight_bytes": planned,
         "plan_diff_percent": round(100 * (s["weight_bytes"] - planned) / planned, 3),
         "files": s["files"], "loadavg_before": [round(x, 2) for x in load], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "layer_seconds": s.get("layer_seconds"), "device": s.get("device"),
     }
     print(json.dumps(result, indent=2))
     return 0

@@ -33,6 +33,11 @@ class ConvertOptions:
     overwrite: bool = False
     verify: bool = True
     progress: bool = True
+    work_dir: str | None = None  # per-layer results (resumable); default: <output>.work beside the bundle
+    keep_work: bool = False  # keep the work directory after a finished bundle
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N"
+    devices: tuple[str, ...] = ()  # several GPUs: cuda:0,cuda:1
+    dry_run: bool = False  # quantize the first layer only and predict peak RAM, disk and time
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,6 +71,12 @@ class ConvertOptions:
         if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
             raise ConfigError(f"min_top1_agreement must be a fraction in [0, 1], got {self.min_top1_agreement}",
                               hint="0.9 means 90 % of held-out tokens keep the float model's top-1 prediction")
+
+        if self.device != "auto" and not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"device {self.device!r}: choose auto, cpu, cuda or cuda:N")
+        bad = [d for d in self.devices if not d.startswith("cuda")]
+        if bad:
+            raise ConfigError(f"devices {bad}: --devices lists CUDA devices (cuda:0,cuda:1)", hint="use --device cpu for the CPU")
 
     def to_dict(self) -> dict:
         return asdict(self)

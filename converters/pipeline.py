@@ -151,6 +151,20 @@ def _convert(model_dir, output, opts: ConvertOptions, stages: Stages) -> dict:
         bos = tk["bos_token_id"] if tk["add_bos_token"] else None
         calib = calibration.windows(tokens, opts.nsamples, opts.seqlen, bos)
         inv_freq, rope_scale = rope_tables(ck.config, ck.arch)
+    if ck.quantization_config is None:  # float checkpoint: one decoder layer at a time
+        from . import streamed_convert
+
+        if opts.dry_run:
+            from .predict import dry_run
+
+            return dry_run(ck, shape, output, opts, stages, calib=calib)
+        manifest, report, extra = streamed_convert.run(ck, shape, output, opts, stages, tk=tk, calib=calib, eval_tokens=eval_tokens,
+                                                       bos=bos, inv_freq=inv_freq, rope_scale=rope_scale)
+        return {"source": str(ck.path), "output": str(Path(output).absolute()),
+                "files": {k: v["size"] for k, v in manifest["files"].items()},
+                "weight_bytes": sum(t["nbytes"] for t in extra.pop("weights")["tensors"].values()),
+                "seconds": stages.seconds, "peak_rss_bytes": stages.peak_rss_bytes(), "accuracy": report,
+                "quantization": manifest["quantization"], "signed": opts.sign_key is not None} | extra
     with stages("quantize"):
         qr = quantize_checkpoint(ck, shape, calib, opts)
     weights, quantized = qr.weights, qr.quantized

@@ -1,7 +1,9 @@
 """The read-bandwidth probe: its kernels are reductions over the whole buffer, its buffer is sized past
 the last-level cache, and a decode share above 100 % of the probed bound is flagged as the probe's fault."""
 
+import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -88,6 +90,26 @@ def test_cli_bench_flags_a_probe_that_under_reads(tmp_path, monkeypatch, capsys,
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("roofline"))
     assert ("the bandwidth probe under-reads" in line) == flagged
     assert main(argv + ["--json"]) == 0
-    import json
-
     assert json.loads(capsys.readouterr().out)["bandwidth_probe_under_reads"] is flagged
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_pass_spans_all_reading(monkeypatch, threads):
+    """On a clock each read advances by 1 s, a pass lasts exactly `threads` seconds: every read falls
+    between the first thread's start and the last one's end, whoever is scheduled first."""
+    import threading
+
+    lock, now = threading.Lock(), [0.0]
+
+    def clock():
+        with lock:
+            return now[0]
+
+    def read(x):
+        with lock:
+            now[0] += 1.0
+        return float(x.sum())
+
+    monkeypatch.setattr(b.time, "perf_counter", clock)
+    seconds, results = b.timed_read(read, b.split_for_threads(np.ones(2 * threads, np.float32), threads))
+    assert seconds == threads and sum(results) == 2 * threads

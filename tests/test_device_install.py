@@ -36,7 +36,7 @@ def test_install_lays_out_user_dirs_config_unit_and_rule(root, capsys):
     steps = json.loads(capsys.readouterr().out)
     assert {s["what"]: s["result"] for s in steps} == {
         "sysusers entry": "created", "service user": "updated", "state directory": "created", "directory": "created", "config": "created",
-        "systemd unit": "created", "udev rule": "created"}
+        "systemd unit": "created", "rollback unit": "created", "udev rule": "created"}
     user = next(l.split(":") for l in (root / "etc/passwd").read_text().splitlines() if l.startswith("edge-sdk:"))
     assert user[2] == "998" and user[5] == "/var/lib/edge-sdk" and user[6] == "/usr/sbin/nologin"  # 999 was taken
     groups = {l.split(":")[0]: l.split(":") for l in (root / "etc/group").read_text().splitlines()}

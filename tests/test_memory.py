@@ -176,3 +176,39 @@ def test_power_mode_is_read_from_nvpmodel_status_under_the_root(tmp_path):
     status.write_text("pmode:0001\n")
     assert read() == "MODE_15W"
     assert power_mode_reader(str(tmp_path / "elsewhere"), None)() is None
+
+
+@pytest.mark.parametrize("blocks", [4, 16, 100])
+def test_padding_keeps_the_pool_equal_to_what_the_model_holds(blocks):
+    """Random reserve / hold / settle / release with a model-reported held size: the pool always counts
+    max(held, reservations), rounded up to one block, and never more blocks than it has."""
+    m = manager(blocks=blocks)
+    block = m.layout.kv_block_bytes
+    rng = random.Random(blocks)
+    live: list[str] = []
+    for i in range(400):
+        held = rng.randint(0, blocks * block)
+        op = rng.choice(["reserve", "hold", "settle", "release"])
+        try:
+            if op == "reserve":
+                m.reserve(f"r{i}", rng.randint(1, 20), rng.randint(1, 20), held_bytes=held)
+                live.append(f"r{i}")
+            elif op == "hold":
+                m.hold(held)
+            elif op == "settle":
+                m.settle(held)
+            elif live:
+                m.release(live.pop(rng.randrange(len(live))), held_bytes=held)
+            else:
+                continue
+        except MemoryBusyError:
+            continue
+        s = m.stats()
+        reserved = s["kv_blocks_used"] - s["kv_blocks_padding"]
+        assert s["kv_blocks_used"] <= blocks and s["reservations"] == len(live)
+        if op in ("reserve", "settle", "release"):  # set exactly (hold only grows)
+            assert s["kv_blocks_padding"] == max(0, -(-(held - reserved * block) // block))
+    for r in live:
+        m.release(r)
+    m.settle(0)  # the model let its batch go
+    assert m.stats()["kv_blocks_used"] == 0 and m.stats()["kv_blocks_peak"] <= blocks

@@ -43,7 +43,7 @@ def test_serve_budget_from_the_config_file_and_the_command_line():
     assert parse_config({"memory": {"weights_budget": "50%"}}).memory.weights_budget == "50%"
 
     class Args:
-        bundle = emulate = root = host = port = api_key = max_batch = context = when_full = None
+        bundle = key = emulate = root = host = port = api_key = max_batch = context = when_full = None
         memory_budget = "3000000000"
 
     assert ServeConfig().with_overrides(**overrides(Args())).memory.weights_budget == "3000000000"

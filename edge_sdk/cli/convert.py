@@ -29,6 +29,12 @@ def register(sub) -> None:
     p.add_argument("--sign-key", metavar="KEY", help="ed25519 private key: write manifest.sig")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX vs PyTorch check")
+    p.add_argument("--work-dir", metavar="DIR", help="per-layer results, kept until the bundle is written (default: BUNDLE.work); "
+                                                    "the same command after an interruption continues from the last finished layer")
+    p.add_argument("--keep-work", action="store_true", help="keep the work directory after the bundle is written")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--devices", metavar="LIST", help="CUDA devices, comma-separated (cuda:0,cuda:1)")
+    p.add_argument("--dry-run", action="store_true", help="convert the first layer only; print predicted peak RAM, disk and time")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -43,9 +49,21 @@ def run(args) -> int:
         graphs=("fp32", "fp16") if args.fp16_graph else ("fp32",), max_ppl_increase=args.max_ppl_increase,
         min_top1_agreement=args.min_top1_agreement,
         sign_key=args.sign_key, overwrite=args.overwrite, verify=not args.no_verify, progress=not args.json,
+        work_dir=args.work_dir, keep_work=args.keep_work, device=args.device, dry_run=args.dry_run,
+        devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()) if args.devices else (),
     )
     if args.json:
         print_json(summary)
+        return 0
+    if summary.get("dry_run"):
+        pr = summary["predicted"]
+        print(f"predicted for {summary['layers']} layers on {summary['device']} (measured on layer {summary['measured_layer']}):")
+        print(f"  peak memory   {pr['peak_rss_bytes'] / 2**30:.2f} GiB"
+              + (f", GPU {pr['gpu_peak_bytes'] / 2**30:.2f} GiB" if pr["gpu_peak_bytes"] else ""))
+        print(f"  disk          {pr['disk_bytes'] / 2**30:.2f} GiB (weights {pr['bundle_weight_bytes'] / 2**30:.2f} GiB, "
+              f"work directory {pr['work_dir_bytes'] / 2**30:.2f} GiB)")
+        print(f"  time          {pr['seconds'] / 60:.1f} min ({', '.join(f'{k} {v:.1f}s' for k, v in pr['seconds_per_layer'].items())} per layer)")
+        print(f"  work dir      {summary['work_dir']} (the conversion continues from it)")
         return 0
     acc, q = summary["accuracy"], summary["quantization"]
     print(f"wrote {summary['output']}")
@@ -58,5 +76,8 @@ def run(args) -> int:
           f"top-1 agreement {acc['top1_agreement'] * 100:.1f}% on {acc['eval_tokens']} tokens")
     print("  time          " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
     print(f"  peak memory   {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if summary.get("layer_seconds"):
+        ls = list(summary["layer_seconds"].values())
+        print(f"  per layer     {sum(ls) / len(ls):.2f}s mean over {len(ls)} layers on {summary.get('device')}")
     print(f"  library log   {summary['log']}")
     return 0

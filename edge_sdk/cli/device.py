@@ -1,4 +1,5 @@
-"""`edge-sdk device install [--root DIR]`: service user, state directory, config, systemd unit, udev rule."""
+"""`edge-sdk device install|update SOURCE|rollback|status|health|boot-check`: set up the daemon, and
+change the bundle it serves through A/B slots (docs/fleet.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ def register(sub) -> None:
     i.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload / udevadm reload on /")
     i.add_argument("--json", action="store_true", help="print the steps as JSON")
     i.set_defaults(func=run_install)
+    from .fleet import register_slots
+
+    register_slots(dsub)
 
 
 def run_install(args) -> int:

@@ -36,7 +36,7 @@ def overrides(args) -> dict:
 
 def run(args) -> int:
     from edge_sdk.runtime.server.config import load_config
-    from edge_sdk.runtime.server.daemon import Daemon, build_service, setup_logging
+    from edge_sdk.runtime.server.daemon import Daemon, build_service, check_bundle_dir, check_listen, setup_logging
 
     argv = overrides(args)
     config = load_config(args.config).with_overrides(**argv)
@@ -46,6 +46,8 @@ def run(args) -> int:
         print_json(config.as_dict())
         return 0
     setup_logging("debug" if args.debug else config.server.log_level)
+    check_bundle_dir(config)
+    check_listen(config.server.host, config.server.port)  # before the load, which takes minutes for a large model
     service = build_service(config)
     lay = service.state.memory.layout
     import logging

@@ -34,7 +34,7 @@ def register(sub) -> None:
     li.set_defaults(func=_listen)
 
     up = tsub.add_parser("uplink", help="device side: sample, queue and send telemetry; run downlink commands")
-    up.add_argument("port_url", metavar="PORT_URL", help="/dev/ttyTHS0, /dev/ttyACM0, a pty, socket://HOST:PORT")
+    up.add_argument("port_url", metavar="PORT_URL", help="/dev/ttyTHS0, /dev/ttyACM0, a pty, socket://HOST:PORT, mqtt://HOST:PORT/PREFIX")
     up.add_argument("--key", required=True, metavar="FILE")
     add_device_options(up)
     up.add_argument("--state-dir", metavar="DIR", help="queue location (env EDGE_SDK_STATE_DIR; default /var/lib/edge-sdk as root, XDG state dir otherwise)")
@@ -53,8 +53,8 @@ def register(sub) -> None:
     sc.add_argument("--counter-file", metavar="FILE", help="where the ground keeps its command counter (default in the state dir)")
     sc.add_argument("--timeout", type=float, default=15.0, metavar="S")
     sc.add_argument("--json", action="store_true")
-    sc.add_argument("downlink", metavar="COMMAND", choices=["set-power-mode", "set-interval", "snapshot"],
-                    help="set-power-mode MODE | set-interval SECONDS | snapshot")
+    sc.add_argument("downlink", metavar="COMMAND", choices=["set-power-mode", "set-interval", "snapshot", "update"],
+                    help="set-power-mode MODE | set-interval SECONDS | snapshot | update URL")
     sc.add_argument("args", nargs="*")
     sc.set_defaults(func=_send_command)
 
@@ -62,6 +62,10 @@ def register(sub) -> None:
     st.add_argument("--state-dir", metavar="DIR")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
+
+    from .telemetry_export import register_export
+
+    register_export(tsub)
 
 
 def _keygen(args) -> int:
@@ -105,7 +109,8 @@ def _listen(args) -> int:
             print(f"stream {sid}: {s['records']} records, acknowledged up to {s['ack']}, {s['duplicates']} duplicates, "
                   f"{s['gaps']} gaps, device dropped {s['device_dropped']}", file=sys.stderr)
         f = summary["frames"]
-        print(f"frames {f['frames']}, CRC errors {f['crc_errors']}, rejected by MAC {f['auth_failures']}", file=sys.stderr)
+        print(f"frames {f['frames']}, CRC errors {f['crc_errors']}, rejected by MAC {f['auth_failures']}, "
+              f"port outages survived {f['reconnects']}", file=sys.stderr)
     return 0
 
 

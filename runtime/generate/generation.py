@@ -11,6 +11,8 @@ import numpy as np
 from edge_sdk.errors import ConfigError, MemoryBudgetError
 
 from ..backends.base import Backend
+from .constrain import DEAD_END, GrammarCompiler
+from .logprobs import TOP_LOGPROBS_MAX, token_logprobs
 from .sampling import Sampler, SamplingParams
 from .stopping import StopMatcher
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -27,6 +29,8 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     eos_token_ids: tuple[int, ...] | None = None  # None = the tokenizer's
     ignore_eos: bool = False
+    constraint: object | None = None  # constrain.Constraint: JSON, JSON schema, regex or Lark grammar
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (0..20)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -35,6 +39,8 @@ class GenerationConfig:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         self.sampling(0)  # validates the sampling fields once, here
+        if self.logprobs is not None and not 0 <= self.logprobs <= TOP_LOGPROBS_MAX:
+            raise ConfigError(f"logprobs must be in [0, {TOP_LOGPROBS_MAX}], got {self.logprobs}", hint="None turns them off")
 
     def sampling(self, row: int) -> SamplingParams:
         # each row of a batch draws from its own stream: seed, seed+1, ...
@@ -49,7 +55,9 @@ class Chunk:
     index: int  # row of the batch
     token_id: int | None
     text: str
-    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop string, grammar complete) | "length" | "grammar_dead_end"
+    logprob: float | None = None  # with GenerationConfig.logprobs: log p(token_id)
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log p), most likely first
 
 
 @dataclass
@@ -78,6 +86,7 @@ class _Row:
     stop: StopMatcher
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    matcher: object | None = None  # constrain.Matcher of this row
 
 
 class Generator:
@@ -111,6 +120,7 @@ class Generator:
             mask[r, longest - len(p):] = 1
         rows = [_Row(Sampler(cfg.sampling(r)), list(p), IncrementalDecoder(self.tokenizer), StopMatcher(cfg.stop))
                 for r, p in enumerate(prompts)]
+        self._constrain(rows, cfg)
         t = self.timings = Timings(prompt_tokens=int(mask.sum()))
         cache = self.backend.new_cache(batch, capacity)
         start = time.perf_counter()
@@ -121,9 +131,15 @@ class Generator:
             for r, row in enumerate(rows):
                 if row.finish_reason:
                     continue
-                tok = row.sampler(logits[r], np.asarray(row.history, np.int64))
+                tok = self._pick(row, logits[r])
+                if tok is None:
+                    yield self._dead_end(r, row)
+                    continue
                 feed[r, 0] = tok
-                yield from self._emit(r, row, tok, eos, last=step == cfg.max_new_tokens - 1)
+                for c in self._emit(r, row, tok, eos, last=step == cfg.max_new_tokens - 1):
+                    if cfg.logprobs is not None:
+                        c.logprob, c.top_logprobs = token_logprobs(logits[r], tok, cfg.logprobs)
+                    yield c
             if step == 0:
                 t.first_token_s = time.perf_counter() - start
             t.generated_tokens += sum(1 for row in rows if row.generated and len(row.generated) == step + 1)
@@ -133,6 +149,26 @@ class Generator:
             logits = self.backend.forward(feed, cache)[:, -1, :]
             t.decode_s += time.perf_counter() - s
             t.decode_steps += 1
+
+    def _constrain(self, rows: list[_Row], cfg: GenerationConfig) -> None:
+        if cfg.constraint is None:
+            return
+        if getattr(self, "_grammars", None) is None:
+            self._grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.backend.io.vocab_size)
+        for row in rows:
+            row.matcher = self._grammars.matcher(cfg.constraint)
+
+    def _pick(self, row: _Row, logits: np.ndarray) -> int | None:
+        """The row's next token (None: its grammar allows none)."""
+        if row.matcher is not None:
+            logits = row.matcher.apply(logits)
+            if logits is None:
+                return None
+        return row.sampler(logits, np.asarray(row.history, np.int64))
+
+    def _dead_end(self, r: int, row: _Row) -> Chunk:
+        row.finish_reason = DEAD_END
+        return Chunk(r, None, row.stop.feed(row.decoder.flush()) + row.stop.flush(), DEAD_END)
 
     def kv_bytes(self, batch: int, capacity: int) -> int:
         """What a cache for `batch` x `capacity` tokens allocates (two buffers per layer and kind where
@@ -161,8 +197,14 @@ class Generator:
             yield Chunk(r, tok, row.stop.feed(row.decoder.flush()) + row.stop.flush(), "stop")
             return
         text = row.stop.feed(row.decoder.push(tok))
+        done = row.matcher is not None and (not row.matcher.accept(tok) or row.matcher.done)
+        if row.matcher is not None and not done:
+            row.matcher.prefetch()  # the next mask is computed while the forward pass runs
         if row.stop.stopped:
             row.finish_reason = "stop"
+        elif done:  # the grammar is complete: nothing but EOS may follow
+            row.finish_reason = "stop"
+            text += row.stop.feed(row.decoder.flush()) + row.stop.flush()
         elif last:
             row.finish_reason = "length"
             text += row.stop.feed(row.decoder.flush()) + row.stop.flush()

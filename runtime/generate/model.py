@@ -33,6 +33,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     reasoning: str | None = None  # chat: text inside <think> ... </think>
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token: (log p, top alternatives)
     timings: Timings | None = field(default=None, repr=False)
 
 
@@ -74,10 +75,17 @@ class Model:
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  stop=None, stream: bool = False, seed: int | None = None, repetition_penalty: float = 1.0,
-                 ignore_eos: bool = False):
-        """A Completion (a list for a list of prompts), or an iterator of Chunks with stream=True."""
+                 ignore_eos: bool = False, response_format=None, json_schema=None, regex: str | None = None,
+                 grammar: str | None = None, logprobs: int | None = None):
+        """A Completion (a list for a list of prompts), or an iterator of Chunks with stream=True.
+
+        response_format / json_schema / regex / grammar (Lark) constrain the output (one at a time);
+        logprobs=N reports each token's log-probability and its N most likely alternatives."""
+        from .constrain import constraint
+
         cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                               stop or (), None, ignore_eos)
+                               stop or (), None, ignore_eos,
+                               constraint(response_format, json_schema=json_schema, regex=regex, grammar=grammar), logprobs)
         ids, batched, chat = self._encode(prompt)
         if chat:
             return self._chat_stream(ids, cfg) if stream else self._chat_complete(ids, cfg)
@@ -94,13 +102,18 @@ class Model:
         texts = [[] for _ in ids]
         tokens = [[] for _ in ids]
         reasons = ["length"] * len(ids)
+        lps = [[] if cfg.logprobs is not None else None for _ in ids]
         for c in self.generator.stream(ids, cfg):
             texts[c.index].append(c.text)
-            tokens[c.index].append(c.token_id)
+            if c.token_id is not None:  # None: a grammar dead end, no token
+                tokens[c.index].append(c.token_id)
+                if c.logprob is not None:
+                    lps[c.index].append((c.logprob, c.top_logprobs))
             if c.finish_reason:
                 reasons[c.index] = c.finish_reason
         t = self.generator.timings
-        return [Completion("".join(texts[r]), tokens[r], reasons[r], len(ids[r]), timings=t) for r in range(len(ids))]
+        return [Completion("".join(texts[r]), tokens[r], reasons[r], len(ids[r]), timings=t, logprobs=lps[r])
+                for r in range(len(ids))]
 
     def _starts_in_think(self, ids: list[int]) -> bool:
         return self.tokenizer.decode(ids[-4:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN)

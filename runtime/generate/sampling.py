@@ -30,6 +30,8 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", hint="1 turns top-p off")
         if not (self.repetition_penalty > 0):
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", hint="1 turns it off")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}", hint="omit it for a random one")
 
     @property
     def greedy(self) -> bool:

@@ -4,7 +4,7 @@ Each new request is prefilled alone into its own KV cache, in the runtime's pref
 cache; it is rebuilt (KVCache.stack, one copy of the KV) only when a sequence joins, and every decode step is one
 `backend.forward(tokens[B, 1], cache)` for all of them. Rows of finished sequences stay (fed a pad token) until then:
 dropping them would need a second copy of the batch. Rows are right aligned, so the batch holds
-rows x (longest row + most tokens any row may still append + 1) tokens; `kv_bytes_held` says so exactly,
+rows x (longest row + most tokens any row may still append) tokens; `kv_bytes_held` says so exactly,
 for the memory manager.
 """
 
@@ -58,6 +58,16 @@ class BundleStepModel:
         self._left[seq_id] = max_new_tokens
         return logits[0]
 
+    def prompt_logits(self, tokens: Sequence[int]):
+        """Logits [S, V] of every prompt position, chunk by chunk, through a cache of its own that is dropped
+        afterwards (echo + logprobs: the prompt's own token log-probabilities)."""
+        ids = np.asarray([tokens], np.int64)
+        cache = self.backend.new_cache(1, len(tokens))
+        step = int(getattr(self.model.generator, "prefill_chunk", len(tokens)))
+        for s in range(0, len(tokens), step):
+            part = ids[:, s:s + step]
+            yield self.backend.forward(part, cache, np.ones_like(part))[0]
+
     def step(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
         if self._pending or not set(seq_ids) <= set(self._rows):
             self._rebuild(seq_ids)
@@ -87,7 +97,7 @@ class BundleStepModel:
     @staticmethod
     def _capacity(rows: list[tuple[int, int]]) -> int:
         """Tokens per row of a batch of (cached tokens, tokens still to append) rows, right aligned."""
-        return max(n for n, _ in rows) + max(left for _, left in rows) + 1
+        return max(n for n, _ in rows) + max(left for _, left in rows)
 
     def kv_bytes_held(self, joining: Sequence[tuple[int, int]] = ()) -> int:
         """KV bytes held at their peak until the next step ends: the batched cache and the prompts

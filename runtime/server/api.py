@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -21,7 +23,36 @@ from .engine import SamplingParams, StepModel
 from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError, process_rss_bytes
 from .metrics import Metrics
 from .requests import BadRequest, parse_chat, parse_completion
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .scheduler import Event, Request, Scheduler
+from .structured import chat_ids, compile_for, parse_options
+from .tools import parse_output, parse_tools
+
+
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4 deep; Python's parser recurses, ~1,000 levels raise RecursionError
+# a string, or an unterminated one up to the end: never restarts inside a string, so linear in the body
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest [ / { nesting of a JSON text, brackets inside strings not counted (linear, no recursion)."""
+    structure = np.frombuffer(_JSON_STRING.sub(b"", body), np.uint8)
+    steps = np.isin(structure, (0x5B, 0x7B)).astype(np.int64) - np.isin(structure, (0x5D, 0x7D))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; send finite numbers only")
+
+
+def parse_json(body: bytes):
+    """The body as JSON, or APIError 400: invalid UTF-8 or JSON, NaN/Infinity, nesting over MAX_JSON_DEPTH."""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the body nests JSON deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, over-long integers
+        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 @dataclass
@@ -89,13 +120,12 @@ def create_app(state: ServerState) -> Starlette:
             body += chunk
             if len(body) > limit:
                 raise APIError(413, f"request body is larger than {limit} bytes (server.max_request_bytes)", code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        data = parse_json(bytes(body))
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object")
         model = data.get("model")
+        if not (model is None or isinstance(model, str)):
+            raise APIError(400, f"'model' must be a string, got {model!r}", param="model", code="invalid_value")
         if model not in (None, "", state.model_id):
             raise APIError(404, f"model {model!r} is not served here; this daemon serves {state.model_id!r}",
                            code="model_not_found", param="model")
@@ -124,18 +154,33 @@ def create_app(state: ServerState) -> Starlette:
         authorize(request)
         data = await read_json(request)
         prompt, params, stream, include_usage = parse_completion(data, state.max_tokens_default)
-        ids = prompt if isinstance(prompt, list) else state.model.encode(prompt)
-        return await generate(request, ids, params, stream, include_usage, chat=False)
+        opts = parse_options(data, chat=False)
+        ids = check_ids(prompt) if isinstance(prompt, list) else state.model.encode(prompt)
+        await asyncio.to_thread(compile_for, state.model, opts)
+        return await generate(request, ids, params, stream, include_usage, chat=False, opts=opts)
 
     async def chat(request: HTTPRequest) -> Response:
         authorize(request)
         data = await read_json(request)
         messages, params, stream, include_usage = parse_chat(data, state.max_tokens_default)
-        ids = state.model.encode_chat(messages)
-        return await generate(request, ids, params, stream, include_usage, chat=True)
+        opts, tools = parse_options(data, chat=True), parse_tools(data)
+        ids = chat_ids(state.model, messages, tools, opts)
+        await asyncio.to_thread(compile_for, state.model, opts, "tool_choice" if tools and tools.constrained else None)
+        return await generate(request, ids, params, stream, include_usage, chat=True, opts=opts, tools=tools)
 
-    async def generate(request: HTTPRequest, ids: list[int], params: SamplingParams, stream: bool, include_usage: bool, chat: bool) -> Response:
-        req = state.scheduler.submit(ids, params, asyncio.get_running_loop())
+    def check_ids(ids: list[int]) -> list[int]:
+        vocab = getattr(state.model, "vocab_size", None)
+        bad = next((t for t in ids if vocab is not None and t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"'prompt' holds token id {bad}, outside the model's vocabulary [0, {vocab - 1}]",
+                           param="prompt", code="invalid_value")
+        return ids
+
+    async def generate(request: HTTPRequest, ids: list[int], params: SamplingParams, stream: bool, include_usage: bool, chat: bool,
+                       opts=None, tools=None) -> Response:
+        if not ids:
+            raise APIError(400, "the prompt encodes to no tokens; send some text", param="prompt", code="invalid_value")
+        req = state.scheduler.submit(ids, params, asyncio.get_running_loop(), options=opts if opts is not None and opts.active else None)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         watcher = asyncio.ensure_future(until_disconnect(request))
@@ -147,22 +192,37 @@ def create_app(state: ServerState) -> Starlette:
                 first = await next_event(req, watcher)
                 watcher.cancel()
                 handed_over = True
-                return StreamingResponse(sse(req, first, rid, created, chat, include_usage), media_type="text/event-stream",
+                events = sse(req, first, rid, created, chat, include_usage) if not (tools and tools.choice != "none") else \
+                    tool_sse(req, first, rid, created, include_usage)
+                return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            parts = []
+            parts, lps = [], []
             while (ev := await next_event(req, watcher)).kind == "text":
                 parts.append(ev.text)
+                lps += ev.logprobs or []
             text, reason = "".join(parts), ev.finish_reason
+            lps += ev.logprobs or []
         finally:
             watcher.cancel()
             if not handed_over and req.finish_reason is None:
                 req.cancel()
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(req.completion_ids), "total_tokens": len(ids) + len(req.completion_ids)}
+        want_lp = opts is not None and opts.logprobs is not None
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            message = {"role": "assistant", "content": text}
+            if tools and tools.choice != "none":
+                content, calls = parse_output(raw_text(req.completion_ids))
+                if calls:
+                    message, reason = {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": chat_logprobs(lps, token_text()) if want_lp else None,
+                      "finish_reason": reason}
             return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_id,
                                  "choices": [choice], "usage": usage})
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        if opts is not None and opts.echo:
+            text = state.model.decode(ids) + text
+            lps = (opts.prompt or [(t, None, None) for t in ids]) + lps
+        choice = {"index": 0, "text": text, "logprobs": completion_logprobs(lps, token_text()) if want_lp else None,
+                  "finish_reason": reason}
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.model_id,
                              "choices": [choice], "usage": usage})
 
@@ -186,12 +246,18 @@ def create_app(state: ServerState) -> Starlette:
     async def sse(req: Request, first: Event, rid: str, created: int, chat: bool, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta_text: str | None, reason: str | None, role: bool = False) -> str:
+        offset = 0
+
+        def chunk(delta_text: str | None, reason: str | None, role: bool = False, lps=None) -> str:
+            nonlocal offset
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if delta_text is None else {"content": delta_text})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                lp = None if lps is None else chat_logprobs(lps, token_text())
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason}
+                lp = None if lps is None else completion_logprobs(lps, token_text(), offset)
+                offset += len(delta_text or "")
+                choice = {"index": 0, "text": delta_text or "", "logprobs": lp, "finish_reason": reason}
             body = {"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [choice]}
             if include_usage:
                 body["usage"] = None
@@ -203,9 +269,9 @@ def create_app(state: ServerState) -> Starlette:
             ev = first
             while True:
                 if ev.kind == "text":
-                    yield chunk(ev.text, None)
+                    yield chunk(ev.text, None, lps=ev.logprobs)
                 elif ev.kind == "done":
-                    yield chunk(None, ev.finish_reason)
+                    yield chunk(None, ev.finish_reason, lps=ev.logprobs or None)
                     break
                 else:
                     yield f"data: {json.dumps(api_error_from(ev.error).body())}\n\n"
@@ -220,18 +286,75 @@ def create_app(state: ServerState) -> Starlette:
             if req.finish_reason is None:
                 req.cancel()  # the client went away mid-stream
 
+    async def tool_sse(req: Request, first: Event, rid: str, created: int, include_usage: bool):
+        """Chat with tools offered: the reply is read whole (a call is known once its block closes), then sent as
+        the openai client assembles it: role, content, one delta per call (id, name, empty arguments) and its
+        arguments, finish_reason tool_calls."""
+
+        def chunk(delta: dict, reason: str | None = None) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            ev, parts = first, []
+            while ev.kind == "text":
+                parts.append(ev.text)
+                ev = await req.events.get()
+            if ev.kind == "error":
+                yield f"data: {json.dumps(api_error_from(ev.error).body())}\n\n"
+            else:
+                content, calls = parse_output(raw_text(req.completion_ids))
+                if not calls:
+                    content = "".join(parts)
+                if content:
+                    yield chunk({"content": content})
+                for i, call in enumerate(calls):
+                    fn = call["function"]
+                    yield chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                 "function": {"name": fn["name"], "arguments": ""}}]})
+                    yield chunk({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
+                yield chunk({}, "tool_calls" if calls else ev.finish_reason)
+                if include_usage:
+                    n_in, n_out = len(req.prompt_ids), len(req.completion_ids)
+                    usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+                    yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': created, 'model': state.model_id, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if req.finish_reason is None:
+                req.cancel()
+
+    def raw_text(ids: list[int]) -> str:
+        """The completion with its special tokens (the tool-call markers)."""
+        tok = getattr(state.model, "tokenizer", None)
+        return tok.decode(ids, skip_special_tokens=False) if tok is not None else state.model.decode(ids)
+
+    text_cache: dict = {}
+
+    def token_text() -> TokenText:
+        if "t" not in text_cache:
+            text_cache["t"] = TokenText(getattr(state.model, "tokenizer", None) or state.model)
+        return text_cache["t"]
+
     async def health(request: HTTPRequest) -> Response:
-        draining = state.scheduler.draining
+        failure = state.scheduler.failure
+        status = "failed" if failure else "draining" if state.scheduler.draining else "ok"
         mem = state.memory.stats()
-        body = {"status": "draining" if draining else "ok", "model": state.model_id,
+        body = {"status": status, "model": state.model_id,
                 "running": state.scheduler.running(), "waiting": state.scheduler.queue_depth(),
                 "kv_blocks_used": mem["kv_blocks_used"], "kv_blocks_total": mem["kv_blocks_total"],
                 "uptime_s": round(time.time() - state.started, 1)}
-        return JSONResponse(body, status_code=503 if draining else 200)
+        if failure:
+            body["error"] = f"the scheduler stopped ({failure}); restart the service"
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     async def metrics(request: HTTPRequest) -> Response:
         mem = state.memory.stats()
         gauges = {
+            "scheduler_up": ("1 while the scheduler thread serves, 0 once it stopped on a failure.", 0 if state.scheduler.failure else 1),
             "queue_depth": ("Requests waiting for admission.", state.scheduler.queue_depth()),
             "running_requests": ("Requests being generated.", state.scheduler.running()),
             "kv_blocks_total": ("KV cache blocks in the pool.", mem["kv_blocks_total"]),

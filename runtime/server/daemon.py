@@ -71,14 +71,18 @@ def build_service(config: ServeConfig, model=None) -> Service:
     return Service(config, state, source)
 
 
-def load_bundle_model(config: ServeConfig):
-    from ... import load
-    from .adapter import BundleStepModel
-
+def check_bundle_dir(config: ServeConfig) -> None:
     if not config.bundle:
         raise ConfigError("no bundle to serve", hint="pass --bundle DIR or set bundle = \"...\" in the config file")
     if not Path(config.bundle).is_dir():
         raise ConfigError(f"bundle {config.bundle} is not a directory", hint="pass the directory `edge-sdk convert` wrote")
+
+
+def load_bundle_model(config: ServeConfig):
+    from ... import load
+    from .adapter import BundleStepModel
+
+    check_bundle_dir(config)
     options = {"max_batch": config.scheduler.max_batch}
     if config.bundle_key:
         options["public_key"] = config.bundle_key
@@ -119,6 +123,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}", hint="pick another --port or stop the other service") from exc
     sock.set_inheritable(True)
     return sock
+
+
+def check_listen(host: str, port: int) -> None:
+    """Raise ConfigError now when host:port cannot be bound (the model load that follows can take minutes).
+    Port 0 always binds; the socket is closed again so that nothing queues on it during the load."""
+    if port:
+        bind_socket(host, port).close()
 
 
 class Daemon:
@@ -203,18 +214,29 @@ class Daemon:
                      f"; needs a restart: {', '.join(restart)}" if restart else "")
         self.notifier.ready("serving")
 
-    async def _watchdog(self) -> None:
+    async def _watchdog(self, check_s: float = 0.5) -> None:
+        """WATCHDOG=1 every interval while the scheduler loops; at its failure, WATCHDOG=trigger within
+        check_s and no ping after (systemd then restarts the service)."""
         interval = self.notifier.watchdog_interval_s
         if not interval:
             return
         stale_after = max(2 * interval, 30.0)
+        next_ping = 0.0
         while True:
-            age = time.monotonic() - self.service.state.scheduler.heartbeat
-            if age < stale_after:
-                self.notifier.watchdog()
-            else:
-                log.error("scheduler has not looped for %.0f s: withholding the watchdog ping", age)
-            await asyncio.sleep(interval)
+            scheduler = self.service.state.scheduler
+            if scheduler.failure:
+                log.critical("the scheduler stopped (%s): watchdog pings stop, asking systemd to restart", scheduler.failure)
+                self.notifier.notify(WATCHDOG="trigger", STATUS=f"scheduler stopped: {scheduler.failure}")
+                return
+            now = time.monotonic()
+            if now >= next_ping:
+                next_ping = now + interval
+                age = now - scheduler.heartbeat
+                if age < stale_after:
+                    self.notifier.watchdog()
+                else:
+                    log.error("scheduler has not looped for %.0f s: withholding the watchdog ping", age)
+            await asyncio.sleep(min(check_s, interval))
 
     async def _telemetry(self) -> None:
         """Keep the uplink's view of the daemon current; the uplink samples it every telemetry.interval_s."""

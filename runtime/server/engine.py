@@ -40,6 +40,9 @@ class StepModel(Protocol):
 
     def release(self, seq_id: str) -> None: ...
 
+    # optional: kv_bytes_held(joining=()) -> int, the KV bytes held at their peak until the next step ends
+    # when `joining` ((prompt tokens, max new tokens) pairs) join; the memory manager counts it (adapter.py)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -24,6 +24,7 @@ EXTRA_GROUPS = ("dialout", "video", "render")
 STATE_DIR = "var/lib/edge-sdk"
 CONFIG = "etc/edge-sdk/edge-sdk.toml"
 UNIT = "etc/systemd/system/edge-sdk.service"
+ROLLBACK_UNIT = "etc/systemd/system/edge-sdk-rollback.service"  # OnFailure= of the daemon (docs/fleet.md)
 UDEV_RULE = "etc/udev/rules.d/99-edge-sdk-serial.rules"
 SYSUSERS = "usr/lib/sysusers.d/edge-sdk.conf"
 SYSTEM_IDS = range(999, 100, -1)  # system accounts count down from 999, like useradd --system
@@ -59,6 +60,8 @@ def install(root: str | Path = "/", *, bundle: str | None = None, reload: bool =
     steps.append(write_if_absent(root / CONFIG, default_config(bundle), "config"))
     unit = shipped("edge-sdk.service").replace("/usr/local/bin/edge-sdk", edge_sdk_command())
     steps.append(write_if_changed(root / UNIT, unit, "systemd unit"))
+    rollback = shipped("edge-sdk-rollback.service").replace("/usr/local/bin/edge-sdk", edge_sdk_command())
+    steps.append(write_if_changed(root / ROLLBACK_UNIT, rollback, "rollback unit"))
     steps.append(write_if_changed(root / UDEV_RULE, shipped("99-edge-sdk-serial.rules"), "udev rule"))
     if on_device and reload:
         steps += [run(["systemctl", "daemon-reload"]), run(["udevadm", "control", "--reload-rules"]),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 from ...errors import ConfigError
 from .engine import SamplingParams
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
+ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
+SEED_MAX = 2**63 - 1
+TOKEN_ID_MAX = 2**31 - 1  # above any tokenizer; the model's own vocabulary is checked by the API
 
 
 class BadRequest(ConfigError):
@@ -20,6 +24,8 @@ def _number(data: dict, key: str, default: float, lo: float, hi: float, *, lo_op
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise BadRequest(f"'{key}' must be a number, got {v!r}", key)
+    if not math.isfinite(v):
+        raise BadRequest(f"'{key}' must be a finite number, got {v}", key)
     if v > hi or v < lo or (lo_open and v == lo):
         raise BadRequest(f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", key)
     return float(v)
@@ -37,14 +43,17 @@ def _int(data: dict, key: str, default: int | None, lo: int) -> int | None:
 
 
 def _common(data: dict, max_tokens_default: int) -> tuple[SamplingParams, bool, bool]:
-    max_tokens = _int(data, "max_completion_tokens", None, 1) or _int(data, "max_tokens", max_tokens_default, 1)
+    least = 0 if data.get("echo") is True else 1  # echo with max_tokens 0 scores the prompt alone
+    max_tokens = _int(data, "max_completion_tokens", None, 1) or _int(data, "max_tokens", max_tokens_default, least)
     stop = data.get("stop")
     if stop is None:
         stop = ()
     elif isinstance(stop, str):
-        stop = (stop,)
+        stop = (_text(stop, "stop"),)
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
         stop = tuple(stop)
+        for s in stop:
+            _text(s, "stop")
     else:
         raise BadRequest(f"'stop' must be a string or a list of up to 4 strings, got {stop!r}", "stop")
     if _int(data, "n", 1, 1) != 1:
@@ -58,6 +67,8 @@ def _common(data: dict, max_tokens_default: int) -> tuple[SamplingParams, bool, 
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise BadRequest(f"'seed' must be in [0, 2^63-1], got {seed}; omit it for a random one", "seed")
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
@@ -74,26 +85,37 @@ def parse_completion(data: dict, max_tokens_default: int):
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, list):
-        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= TOKEN_ID_MAX for t in prompt):
             raise BadRequest("'prompt' must be a string, a list with one string, or a non-empty list of token ids", "prompt")
     elif not isinstance(prompt, str) or not prompt:
         raise BadRequest("'prompt' is required: a non-empty string (batches of prompts are not supported; send them as separate requests)", "prompt")
+    else:
+        _text(prompt, "prompt")
     return (prompt, *_common(data, max_tokens_default))
+
+
+def _text(s: str, param: str) -> str:
+    """s itself, when it is valid Unicode text (JSON's \\uD800 escapes can carry lone surrogates)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"'{param}' holds an invalid character at {exc.start} (a lone UTF-16 surrogate)", param) from None
+    return s
 
 
 def _content(msg: dict, i: int) -> str:
     content = msg.get("content")
-    if content is None and msg.get("role") == "assistant":
+    if content is None and msg.get("role") == "assistant":  # e.g. one that only calls tools
         return ""
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{i}].content")
     if isinstance(content, list):
         parts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise BadRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
             parts.append(part["text"])
-        return "".join(parts)
+        return _text("".join(parts), f"messages[{i}].content")
     raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
 
 
@@ -104,7 +126,13 @@ def parse_chat(data: dict, max_tokens_default: int):
         raise BadRequest("'messages' is required: a non-empty list of {role, content} objects", "messages")
     out = []
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
-            raise BadRequest(f"messages[{i}] must be an object whose role is one of {', '.join(ROLES)}", f"messages[{i}].role")
-        out.append({"role": msg["role"], "content": _content(msg, i)})
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in ROLES + ("tool",):
+            raise BadRequest(f"messages[{i}] must be an object whose role is one of {', '.join(ROLES)}, tool", f"messages[{i}].role")
+        if role == "tool" or (role == "assistant" and msg.get("tool_calls") is not None):
+            from .tools import check_message
+
+            out.append(check_message(msg, i, _content(msg, i)))
+            continue
+        out.append({"role": "system" if role == "developer" else role, "content": _content(msg, i)})
     return (out, *_common(data, max_tokens_default))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ...errors import EdgeSDKError, MemoryBudgetError
+from ..generate.constrain import DEAD_END
 from .engine import Sampler, SamplingParams, StepModel, TextStream
 from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError
 from .metrics import Metrics
@@ -36,6 +37,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     error: EdgeSDKError | None = None
+    logprobs: list | None = None  # with logprobs: (token, log p, top) of the tokens behind this text
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Request:
     completion_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     reserved: bool = False
+    options: object | None = None  # structured.RequestOptions: grammar, logprobs, echo
     _cancelled: bool = False
 
     def cancel(self) -> None:
@@ -75,7 +78,7 @@ class _Running:
 
     def __init__(self, req: Request, model: StepModel):
         self.req = req
-        self.sampler = Sampler(req.params)
+        self.sampler: Sampler | None = None  # built in _prefill, under _guard: bad params fail only this request
         self.text = TextStream(model.decode, req.params.stop)
         self.last = -1
 
@@ -99,16 +102,21 @@ class Scheduler:
         self._stop = False
         self._draining = False
         self._thread: threading.Thread | None = None
+        self._failure: str | None = None
         self.heartbeat = time.monotonic()
 
     # --- called from HTTP handlers -----------------------------------------------------------
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None) -> Request:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None,
+               options=None) -> Request:
         """Queue a request or raise: RequestTooLargeError (never fits) / MemoryBusyError (not now)."""
-        req = Request(list(prompt_ids), params, loop, events=asyncio.Queue())
+        req = Request(list(prompt_ids), params, loop, events=asyncio.Queue(), options=options)
         self.memory.check(len(req.prompt_ids), params.max_tokens)
         with self._cv:
             req.id = f"req-{next(self._ids)}"
+            if self.failure:
+                raise ServiceBusyError(f"the scheduler stopped ({self.failure}) and serves nothing more",
+                                       hint="restart the service", retry_after_s=self.retry_after_s)
             if self._draining or self._stop:
                 raise ServiceBusyError("the daemon is shutting down and admits no new requests", hint="retry against the restarted service",
                                        retry_after_s=self.retry_after_s)
@@ -167,6 +175,13 @@ class Scheduler:
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler thread ended on its own; None while it runs, before start() and after stop()."""
+        if self._failure is None and self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return "the scheduler thread ended"
+        return self._failure
+
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -176,6 +191,28 @@ class Scheduler:
     # --- the loop (scheduler thread) -----------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug, not a request: say so everywhere instead of hanging
+            log.critical("the scheduler stopped: %s", exc, exc_info=True)
+            self._failure = f"{type(exc).__name__}: {exc}"
+            try:
+                self._fail_everything(EdgeSDKError(f"the scheduler stopped: {self._failure}", hint="restart the service"))
+            except Exception:
+                log.exception("failing the requests in flight failed")
+
+    def _fail_everything(self, err: EdgeSDKError) -> None:
+        with self._cv:
+            for req in list(self._waiting):
+                self._waiting.remove(req)
+                self.memory.release(req.id)
+                req.finish_reason = "error"
+                req.emit(Event("error", error=err))
+            for run in list(self._running.values()):
+                self._finish(run, None, error=err)
+            self._cv.notify_all()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not (self._stop or self._waiting or self._running):
@@ -226,9 +263,9 @@ class Scheduler:
         admitted = []
         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
             req = self._waiting[0]
-            # what the model will hold once this request joins the batch (padding to the longest row included)
-            held = self._kv_held([(len(r.prompt_ids), r.params.max_tokens) for r in admitted + [req]])
             try:
+                # what the model will hold once this request joins the batch (padding to the longest row included)
+                held = self._kv_held([(len(r.prompt_ids), r.params.max_tokens) for r in admitted + [req]])
                 if not req.reserved:
                     self.memory.reserve(req.id, len(req.prompt_ids), req.params.max_tokens, held_bytes=held)
                     req.reserved = True
@@ -257,6 +294,8 @@ class Scheduler:
             return None
         try:
             return int(held(joining or ()))
+        except MemoryBudgetError:  # the batch cannot take these rows now
+            raise
         except Exception:  # accounting must never take a request down; the next step settles it
             log.exception("the model could not report its KV memory")
             return None
@@ -274,9 +313,15 @@ class Scheduler:
 
     def _prefill(self, run: _Running) -> None:
         req = run.req
+        run.sampler = Sampler(req.params)
+        opts = req.options
+        if opts is not None and opts.echo and opts.logprobs is not None:
+            opts.prefill_logprobs(self.model, req.prompt_ids)
+        if req.params.max_tokens == 0:  # echo: the prompt alone
+            return self._finish(run, "length")
         logits = self.model.prefill(req.id, req.prompt_ids, req.params.max_tokens)
         self.metrics.prompt_tokens += len(req.prompt_ids)
-        self._accept(run, run.sampler(logits))
+        self._next(run, logits)
 
     def _decode_step(self) -> None:
         runs = [r for r in self._running.values() if r.req.finish_reason is None]
@@ -289,7 +334,19 @@ class Scheduler:
         if held is not None:
             self.memory.settle(held)  # the rebuild is done: the old batch and prefill caches are gone
         for run, row in zip(runs, logits):
-            self._accept(run, run.sampler(row))
+            self._next(run, row)
+
+    def _next(self, run: _Running, logits) -> None:
+        opts = run.req.options
+        if opts is None or not opts.active:
+            return self._accept(run, run.sampler(logits))
+        token = opts.choose(run.sampler, logits)
+        if token is None:
+            return self._finish(run, DEAD_END)
+        complete = opts.accepted(token) if token not in self.model.eos_token_ids else False
+        self._accept(run, token)
+        if complete and run.req.finish_reason is None:
+            self._finish(run, "stop")  # the grammar is complete: nothing but EOS may follow
 
     def _accept(self, run: _Running, token: int) -> None:
         req = run.req
@@ -303,7 +360,7 @@ class Scheduler:
         run.last = token
         text, hit_stop = run.text.push(token)
         if text:
-            req.emit(Event("text", text=text))
+            req.emit(Event("text", text=text, logprobs=_take(req)))
         if hit_stop:
             return self._finish(run, "stop")
         if len(req.completion_ids) >= req.params.max_tokens:
@@ -314,6 +371,8 @@ class Scheduler:
         self._running.pop(req.id, None)
         try:
             self.model.release(req.id)
+        except Exception:  # e.g. a sequence whose prefill failed; its memory is released all the same
+            log.exception("releasing %s failed", req.id)
         finally:
             self.memory.release(req.id, held_bytes=self._kv_held())  # its row may stay in the batch until a rebuild
         req.finish_reason = reason or "error"
@@ -323,5 +382,9 @@ class Scheduler:
             return
         rest = run.text.flush()
         if rest:
-            req.emit(Event("text", text=rest))
-        req.emit(Event("done", finish_reason=reason))
+            req.emit(Event("text", text=rest, logprobs=_take(req)))
+        req.emit(Event("done", finish_reason=reason, logprobs=_take(req)))
+
+
+def _take(req: Request) -> list | None:
+    return None if req.options is None else req.options.take()

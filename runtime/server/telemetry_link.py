@@ -26,6 +26,9 @@ def open_uplink(config: ServeConfig, state_dir: Path):
     settings = UplinkSettings(url=t.port_url, key=load_key(t.key_file), state_dir=state_dir,
                               interval=t.interval_s)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    uplink = Uplink.from_options(settings, emulate=config.emulate or None, root=config.root or None).start()
+    from ..fleet.trigger import UpdateLauncher
+
+    uplink = Uplink.from_options(settings, emulate=config.emulate or None, root=config.root or None,
+                                 update=UpdateLauncher.for_device()).start()
     log.info("telemetry uplink on %s (queue %s)", t.port_url, settings.state_dir)
     return uplink

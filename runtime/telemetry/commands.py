@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[int, tuple[type, ...]]] = {
     "set-power-mode": (1, (str,)),
     "set-interval": (2, (float,)),
     "snapshot": (3, ()),
+    "update": (4, (str,)),  # http(s) URL of a bundle: starts `edge-sdk device update` (docs/fleet.md)
 }
 _BY_CODE = {code: name for name, (code, _) in COMMANDS.items()}
 

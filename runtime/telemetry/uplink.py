@@ -86,7 +86,7 @@ class UplinkSettings:
 
 
 class Uplink:
-    def __init__(self, settings: UplinkSettings, readings: Readings | None = None, power=None):
+    def __init__(self, settings: UplinkSettings, readings: Readings | None = None, power=None, update=None):
         self.settings = settings
         self.queue = TelemetryQueue(settings.state_dir / "telemetry.sqlite", settings.queue_bytes)
         self.power = power  # a platform PowerManager: set-power-mode, and the mode in every sample
@@ -102,23 +102,30 @@ class Uplink:
             "set-interval": self.telemetry.set_interval,
             "snapshot": lambda: self.telemetry.sample(priority=EVENT),
             "set-power-mode": self._set_power_mode,
+            **({"update": update} if update else {}),  # starts an OTA update (edge_sdk.runtime.fleet.trigger)
         })
-        self.sender = Sender(settings.url, settings.key, self.queue, budget=settings.link_budget,
-                             window=settings.window, max_frame=settings.max_frame, on_command=self.commands)
+        if settings.url.startswith("mqtt://"):  # direct uplink to a broker (docs/fleet.md)
+            from .mqtt import MqttSender
+
+            self.sender = MqttSender(settings.url, settings.key, self.queue, on_command=self.commands,
+                                     report=lambda kind, **f: self.telemetry.event(kind, **f))
+        else:
+            self.sender = Sender(settings.url, settings.key, self.queue, budget=settings.link_budget,
+                                 window=settings.window, max_frame=settings.max_frame, on_command=self.commands)
         self.drained = threading.Event()
         self._stop_collect = threading.Event()
         self._stop_link = threading.Event()
         self._threads: list[threading.Thread] = []
 
     @classmethod
-    def from_options(cls, settings: UplinkSettings, emulate: str | None = None, root: str | None = None) -> "Uplink":
+    def from_options(cls, settings: UplinkSettings, emulate: str | None = None, root: str | None = None, update=None) -> "Uplink":
         power = None
         try:
             from edge_sdk.runtime.platform import Platform, PowerManager
             power = PowerManager(Platform.from_options(emulate=emulate, root=root))
         except (ImportError, PlatformError) as exc:
             log.warning("power modes unavailable to downlink commands: %s", exc)
-        return cls(settings, platform_readings(emulate, root), power)
+        return cls(settings, platform_readings(emulate, root), power, update)
 
     def _with_mode(self, readings: Readings | None) -> Readings | None:
         if self.power is None:

@@ -1,0 +1,167 @@
+"""Quantize a checkpoint one decoder layer at a time, each layer's result saved to the work directory.
+
+GPTQ is GPTQModel's own per-module step (gptqmodel.quantization.gptq.GPTQ: add_batch, quantize),
+driven the way GPTQModel's layer loop drives it, so the integers are the same:
+  - layer inputs: the embedding rows of each calibration window (fp32), batch size 1, no attention
+    mask (causal), position embeddings from the architecture's rotary class, the HF decoder layer
+    in fp32 with sdpa attention;
+  - four subsets in order (q/k/v, o, gate/up, down): forward every window through the layer with
+    hooks feeding each subset module's input to its GPTQ task, quantize, put the dequantized weights
+    (wq) in the layer; the next subset sees the layer with the earlier subsets quantized;
+  - a replay of the fully quantized layer gives the next layer's inputs;
+  - the integers are GPTQModel's packing, clamp(round((wq + zero * scale) / scale), 0, 15) - 8,
+    with the scales stored fp16.
+Memory: one layer in fp32 plus the calibration activations (nsamples x seqlen x hidden fp32, twice).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+import torch
+
+from edge_sdk.errors import ConversionError
+
+from .archs import ATTN, MLP
+from .quant import QMAX, QMIN, QuantizedLinear, check_group, rtn
+from .tensors import layer_tensors
+
+SUBSETS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def in_features(shape, proj: str) -> int:
+    return {"o_proj": shape.num_heads * shape.head_dim, "down_proj": shape.intermediate_size}.get(proj, shape.hidden_size)
+
+
+def check_groups(shape, arch, group_size: int) -> None:
+    for p in (*ATTN, *MLP):
+        check_group(in_features(shape, p), group_size, arch.linear(0, p))
+
+
+def layer_result(quantized: dict[str, QuantizedLinear]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, ql in quantized.items():
+        out[f"{name}.q"], out[f"{name}.scales"] = ql.q, ql.scales
+    return out
+
+
+def from_result(tensors: dict, group_size: int) -> dict[str, QuantizedLinear]:
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    return {n: QuantizedLinear(tensors[f"{n}.q"], tensors[f"{n}.scales"], group_size) for n in names}
+
+
+def rtn_layer(src, shape, arch, i: int, opts) -> dict[str, QuantizedLinear]:
+    w = layer_tensors(src, shape, arch, i)
+    return {arch.linear(i, p): rtn(w[f"{arch.linear(i, p)}.weight"], opts.group_size) for p in (*ATTN, *MLP)}
+
+
+class GPTQLayers:
+    """The calibration activations and the GPTQModel settings, carried from one layer to the next."""
+
+    def __init__(self, ck, shape, src, calib, opts, device: torch.device):
+        gm = _gptqmodel()
+        from transformers import AutoConfig
+
+        self.ck, self.shape, self.src, self.opts, self.device = ck, shape, src, opts, device
+        self.qc = gm.QuantizeConfig(bits=opts.bits, group_size=opts.group_size, sym=True, desc_act=False,
+                                    act_group_aware=opts.act_order == "act_group_aware", damp_percent=opts.damp_percent)
+        self.hf_cfg = AutoConfig.for_model(**{k: v for k, v in ck.config.items() if k not in ("architectures", "transformers_version")})
+        self.hf_cfg._attn_implementation = "sdpa"
+        module = importlib.import_module(ck.arch.rotary.split(":")[0])
+        prefix = ck.arch.rotary.split(":")[1].removesuffix("RotaryEmbedding")
+        self.layer_cls = getattr(module, f"{prefix}DecoderLayer")
+        rot = getattr(module, ck.arch.rotary.split(":")[1])(self.hf_cfg)
+        self.ids = [torch.tensor([ids]) for ids in calib.ids]
+        self.total_tokens = sum(len(ids) for ids in calib.ids)
+        self.kw = []
+        for ids in self.ids:
+            pos = torch.arange(ids.shape[1]).unsqueeze(0)
+            cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
+            self.kw.append({"attention_mask": None, "position_ids": pos.to(device),
+                            "position_embeddings": (cos.to(device), sin.to(device))})
+
+    def embed(self) -> list[torch.Tensor]:
+        """Layer 0's inputs: the calibration rows of the embedding, fp32 [1, T, hidden] each."""
+        e = self.src.get(self.ck.arch.embed, (self.shape.vocab_size, self.shape.hidden_size))
+        return [e[ids[0]].float().unsqueeze(0).to(self.device) for ids in self.ids]
+
+    def _hf_layer(self, i: int, w: dict):
+        layer = self.layer_cls(self.hf_cfg, layer_idx=i)
+        prefix = self.ck.arch.layer_prefix.format(i=i) + "."
+        layer.load_state_dict({k.removeprefix(prefix): v.float() for k, v in w.items()}, strict=True)
+        return layer.to(self.device).eval()
+
+    def _forward(self, layer, xs):
+        with torch.no_grad():
+            return [_out(layer(x, **kw)) for x, kw in zip(xs, self.kw)]
+
+    def layer(self, i: int, xs: list[torch.Tensor]) -> tuple[dict[str, QuantizedLinear], list[torch.Tensor]]:
+        from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
+        from gptqmodel.quantization.gptq import GPTQ
+
+        arch = self.ck.arch
+        layer = self._hf_layer(i, layer_tensors(self.src, self.shape, arch, i))
+        out: dict[str, QuantizedLinear] = {}
+        for subset in SUBSETS:
+            mods = {p: layer.get_submodule(f"{arch.attn if p in ATTN else arch.mlp}.{p}") for p in subset}
+            tasks, hooks = {}, []
+            for p, m in mods.items():
+                qc = clone_gptq_config_for_module(self.qc, arch.linear(i, p))
+                t = GPTQ(module=m, qcfg=qc)
+                t.fallback, t.expected_nsamples = qc.fallback, self.total_tokens
+                t.quantizer.configure(perchannel=True)
+                tasks[p] = t
+            for p, m in mods.items():
+                hooks.append(m.register_forward_hook(_hook(tasks[p], self)))
+            try:
+                self._forward(layer, xs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for p, m in mods.items():
+                wq, scales, zeros, _g_idx, *_ = tasks[p].quantize()
+                tasks[p].free()
+                out[arch.linear(i, p)] = _integers(wq, scales, zeros, self.opts.group_size)
+                m.weight.data = wq
+        nxt = self._forward(layer, xs)
+        del layer
+        return out, nxt
+
+
+def _hook(task, owner):
+    owner.batch = 0
+
+    def hook(module, inp, out):
+        task.add_batch(inp[0].data, out.data, batch_index=None)
+    return hook
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def _integers(wq: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int) -> QuantizedLinear:
+    """GPTQModel's packing of wq [out, in] with scales/zeros [out, in / g]: q in 0..15, stored as q - 8."""
+    wq, scales, zeros = wq.detach().cpu(), scales.detach().cpu(), zeros.detach().cpu()
+    s = scales.repeat_interleave(g, dim=1)
+    sz = (zeros * scales).repeat_interleave(g, dim=1)
+    q = torch.round((wq + sz) / s).clamp_(0, QMAX - QMIN)
+    if not torch.all(zeros == 8):
+        raise ConversionError("GPTQModel returned zero points other than 8 for symmetric quantization",
+                              hint="this is a converter bug: report it with the GPTQModel version")
+    return QuantizedLinear((q.to(torch.int16) - 8).to(torch.int8).contiguous(), scales.to(torch.float16).contiguous(), g)
+
+
+def _gptqmodel():
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    from edge_sdk.errors import require
+
+    return require("gptqmodel", "convert")
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    r = fn(*a)
+    return r, time.perf_counter() - t

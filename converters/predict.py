@@ -1,0 +1,108 @@
+"""--dry-run: convert the first decoder layer, measure it, predict the whole conversion.
+
+Every stage after loading works one decoder layer at a time, so the whole run costs about
+load + layers x (quantize + export + evaluate one layer), and its peak memory is the peak of one
+layer's work. The layer quantized here stays in the work directory: the real run continues from it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .archs import ATTN, MLP
+from .layerwise import check_groups, in_features
+from .streaming import Layers, StreamWriter, _add_quant, default_work_dir, work_identity
+from .tensors import TensorSource, expected_shapes
+from .weights_file import ALIGNMENT
+from .workdir import WorkDir
+
+
+def weights_file_bytes(shape, arch, opts) -> int:
+    """Size of model.weights, computed with the writer's alignment rule."""
+    sizes = [shape.vocab_size * shape.hidden_size * 2]
+    g = opts.group_size
+    for i in range(shape.num_layers):
+        exp = expected_shapes(shape, arch, i)
+        for n, s in exp.items():
+            if n.endswith(".weight") and n.rsplit(".", 2)[-2] in (*ATTN, *MLP):
+                out, inp = s
+                sizes += [-(-out * inp // 2), inp // g * out * 2]
+            else:
+                sizes.append(2 * s[0])
+    sizes.append(shape.hidden_size * 2)
+    v, h = shape.vocab_size, shape.hidden_size
+    sizes += [v * h // 2, h // g * v * 2] if opts.lm_head_dtype == "int4" else [v * h * 2]
+    off = 0
+    for n in sizes:
+        off = -(-off // ALIGNMENT) * ALIGNMENT + n
+    return off
+
+
+def work_dir_bytes(shape, opts) -> int:
+    per_layer = sum((shape.hidden_size if p not in ("o_proj", "down_proj") else in_features(shape, p))
+                    * _out(shape, p) * (1 + 2 / opts.group_size) for p in (*ATTN, *MLP))
+    acts = 2 * opts.nsamples * opts.seqlen * shape.hidden_size * 4 if opts.method == "gptq" else 0
+    return int(shape.num_layers * per_layer + acts)
+
+
+def _out(shape, p) -> int:
+    return {"q_proj": shape.num_heads * shape.head_dim, "k_proj": shape.num_kv_heads * shape.head_dim,
+            "v_proj": shape.num_kv_heads * shape.head_dim, "o_proj": shape.hidden_size,
+            "down_proj": shape.hidden_size}.get(p, shape.intermediate_size)
+
+
+def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
+    from .streamed_convert import peak_rss, resolve_device
+    from .streamed_eval import StreamedModel
+
+    device = resolve_device(opts)
+    check_groups(shape, ck.arch, opts.group_size)
+    src = TensorSource(ck.path, ck.safetensors)
+    work_path = __import__("pathlib").Path(opts.work_dir) if opts.work_dir else default_work_dir(output)
+    work = WorkDir(work_path, work_identity(ck, opts, calib))
+    layers = Layers(ck, shape, src, calib, opts, work, device)
+    first = work.first_missing_layer(shape.num_layers)
+    with stages("quantize"):
+        t = time.perf_counter()
+        layers.run(stop_after=1)
+        quant_s = time.perf_counter() - t
+    i = min(first, shape.num_layers - 1)
+    with stages("export"):
+        t = time.perf_counter()
+        w = StreamWriter(work_path / ".dry-run.weights")
+        from .layerwise import from_result
+
+        for n, ql in from_result(work.load("layer", i), opts.group_size).items():
+            _add_quant(w, n, ql)
+        w.close()
+        (work_path / ".dry-run.weights").unlink()
+        export_s = time.perf_counter() - t
+    with stages("accuracy"):
+        t = time.perf_counter()
+        from .decoder import rope_tables
+
+        inv_freq, scale = rope_tables(ck.config, ck.arch)
+        ids = torch.zeros(1, min(512, opts.eval_tokens + 1), dtype=torch.long)
+        for kind in ("quant", "float"):
+            m = StreamedModel(kind, src, work, shape, ck.arch, opts, inv_freq, scale)
+            c, s, mask, e = m.window_inputs(ids)
+            with torch.no_grad():
+                x = m.layer(i)(m.embed(ids), c, s, mask, e, e)[0]
+                if kind == "quant":
+                    m.head(x)
+        eval_s = (time.perf_counter() - t) * -(-opts.eval_tokens // 511)
+    n = shape.num_layers
+    load_s = stages.seconds.get("load", 0.0)
+    predicted = {
+        "peak_rss_bytes": peak_rss(),
+        "seconds": round(load_s + n * (quant_s + export_s + eval_s), 1),
+        "seconds_per_layer": {"quantize": round(quant_s, 3), "export": round(export_s, 3), "accuracy": round(eval_s, 3)},
+        "bundle_weight_bytes": weights_file_bytes(shape, ck.arch, opts),
+        "work_dir_bytes": work_dir_bytes(shape, opts),
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+    predicted["disk_bytes"] = predicted["bundle_weight_bytes"] + predicted["work_dir_bytes"]
+    return {"dry_run": True, "source": str(ck.path), "output": str(output), "work_dir": str(work_path), "device": str(device),
+            "layers": n, "measured_layer": i, "predicted": predicted, "seconds": stages.seconds, "peak_rss_bytes": peak_rss()}

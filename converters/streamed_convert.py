@@ -1,0 +1,168 @@
+"""The pipeline's stages after loading, for a float checkpoint, one decoder layer at a time.
+
+quantize: layer by layer into the work directory (resumable) · export: weights file streamed from
+the work directory, graph traced from the small stub · verify: whole-graph check for models small
+enough to hold in fp32 · accuracy: streamed float and int4 models · package: manifest, signature.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from edge_sdk.errors import ConfigError
+
+from . import accuracy, onnx_export
+from .checkpoint import TOKENIZER_FILES
+from .layerwise import check_groups, from_result
+from .streaming import Layers, default_work_dir, lm_head_rtn, quant_section, quantize_layers, work_identity, write_weights_streamed
+from .tensors import TensorSource, expected_shapes
+from .workdir import WorkDir
+
+WHOLE_GRAPH_CHECK_PARAMS = 200_000_000  # above this the fp32 reference of the whole-graph check is not built
+
+
+def resolve_device(opts) -> torch.device:
+    want = (opts.devices[0] if opts.devices else None) or opts.device or "auto"
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(want)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"--device {want}: no CUDA device is available here (torch {torch.__version__})",
+                              hint="pass --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        if (dev.index or 0) >= n:
+            raise ConfigError(f"--device {want}: only {n} CUDA device(s) here", hint=f"choose cuda:0 .. cuda:{n - 1}")
+    return dev
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LayerBar:
+    """Layer N of M with an ETA on the pipeline's one progress bar."""
+
+    def __init__(self, stages, n: int):
+        self.stages, self.n, self.times = stages, n, []
+
+    def __call__(self, i: int, seconds: float | None) -> None:
+        if seconds is not None:
+            self.times.append(seconds)
+        left = self.n - i - 1
+        eta = f", ETA {left * sum(self.times) / len(self.times):.0f}s" if self.times else ""
+        self.stages.bar.set_postfix_str(f"quantize: layer {i + 1} of {self.n}{eta}")
+
+
+def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_freq, rope_scale) -> tuple[dict, dict, dict]:
+    """-> (manifest fields written, report, extra summary). Writes the bundle at `output`."""
+    from edge_sdk.bundle import staged_directory
+
+    from .decoder import trace_stub
+
+    device = resolve_device(opts)
+    check_groups(shape, ck.arch, opts.group_size)
+    src = TensorSource(ck.path, ck.safetensors)
+    for n, s in expected_shapes(shape, ck.arch, None).items():
+        if n in src:
+            src.get(n, s, rows=slice(0, 1))
+    work_path = Path(opts.work_dir) if opts.work_dir else default_work_dir(output)
+    work = WorkDir(work_path, work_identity(ck, opts, calib))
+    layers = Layers(ck, shape, src, calib, opts, work, device, LayerBar(stages, shape.num_layers))
+    with stages("quantize"):
+        quantize_layers(layers)
+    extra = {"work_dir": str(work_path), "device": str(device), "layer_seconds": layers.layer_seconds,
+             "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    with staged_directory(output, overwrite=opts.overwrite) as tmp:
+        with stages("export"):
+            wsec, fp16_names, groups = write_weights_streamed(tmp / "model.weights", src, work, shape, ck.arch, opts)
+            graphs = {}
+            for g in opts.graphs:
+                from .pipeline import GRAPH_FILES
+
+                fname, act = GRAPH_FILES[g]
+                stub = trace_stub(shape, ck.arch, inv_freq, rope_scale, torch.float32 if g == "fp32" else torch.float16)
+                model = onnx_export.trace(stub, shape.num_layers)
+                onnx_export.rewrite(model, groups, fp16_names, act, wsec, "model.weights", shape.vocab_size)
+                onnx_export.save(model, tmp / fname)
+                graphs[g] = {"file": fname, "activation_dtype": act}
+            for f in TOKENIZER_FILES:
+                (tmp / f).write_bytes((ck.path / f).read_bytes())
+        lm_q = lm_head_rtn(src, ck.arch, shape, opts.group_size) if opts.lm_head_dtype == "int4" else None
+        report: dict = {}
+        if opts.verify:
+            with stages("verify"):
+                report["onnx_vs_torch"] = _verify(tmp, ck, shape, src, work, opts, calib, inv_freq, rope_scale, lm_q)
+        with stages("accuracy"):
+            from .streamed_eval import StreamedModel, nll
+
+            quant = StreamedModel("quant", src, work, shape, ck.arch, opts, inv_freq, rope_scale, lm_q)
+            quant_nll = nll(quant, eval_tokens[: opts.eval_tokens], bos)
+            flt = StreamedModel("float", src, work, shape, ck.arch, opts, inv_freq, rope_scale)
+            report |= accuracy.report(nll(flt, eval_tokens[: opts.eval_tokens], bos), quant_nll)
+        report["reference"] = "float checkpoint"
+        report["max_ppl_increase_percent"] = opts.max_ppl_increase
+        report["min_top1_agreement"] = opts.min_top1_agreement
+        accuracy.gate(report, opts.max_ppl_increase, opts.min_top1_agreement)
+        with stages("package"):
+            manifest = _package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report)
+    if not opts.keep_work:
+        shutil.rmtree(work_path, ignore_errors=True)
+    return manifest, report, extra | {"weights": wsec}
+
+
+def _verify(tmp, ck, shape, src, work, opts, calib, inv_freq, rope_scale, lm_q) -> dict:
+    params = shape.vocab_size * shape.hidden_size * 2 + shape.num_layers * (
+        shape.hidden_size * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
+        + shape.hidden_size * shape.num_heads * shape.head_dim + 3 * shape.hidden_size * shape.intermediate_size)
+    if params > WHOLE_GRAPH_CHECK_PARAMS:
+        return {"skipped": f"{params} parameters: the whole-graph check runs up to {WHOLE_GRAPH_CHECK_PARAMS}"}
+    from .decoder import Decoder
+    from .pipeline import StoredWeights
+
+    weights = {n: src.get(n) for n in src.names()}
+    if ck.arch.lm_head not in weights and ck.config.get("tie_word_embeddings"):
+        weights[ck.arch.lm_head] = weights[ck.arch.embed]
+    quantized = {}
+    for i in range(shape.num_layers):
+        quantized |= from_result(work.load("layer", i), opts.group_size)
+    if lm_q is not None:
+        quantized["lm_head"] = lm_q
+    reference = Decoder(shape, StoredWeights(weights, quantized), ck.arch, inv_freq, rope_scale).eval()
+    return accuracy.check_onnx(tmp / "model.onnx", reference, shape, calib.ids, seed=opts.seed)
+
+
+def _package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report) -> dict:
+    from edge_sdk import __version__
+    from edge_sdk.bundle import write_manifest
+
+    from .pipeline import architecture_section, io_section
+
+    manifest = {
+        "format": "edge-sdk-bundle",
+        "created_by": f"edge-sdk {__version__}",
+        "source": {"name": ck.name, "config": ck.config, "files": ck.files},
+        "architecture": architecture_section(ck.config, shape),
+        "quantization": quant_section(opts, calib) | {
+            "lm_head_dtype": opts.lm_head_dtype, "embed_dtype": opts.embed_dtype, "scale_dtype": "fp16", "other_dtype": "fp16",
+            "scales_in_file": "float16; the fp32 graph casts them to float32",
+            "layout": "qweight int4 [in, out], scales [in / group_size, out], DequantizeLinear axis 0"},
+        "graphs": graphs,
+        "weights": wsec,
+        "io": io_section(shape),
+        "tokenizer": tk,
+        "accuracy": report,
+        "opset": onnx_export.OPSET,
+        "ir_version": onnx_export.IR_VERSION,
+    }
+    return write_manifest(tmp, manifest, sign_key=opts.sign_key)
+
+
+def timer():
+    t = time.perf_counter()
+    return lambda: round(time.perf_counter() - t, 3)

@@ -1,0 +1,1 @@
+"""Over-the-air bundle updates: fetch (resumable), verify, A/B slots, health check, rollback."""

@@ -1,0 +1,156 @@
+"""Conversion one decoder layer at a time: sharded checkpoints, resume after kill -9, bad input as one
+line with no half bundle and a work directory that still resumes, --dry-run predictions."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge_sdk.converters import convert  # noqa: E402
+from edge_sdk.errors import ConfigError, ConversionError  # noqa: E402
+
+from conftest import TINY_CONVERT  # noqa: E402
+
+RTN = TINY_CONVERT | {"method": "rtn"}
+
+
+def digests(bundle) -> dict:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(bundle.iterdir())}
+
+
+def shard(model_dir, n=2):
+    """Re-save a checkpoint as n shards with model.safetensors.index.json."""
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    sd = load_file(f)
+    f.unlink()
+    names = sorted(sd)
+    wm = {}
+    for k in range(n):
+        part = {x: sd[x] for x in names[k::n]}
+        fn = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(part, model_dir / fn, metadata={"format": "pt"})
+        wm |= {x: fn for x in part}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+
+def test_sharded_checkpoint_gives_the_same_weights(model_copy, tiny_model_dir, tmp_path):
+    one = convert(tiny_model_dir("qwen2"), tmp_path / "one", **RTN)
+    src = model_copy("qwen2")
+    shard(src)
+    two = convert(src, tmp_path / "two", **RTN)
+    assert digests(tmp_path / "one")["model.weights"] == digests(tmp_path / "two")["model.weights"]
+    assert digests(tmp_path / "one")["model.onnx"] == digests(tmp_path / "two")["model.onnx"]
+    assert one["peak_rss_bytes"] > 0 and set(two["layer_seconds"]) == {0, 1}
+
+
+def test_index_naming_a_missing_shard_is_one_line(model_copy, tmp_path):
+    src = model_copy("qwen2")
+    shard(src)
+    (src / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ConversionError) as e:
+        convert(src, tmp_path / "b", **RTN)
+    assert "model-00002-of-00002.safetensors" in str(e.value) and "missing" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
+
+
+def test_unexpected_shape_or_dtype_is_one_line_and_the_work_dir_resumes(model_copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = model_copy("qwen2")
+    f = src / "model.safetensors"
+    good = load_file(f)
+    bad = dict(good)
+    bad["model.layers.1.mlp.up_proj.weight"] = good["model.layers.1.mlp.up_proj.weight"][:, :128].contiguous()
+    save_file(bad, f, metadata={"format": "pt"})
+    work = tmp_path / "w"
+    with pytest.raises(ConversionError) as e:
+        convert(src, tmp_path / "b", work_dir=work, **RTN)
+    assert "model.layers.1.mlp.up_proj.weight" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "b").exists() and (work / "layer-0000.safetensors").exists()
+    with pytest.raises(ConversionError, match="up_proj.weight has shape"):  # the same command: layer 0 is reused
+        convert(src, tmp_path / "b", work_dir=work, **RTN)
+    bad["model.layers.1.mlp.up_proj.weight"] = good["model.layers.1.mlp.up_proj.weight"].to(torch.int8)
+    save_file(bad, f, metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="stored as I8"):  # another source: another work directory
+        convert(src, tmp_path / "b", work_dir=tmp_path / "w2", **RTN)
+
+
+def test_disk_full_is_one_line_and_the_same_command_finishes(model_copy, tmp_path, monkeypatch):
+    from edge_sdk.converters import workdir
+
+    src = model_copy("llama")
+    calls = {"n": 0}
+    real = os.fsync
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == 6:  # in the middle of the layers
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(workdir.os, "fsync", fsync)
+    with pytest.raises(ConversionError) as e:
+        convert(src, tmp_path / "b", work_dir=tmp_path / "w", **RTN)
+    assert "no space left" in str(e.value) and "\n" not in str(e.value) and not (tmp_path / "b").exists()
+    assert not list((tmp_path / "w").glob(".*.tmp"))
+    monkeypatch.setattr(workdir.os, "fsync", real)
+    convert(src, tmp_path / "b", work_dir=tmp_path / "w", **RTN)
+    convert(src, tmp_path / "c", **RTN)
+    assert digests(tmp_path / "b") == digests(tmp_path / "c") and not (tmp_path / "w").exists()
+
+
+def test_kill_9_after_a_layer_then_the_same_command_gives_the_same_bundle(tiny_model_dir, tiny_bundle, tmp_path):
+    src, out, work = tiny_model_dir("qwen2"), tmp_path / "b", tmp_path / "w"
+    cmd = [sys.executable, "-m", "edge_sdk.cli.main", "convert", str(src), "-o", str(out), "--work-dir", str(work), "--json",
+           "--nsamples", str(TINY_CONVERT["nsamples"]), "--seqlen", str(TINY_CONVERT["seqlen"]),
+           "--eval-tokens", str(TINY_CONVERT["eval_tokens"])]
+    env = os.environ | {"EDGE_SDK_CONVERT_KILL_AFTER_LAYER": "0"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == -9 and not out.exists()
+    assert (work / "layer-0000.safetensors").exists() and not (work / "layer-0001.safetensors").exists()
+    assert (work / "acts-0000.safetensors").exists()
+    # a half-written layer (no matching hash) is never reused
+    (work / "layer-0001.safetensors").write_bytes(b"partial")
+    (work / "layer-0001.sha256").write_text("0" * 64)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert list(summary["layer_seconds"]) == ["1"]  # layer 0 came from the work directory
+    assert digests(out) == digests(tiny_bundle("qwen2"))
+    assert not work.exists()
+
+
+def test_work_dir_of_another_conversion_is_refused(tiny_model_dir, tmp_path):
+    convert(tiny_model_dir("qwen2"), tmp_path / "b", work_dir=tmp_path / "w", dry_run=True, **RTN)
+    with pytest.raises(ConversionError, match="another conversion"):
+        convert(tiny_model_dir("qwen2"), tmp_path / "b", work_dir=tmp_path / "w", **(RTN | {"group_size": 64}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_asked_for_and_absent_is_refused(tiny_model_dir, tmp_path):
+    for kw in ({"device": "cuda"}, {"device": "cuda:1"}, {"devices": ("cuda:0", "cuda:1")}):
+        with pytest.raises(ConfigError, match="no CUDA device") as e:
+            convert(tiny_model_dir("qwen2"), tmp_path / "b", **RTN, **kw)
+        assert "--device cpu" in str(e.value) and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError):
+        convert(tiny_model_dir("qwen2"), tmp_path / "b", **RTN, device="tpu")
+
+
+def test_dry_run_predicts_the_weights_file_to_the_byte_and_leaves_no_bundle(tiny_model_dir, tmp_path):
+    s = convert(tiny_model_dir("llama"), tmp_path / "b", work_dir=tmp_path / "w", dry_run=True, **RTN)
+    assert s["dry_run"] and not (tmp_path / "b").exists() and (tmp_path / "w" / "layer-0000.safetensors").exists()
+    p = s["predicted"]
+    assert p["seconds"] > 0 and p["peak_rss_bytes"] > 0 and p["disk_bytes"] >= p["bundle_weight_bytes"]
+    real = convert(tiny_model_dir("llama"), tmp_path / "b", work_dir=tmp_path / "w", **RTN)
+    assert p["bundle_weight_bytes"] == (tmp_path / "b" / "model.weights").stat().st_size
+    assert list(real["layer_seconds"]) == [1]  # the real run continued from the dry run's layer

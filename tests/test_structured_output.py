@@ -1,0 +1,275 @@
+"""Structured output, logprobs and tool calls on a tiny random-weight bundle: the runtime's generate(...)
+and the daemon through the official openai client.
+
+Every constrained output must parse and validate against its schema (jsonschema); logprobs are checked
+against log_softmax of the backend's own logits, recomputed here from a fresh forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+openai = pytest.importorskip("openai")
+pydantic = pytest.importorskip("pydantic")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import edge_sdk  # noqa: E402
+from edge_sdk.runtime.server.config import ServeConfig  # noqa: E402
+from edge_sdk.runtime.server.daemon import build_service  # noqa: E402
+from edge_sdk.runtime.server.tools import Tools, parse_output, render  # noqa: E402
+from test_server_helpers import ServerThread  # noqa: E402
+
+STATS = {"schemas": 0, "valid": 0, "invalid": 0}
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle) -> Path:
+    return Path(tiny_bundle("qwen2"))  # ~1k-token byte-level BPE: it can write any JSON
+
+
+@pytest.fixture(scope="module")
+def model(bundle):
+    return edge_sdk.load(bundle, provider="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with ServerThread(build_service(ServeConfig(bundle=str(bundle), emulate="agx-orin-64gb")).state) as s:
+        yield s
+
+
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# --- JSON schemas: every constrained output validates -----------------------------------------
+
+NAMES = st.text(alphabet="abcdefghij_", min_size=1, max_size=6)
+LEAF = st.one_of(
+    st.tuples(st.integers(-50, 0), st.integers(0, 50)).map(lambda b: {"type": "integer", "minimum": b[0], "maximum": b[1]}),
+    st.just({"type": "boolean"}),
+    st.just({"type": "null"}),
+    st.integers(0, 6).map(lambda n: {"type": "string", "maxLength": n}),
+    st.lists(st.text(alphabet="xyz ", min_size=1, max_size=4), min_size=1, max_size=3, unique=True).map(lambda v: {"enum": v}),
+    st.integers(1, 3).map(lambda n: {"type": "string", "pattern": f"^[a-c]{{{n}}}$"}),
+)
+
+
+def objects(children):
+    return st.dictionaries(NAMES, children, min_size=1, max_size=4).flatmap(
+        lambda props: st.sets(st.sampled_from(sorted(props))).map(
+            lambda req: {"type": "object", "properties": props, "required": sorted(req), "additionalProperties": False}))
+
+
+SCHEMAS = st.recursive(LEAF, lambda c: st.one_of(
+    objects(c), st.tuples(c, st.integers(0, 3)).map(lambda t: {"type": "array", "items": t[0], "maxItems": t[1]})),
+    max_leaves=6).flatmap(lambda s: objects(st.just(s)) if s.get("type") != "object" else st.just(s))
+
+
+@settings(max_examples=200, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(schema=SCHEMAS, seed=st.integers(0, 2**16))
+def test_every_constrained_output_validates_against_its_schema(model, schema, seed):
+    c = model.generate("Fill the form:", max_new_tokens=256, temperature=1.0, seed=seed, json_schema=schema)
+    STATS["schemas"] += 1
+    assert c.finish_reason == "stop", (schema, c.text)
+    try:
+        jsonschema.validate(json.loads(c.text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        STATS["invalid"] += 1
+        raise
+    STATS["valid"] += 1
+
+
+def teardown_module():
+    print(f"\nconstrained schemas: {STATS['schemas']}, valid: {STATS['valid']}, invalid: {STATS['invalid']}")
+
+
+@pytest.mark.parametrize("kw, check", [
+    ({"response_format": {"type": "json_object"}}, lambda t: isinstance(json.loads(t), dict)),
+    ({"regex": r"[0-9]{3}-[a-z]{2}"}, lambda t: len(t) == 6 and t[3] == "-" and t[:3].isdigit()),
+    ({"grammar": 'start: "yes" | "no"'}, lambda t: t in ("yes", "no")),
+])
+def test_generate_honours_each_constraint_kind(model, kw, check):
+    done = 0
+    for seed in range(5):
+        c = model.generate("Answer:", max_new_tokens=64, temperature=1.0, seed=seed, **kw)
+        if c.finish_reason == "length":  # free JSON: a random model may write one endless string
+            assert "response_format" in kw and c.text.startswith("{"), c.text
+            continue
+        assert c.finish_reason == "stop" and check(c.text), c.text
+        done += 1
+    assert done
+
+
+def test_bad_constraints_raise_one_line_errors(model):
+    from edge_sdk.errors import ConfigError
+
+    for kw, words in [({"regex": "(("}, "does not compile"), ({"regex": r"a[^\s\S]b"}, "matches nothing"),
+                      ({"json_schema": {"type": "integr"}}, "does not compile"),
+                      ({"grammar": "start: nothing_here"}, "does not compile"),
+                      ({"regex": "a", "grammar": 'start: "a"'}, "one output constraint")]:
+        with pytest.raises(ConfigError, match=words):
+            model.generate("x", max_new_tokens=4, **kw)
+
+
+# --- logprobs against the backend's own logits ------------------------------------------------
+
+def reference_logprobs(model, ids: list[int]) -> np.ndarray:
+    """log_softmax over a fresh forward pass of the whole sequence: [len(ids), V]."""
+    backend = model.backend
+    cache = backend.new_cache(1, len(ids))
+    x = np.asarray([ids], np.int64)
+    logits = backend.forward(x, cache, np.ones_like(x))[0].astype(np.float64)
+    m = logits.max(axis=-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+
+
+def test_generate_logprobs_equal_log_softmax_of_the_logits(model):
+    prompt = model.tokenizer.encode("The sky is")
+    c = model.generate("The sky is", max_new_tokens=8, logprobs=3, ignore_eos=True)
+    ref = reference_logprobs(model, prompt + c.token_ids)
+    for i, (tok, (lp, top)) in enumerate(zip(c.token_ids, c.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert lp == pytest.approx(row[tok], abs=2e-3)
+        assert [t for t, _ in top] == list(np.argsort(-row, kind="stable")[:3])
+        assert [l for _, l in top] == pytest.approx(np.sort(row)[::-1][:3], abs=2e-3)
+
+
+def test_echo_scores_the_prompt_and_chat_logprobs_match(server, model):
+    ids = model.tokenizer.encode("Water boils at one hundred degrees")
+    ref = reference_logprobs(model, ids)
+    status, data = post(server.url + "/v1/completions", {"prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 2})
+    assert status == 200, data
+    lp = data["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][1:] == pytest.approx([ref[i - 1][ids[i]] for i in range(1, len(ids))], abs=2e-3)
+    assert data["usage"]["completion_tokens"] == 0
+
+    r = client(server.url).chat.completions.create(model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                                   temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-9 for t in content)
+    streamed = [t for ch in client(server.url).chat.completions.create(
+        model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, logprobs=True,
+        top_logprobs=2, stream=True) if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 6)) for t in streamed] == [(t.token, round(t.logprob, 6)) for t in content]
+
+
+# --- the daemon: openai client helpers, tools, bad input ----------------------------------------
+
+def test_openai_parse_with_a_pydantic_model(server):
+    class Reading(pydantic.BaseModel):
+        sensor: str = pydantic.Field(max_length=6)
+        ok: bool
+
+    c = client(server.url)
+    parse = c.chat.completions.parse if hasattr(c.chat.completions, "parse") else c.beta.chat.completions.parse
+    r = parse(model="", messages=[{"role": "user", "content": "Report"}], response_format=Reading, max_tokens=200, seed=1)
+    assert isinstance(r.choices[0].message.parsed, Reading), r.choices[0].message.content
+
+
+TOOLS = [{"type": "function", "function": {"name": "move", "description": "Move the arm",
+          "parameters": {"type": "object", "properties": {"axis": {"enum": ["x", "y"]}, "mm": {"type": "integer", "minimum": 0, "maximum": 99}},
+                         "required": ["axis", "mm"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "stop", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "move"}}])
+def test_tool_choice_constrains_to_a_valid_call(server, choice):
+    c = client(server.url)
+    msgs = [{"role": "user", "content": "Move x by 5"}]
+    r = c.chat.completions.create(model="", messages=msgs, tools=TOOLS, tool_choice=choice, max_tokens=400, seed=2)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message
+    calls = r.choices[0].message.tool_calls
+    for call in calls:
+        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+    if isinstance(choice, dict):
+        assert [x.function.name for x in calls] == ["move"]
+    # streamed: the client assembles the same call from the deltas
+    with c.chat.completions.stream(model="", messages=msgs, tools=TOOLS, tool_choice=choice, max_tokens=400, seed=2) as s:
+        final = s.get_final_completion()
+    got = final.choices[0].message.tool_calls
+    assert [(x.function.name, x.function.arguments) for x in got] == [(x.function.name, x.function.arguments) for x in calls]
+    # the conversation continues with the tool's result
+    msgs += [{"role": "assistant", "content": None, "tool_calls": [x.model_dump() for x in calls]},
+             {"role": "tool", "tool_call_id": calls[0].id, "content": "done"}]
+    r = c.chat.completions.create(model="", messages=msgs, tools=TOOLS, tool_choice="none", max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length") and not r.choices[0].message.tool_calls
+
+
+def test_tool_messages_render_in_deepseek_format():
+    tools = Tools(({"name": "f", "description": "", "parameters": {"type": "object"}},), "none")
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": '{"a": 1}'}, {"name": "f", "arguments": "{}"}]},
+            {"role": "tool", "content": "R1"}, {"role": "tool", "content": "R2"}]
+    text = render(msgs, tools, "<B>")
+    assert text == ("<B>S<｜User｜>U<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n"
+                    '{"a": 1}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{}\n```'
+                    "<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>R1"
+                    "<｜tool▁output▁end｜><｜tool▁output▁begin｜>R2<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
+    msgs.append({"role": "assistant", "content": "ok"})
+    assert render(msgs, tools).endswith("<｜tool▁outputs▁end｜>ok<｜end▁of▁sentence｜><｜Assistant｜><think>\n")
+    content, calls = parse_output(text.split("<｜Assistant｜>", 1)[1])
+    assert content == "" and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("f", '{"a": 1}'), ("f", "{}")]
+
+
+M = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("path, body, param, words", [
+    ("chat", {"messages": M, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integr"}}}},
+     "response_format", "does not compile"),
+    ("chat", {"messages": M, "regex": r"a[^\s\S]b"}, "regex", "matches nothing"),
+    ("chat", {"messages": M, "json_schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 2}},
+                                             "required": ["n"]}}, "json_schema", "unsatisfiable"),
+    ("chat", {"messages": M, "grammar": "start: ("}, "grammar", "does not compile"),
+    ("chat", {"messages": M, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters", "type object"),
+    ("chat", {"messages": M, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
+    ("completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "[0, 20]"),
+    ("completions", {"prompt": "hi", "echo": True, "stream": True}, "echo", "stream"),
+    ("chat", {"messages": M, "response_format": {"type": "xml"}}, "response_format", "json_schema"),
+    ("chat", {"messages": M, "tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+])
+def test_bad_structured_requests_get_400_and_the_daemon_keeps_serving(server, path, body, param, words):
+    status, data = post(f"{server.url}/v1/{'chat/completions' if path == 'chat' else 'completions'}", body)
+    assert status == 400 and data["error"]["param"] == param and words in data["error"]["message"], data
+    status, data = post(server.url + "/v1/chat/completions", {"messages": M, "max_tokens": 2})
+    assert status == 200
+
+
+def test_a_grammar_dead_end_finishes_with_its_reason(tmp_path):
+    """The reference-graph bundle predicts only its first 16 token ids; a regex whose tokens all lie beyond
+    them leaves nothing to sample: the sequence ends with finish_reason grammar_dead_end, in the runtime and
+    the daemon, and the daemon keeps serving."""
+    from test_runtime_loader import make_toy_bundle
+
+    make_toy_bundle(tmp_path / "toy")
+    toy = edge_sdk.load(tmp_path / "toy", provider="cpu", threads=1)
+    c = toy.generate("x", max_new_tokens=8, regex="zebra")
+    assert (c.finish_reason, c.token_ids) == ("grammar_dead_end", [])
+    with ServerThread(build_service(ServeConfig(bundle=str(tmp_path / "toy"), emulate="agx-orin-64gb")).state) as s:
+        status, data = post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 8, "regex": "zebra"})
+        assert status == 200 and data["choices"][0]["finish_reason"] == "grammar_dead_end", data
+        assert post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
