@@ -97,7 +97,7 @@ def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
     load_s = stages.seconds.get("load", 0.0)
     predicted = {
         "peak_rss_bytes": peak_rss(),
-        "seconds": round(load_s + n * (quant_s + export_s + eval_s), 1),
+        "seconds": round(load_s + n * (quant_s + export_s + eval_s), 3),
         "seconds_per_layer": {"quantize": round(quant_s, 3), "export": round(export_s, 3), "accuracy": round(eval_s, 3)},
         "bundle_weight_bytes": weights_file_bytes(shape, ck.arch, opts),
         "work_dir_bytes": work_dir_bytes(shape, opts),

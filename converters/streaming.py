@@ -167,9 +167,9 @@ def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts) ->
     fp16: set[str] = set()
     groups: dict[str, SimpleNamespace] = {}
 
-    def half(name, shp, transpose=False):
+    def half(name, shp, transpose=False, source=None):
         fp16.add(name)
-        w.add(name, "float16", tuple(reversed(shp)) if transpose else shp, _half_chunks(src, name, shp, transpose))
+        w.add(name, "float16", tuple(reversed(shp)) if transpose else shp, _half_chunks(src, source or name, shp, transpose))
 
     ends = expected_shapes(shape, arch, None)
     half(arch.embed, ends[arch.embed])
@@ -192,6 +192,8 @@ def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts) ->
         groups["lm_head"] = SimpleNamespace(group_size=opts.group_size)
     elif arch.lm_head in src:
         half(arch.lm_head, ends[arch.lm_head], transpose=True)
+    elif shape.tie_word_embeddings:  # an fp16 head tied to the embeddings: the table, stored as [in, out]
+        half(arch.lm_head, ends[arch.lm_head], transpose=True, source=arch.embed)
     return w.close(), fp16, groups
 
 

@@ -48,15 +48,12 @@ class TensorSource:
     def _handle(self, shard: Path):
         from safetensors import safe_open
 
-        h = self._open.get(shard)
-        if h is None:
-            try:
-                h = safe_open(str(shard), framework="pt")
-            except Exception as exc:  # noqa: BLE001 - a damaged shard is one line
-                raise ConversionError(f"{shard}: not a readable safetensors file ({exc})",
-                                      hint="download the shard again") from exc
-            self._open[shard] = h
-        return h
+        # a fresh handle per read: a kept one leaves every page read mapped (and counted in RSS)
+        try:
+            return safe_open(str(shard), framework="pt")
+        except Exception as exc:  # noqa: BLE001 - a damaged shard is one line
+            raise ConversionError(f"{shard}: not a readable safetensors file ({exc})",
+                                  hint="download the shard again") from exc
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
