@@ -154,3 +154,12 @@ def test_exporter_publishes_what_listen_stored_across_a_broker_restart(tmp_path,
         sub.close()
     assert sorted(sub.rows) == sorted((r["stream"], r["seq"]) for r in rows)
     assert exporter.offset() == store.stat().st_size - len('{"stream": "00000002", "seq": 9')
+
+
+def test_a_publish_racing_a_dropped_connection_fails_the_batch_instead_of_the_thread(tmp_path):
+    pytest.importorskip("paho.mqtt.client")
+    from edge_sdk.runtime.telemetry.mqtt import Connection, parse_url
+
+    conn = Connection(parse_url("mqtt://127.0.0.1:9/x"), "race")
+    conn.connected.set()  # on_connect seen, socket already gone
+    assert conn.publish_all([("x/d/event", b"{}", False)], timeout_s=1) is False

@@ -119,11 +119,14 @@ class Connection:
             return False
         infos = [self.client.publish(t, p, qos=QOS, retain=r) for t, p, r in messages]
         deadline = time.monotonic() + timeout_s
-        for info in infos:
-            while not info.is_published():
-                if time.monotonic() > deadline or not self.connected.is_set():
-                    return False
-                time.sleep(0.005)
+        try:
+            for info in infos:
+                while not info.is_published():
+                    if time.monotonic() > deadline or not self.connected.is_set():
+                        return False
+                    time.sleep(0.005)
+        except RuntimeError:  # published in the instant the connection dropped: the batch goes again
+            return False
         return True
 
 

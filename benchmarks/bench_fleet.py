@@ -1,0 +1,140 @@
+"""Fleet simulation: N emulated devices (threads, distinct queues, ids and keys) uplink over loopback to
+one mosquitto; one ground consumer keeps one row per (device, seq). Midway the broker is restarted.
+
+Prints records/s ingested and, per device, records lost and duplicated (kept rows) plus the raw QoS 1
+redeliveries. Every loop is bounded in count and time; loopback only.
+
+    .venv/bin/python benchmarks/bench_fleet.py [--devices 50] [--records 200] [--timeout 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    def __init__(self, d: Path):
+        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.port = free_port()
+        self.conf = d / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                             f"persistence_location {d}/\nmax_queued_messages 0\nmax_inflight_messages 0\n")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("mosquitto did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Ground:
+    def __init__(self, port: int, out: Path):
+        import paho.mqtt.client as mqtt
+
+        self.rows: dict[tuple[str, int], int] = {}
+        self.deliveries = 0
+        self.lock = threading.Lock()
+        self.out = open(out, "w")
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-ground", clean_session=False)
+        self.c.reconnect_delay_set(1, 2)
+        self.c.on_connect = lambda c, *a: c.subscribe("fleet/+/event", qos=1)
+        self.c.on_message = self.on_message
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def on_message(self, c, u, msg):
+        row = json.loads(msg.payload)
+        key = (row["stream"], row["seq"])
+        with self.lock:
+            self.deliveries += 1
+            self.rows[key] = self.rows.get(key, 0) + 1
+            if self.rows[key] == 1:
+                self.out.write(msg.payload.decode() + "\n")
+
+    def unique(self) -> int:
+        with self.lock:
+            return len(self.rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=50)
+    ap.add_argument("--records", type=int, default=200, help="events per device")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    a = ap.parse_args()
+    from edge_sdk.runtime.telemetry.collector import Telemetry
+    from edge_sdk.runtime.telemetry.mqtt import MqttSender
+    from edge_sdk.runtime.telemetry.queue import TelemetryQueue
+
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    broker = Broker(work)
+    broker.start()
+    ground = Ground(broker.port, work / "ground.jsonl")
+    devices, stop = [], threading.Event()
+    for i in range(a.devices):
+        q = TelemetryQueue(work / f"dev{i}.sqlite")
+        s = MqttSender(f"mqtt://127.0.0.1:{broker.port}/fleet", secrets.token_bytes(32), q)
+        t = threading.Thread(target=s.run, args=(stop,), daemon=True)
+        t.start()
+        devices.append({"q": q, "tel": Telemetry(q), "sender": s, "thread": t, "seqs": []})
+    t0 = time.monotonic()
+    deadline = t0 + a.timeout
+    half = a.records // 2
+    for r in range(a.records):
+        if r == half:
+            broker.stop()  # mid-run outage: devices keep recording into their queues
+            time.sleep(1.0)
+            broker.start()
+        for d in devices:
+            d["seqs"].append(d["tel"].event("step", i=r))
+        if time.monotonic() > deadline:
+            break
+    expected = sum(len(d["seqs"]) for d in devices)
+    while ground.unique() < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    for d in devices:
+        d["thread"].join(10)
+    lost = dup = 0
+    for d in devices:
+        name = f"{d['q'].stream_id:08x}"
+        got = {seq for (stream, seq) in ground.rows if stream == name}
+        lost += len(set(d["seqs"]) - got)
+        dup += len(got - set(d["seqs"]))  # rows kept that the device never recorded
+    per_device = {"lost_max": max(len(set(d["seqs"]) - {s for (st, s) in ground.rows if st == f"{d['q'].stream_id:08x}"}) for d in devices)}
+    print(json.dumps({"devices": a.devices, "records": expected, "ingested": ground.unique(), "seconds": round(elapsed, 2),
+                      "records_per_s": round(ground.unique() / elapsed, 1), "lost": lost, "duplicated_rows": dup,
+                      "qos1_redeliveries": ground.deliveries - ground.unique(), **per_device, "broker_restarts": 1}))
+    broker.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if lost == 0 and dup == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
