@@ -16,7 +16,7 @@ def test_shipped_config_parses_to_the_defaults():
     cfg = load_config(SHIPPED)
     assert cfg.server == ServeConfig().server and cfg.scheduler == ServeConfig().scheduler
     assert cfg.memory == ServeConfig().memory and cfg.telemetry == ServeConfig().telemetry
-    assert cfg.bundle == "/var/lib/edge-sdk/bundle" and cfg.server.host == "127.0.0.1"
+    assert cfg.bundle == "/var/lib/edge-sdk/slots/current" and cfg.server.host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("raw,message", [
