@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps, pct_start=0.1)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    bar = tqdm(range(args.steps), desc="train")
+    bar = tqdm(range(args.steps), desc="train", mininterval=5)
     for _ in bar:
         starts = torch.randint(0, len(ids) - args.seqlen - 1, (args.batch,), generator=g)
         x = torch.stack([ids[s: s + args.seqlen] for s in starts])
