@@ -10,6 +10,8 @@ import types
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_sdk.bundle import write_manifest
 from edge_sdk.errors import ConfigError, NotBuiltError, RuntimeBackendError
@@ -141,13 +143,16 @@ def test_strongly_typed_fp16_graph_profiles_and_workspace(bundle):
     assert ("create_network", 1 << 1) in calls and ("parse", "model.fp16.onnx") in calls
     config = next(c for n, c in calls if n == "config")
     assert config.pool == {"workspace": 1024 << 20}
-    prefill, decode = (p.shapes for p in config.profiles)
+    prefill, chunk, decode = (p.shapes for p in config.profiles)
     assert prefill["input_ids"] == ((1, 1), (1, 16), (2, 64))
     assert prefill["past_key_values.1.value"] == ((1, 2, 0, 8), (1, 2, 0, 8), (2, 2, 0, 8))
+    assert chunk["input_ids"] == ((1, 1), (1, 16), (2, 64))
+    assert chunk["past_key_values.0.key"] == ((1, 2, 1, 8), (1, 2, 64, 8), (2, 2, 255, 8))
+    assert chunk["attention_mask"] == ((1, 2), (1, 80), (2, 255 + 64))
     assert decode["input_ids"] == ((1, 1), (1, 1), (2, 1))
     assert decode["attention_mask"] == ((1, 1), (1, 65), (2, 256))
     assert decode["past_key_values.0.key"] == ((1, 2, 0, 8), (1, 2, 64, 8), (2, 2, 255, 8))
-    assert len(prefill) == len(decode) == 3 + 2 * 2
+    assert len(prefill) == len(chunk) == len(decode) == 3 + 2 * 2
 
 
 def test_metadata_written_with_engine(bundle):
@@ -156,7 +161,9 @@ def test_metadata_written_with_engine(bundle):
     meta = json.loads((path.parent / ec.METADATA).read_text())
     assert meta["tensorrt_version"] == "10.3.0" and meta["board"] == "agx-orin-64gb"
     assert meta["bundle_hash"] == ec.bundle_hash(bundle) and meta["engine_bytes"] == path.stat().st_size
-    assert meta["settings"]["max_seq_len"] == 256 and len(meta["profiles"]) == 2
+    assert meta["settings"]["max_seq_len"] == 256 and len(meta["profiles"]) == 3
+    assert meta["limits"] == {"max_batch": 2, "max_prompt": 64, "max_seq_len": 256}
+    assert meta["graph"] == "model.fp16.onnx" and meta["graph_kind"] == "fp16"
     assert not list(path.parent.parent.glob(".*partial*"))
 
 
@@ -235,6 +242,42 @@ def test_build_failure_writes_nothing(bundle):
 def test_bad_settings(kw):
     with pytest.raises(ConfigError):
         EngineBuildSettings(**kw)
+
+
+@pytest.mark.parametrize("group", [32, 256])
+def test_tensorrt_refuses_int4_groups_other_than_64_and_128(bundle, group):
+    manifest = dict(json.loads((bundle / "manifest.json").read_text()), quantization={"group_size": group})
+    with pytest.raises(ConfigError, match=f"INT4 group size {group}; TensorRT runs INT4 blocks of 64 or 128 only"):
+        build_engine(bundle, manifest, "agx-orin-64gb", fake_trt()[0], cache_root=bundle.parent / "engines", report=lambda m: None)
+
+
+def test_missing_fp16_graph_is_an_error_not_an_fp32_engine(bundle):
+    """Regression: the build parsed model.onnx and recorded graph "fp16"."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["graphs"]["fp16"]
+    trt, calls = fake_trt()
+    with pytest.raises(ConfigError, match="no fp16 graph"):
+        build_engine(bundle, manifest, "agx-orin-64gb", trt, cache_root=bundle.parent / "engines", report=lambda m: None)
+    assert not any(n == "parse" for n, _ in calls)
+
+
+@given(st.integers(1, 4), st.integers(1, 64), st.integers(65, 300), st.data())
+@settings(max_examples=200, deadline=None)
+def test_every_step_the_runtime_takes_fits_one_profile(max_batch, max_prompt, max_seq_len, data):
+    s = EngineBuildSettings(max_batch=max_batch, max_prompt=max_prompt, max_seq_len=max_seq_len, opt_prompt=1, opt_past=0)
+    io = ModelIO(1, 2, 8, 100, 4096)
+    batch = data.draw(st.integers(1, max_batch))
+    seq = data.draw(st.integers(1, max_prompt))
+    past = data.draw(st.integers(0, max_seq_len - seq))
+    shapes = {"input_ids": (batch, seq), "position_ids": (batch, seq), "attention_mask": (batch, past + seq),
+              "past_key_values.0.key": (batch, 2, past, 8), "past_key_values.0.value": (batch, 2, past, 8)}
+    fits = [all(all(a <= x <= c for a, x, c in zip(p[n][0], shape, p[n][2])) for n, shape in shapes.items())
+            for p in profiles(s, io)]
+    assert any(fits), (batch, seq, past)
+    for p in profiles(s, io):  # each of min, opt, max is a consistent step: mask = past + seq
+        for k in range(3):
+            assert p["attention_mask"][k][1] == p["input_ids"][k][1] + p["past_key_values.0.key"][k][2]
+            assert p["input_ids"][k][0] <= p["input_ids"][k + 1 if k < 2 else k][0]
 
 
 def test_profiles_cover_every_graph_input():

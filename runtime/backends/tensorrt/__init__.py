@@ -24,3 +24,16 @@ def tensorrt_version() -> str:
     except ImportError:
         return "ep"
     return tensorrt.__version__
+
+
+def load_cudart():
+    """cuda-python's runtime API: `cuda.bindings.runtime` (cuda-python >= 12.6), else the older `cuda.cudart`."""
+    import importlib
+
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise NotBuiltError("cuda-python is not installed (the native TensorRT backend copies through it)",
+                        hint="pip install 'edge-sdk[jetson]' (or: pip install cuda-python)")

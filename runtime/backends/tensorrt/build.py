@@ -49,10 +49,20 @@ class EngineBuildSettings:
             raise ConfigError(f"graph must be fp16 or fp32, got {self.graph!r}")
 
 
-def profiles(s: EngineBuildSettings, io: ModelIO) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
-    """Two optimization profiles: prefill (seq 1..max_prompt, empty past) and decode (seq 1, past 0..max-1).
+PROFILE_NAMES = ("prefill", "chunk", "decode")
+TRT_INT4_BLOCKS = (64, 128)  # the only INT4 block sizes TensorRT's DequantizeLinear takes
 
-    Values are (min, opt, max) shapes per input; profile 0 = prefill, 1 = decode.
+
+def profiles(s: EngineBuildSettings, io: ModelIO) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """Three optimization profiles, (min, opt, max) shapes per input, in PROFILE_NAMES order:
+
+    - prefill: seq 1..max_prompt on an empty past (the first chunk of a prompt);
+    - chunk: seq 1..max_prompt on a past of 1..max_seq_len-1 (the next chunks of a long prompt);
+    - decode: seq 1 on a past of 0..max_seq_len-1.
+
+    Every (seq, past) with seq <= max_prompt and past + seq <= max_seq_len lies in one of them. Each of
+    min, opt and max is itself a consistent step (attention_mask = past + seq), so the chunk profile's
+    largest mask is max_seq_len - 1 + max_prompt: the runtime never asks for more than max_seq_len.
     """
     h, d, b = io.num_kv_heads, io.head_dim, (1, s.opt_batch, s.max_batch)
     top = s.max_seq_len
@@ -69,7 +79,26 @@ def profiles(s: EngineBuildSettings, io: ModelIO) -> list[dict[str, tuple[Shape,
         return shapes
 
     return [phase((1, s.opt_prompt, s.max_prompt), (0, 0, 0)),
+            phase((1, s.opt_prompt, s.max_prompt), (1, max(1, s.opt_past), top - 1)),
             phase((1, 1, 1), (0, s.opt_past, top - 1))]
+
+
+def limits(s: EngineBuildSettings) -> dict:
+    """What engine.json records and the runtime caps itself to."""
+    return {"max_batch": s.max_batch, "max_prompt": s.max_prompt, "max_seq_len": s.max_seq_len}
+
+
+def check_bundle(manifest: dict, s: EngineBuildSettings, root: Path) -> str:
+    """The graph file this build parses; refuses what TensorRT cannot build (no silent fp32 fallback)."""
+    group = int(manifest.get("quantization", {}).get("group_size", 128))
+    if group not in TRT_INT4_BLOCKS:
+        raise ConfigError(f"{root}: INT4 group size {group}; TensorRT runs INT4 blocks of 64 or 128 only",
+                          hint="convert the model again with --group-size 128 (or 64), or use provider='cpu'")
+    entry = manifest["graphs"].get(s.graph)
+    if not entry:
+        raise ConfigError(f"{root}: the bundle has no {s.graph} graph (TensorRT runs INT4 weights with fp16 activations)",
+                          hint="convert with --fp16-graph, or build with --graph fp32 (slower, fp32 activations)")
+    return entry["file"]
 
 
 def engine_key(board: str, trt_version: str, bundle: Path, s: EngineBuildSettings) -> ec.EngineKey:
@@ -104,7 +133,7 @@ def build_engine(bundle: str | Path, manifest: dict, board: str, trt, *, setting
     if cached and not force:
         report(f"engine up to date: {cached}")
         return cached, False
-    graph = root / manifest["graphs"].get(s.graph, manifest["graphs"]["fp32"])["file"]
+    graph = root / check_bundle(manifest, s, root)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # strongly typed: precision comes from the graph (fp16 activations, INT4 DequantizeLinear weights)
@@ -136,7 +165,8 @@ def build_engine(bundle: str | Path, manifest: dict, board: str, trt, *, setting
                                   hint="lower --max-seq-len / --max-batch or raise --workspace-mb")
     ec.write_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
     meta = {"tensorrt_version": trt.__version__, "board": board, "bundle": str(root.absolute()),
-            "bundle_hash": key.bundle_hash, "settings": asdict(s), "graph": graph.name,
+            "bundle_hash": key.bundle_hash, "settings": asdict(s), "graph": graph.name, "graph_kind": s.graph,
+            "limits": limits(s), "profile_names": list(PROFILE_NAMES),
             "profiles": [{n: [list(x) for x in v] for n, v in p.items()} for p in profiles(s, io)],
             "build_seconds": round(time.monotonic() - start, 1)}
     path = ec.write_entry(cache_root, key, bytes(serialized), meta)
