@@ -81,12 +81,26 @@ def test_chat_plain_and_streaming_equal_the_runtime(server, reference):
     mid = c.models.list().data[0].id
     ids = reference.model.encode_chat(MESSAGES)
     want, reason = reference(ids, 16)
+    cli = reference.model.chat(MESSAGES, max_new_tokens=16)
+    assert cli.finish_reason == reason
     r = c.chat.completions.create(model=mid, messages=MESSAGES, max_tokens=16, temperature=0)
-    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, reason)
+    got = r.choices[0].message
+    assert (getattr(got, "reasoning_content", None), got.content, r.choices[0].finish_reason) == (cli.reasoning, cli.text, reason)
     assert r.usage.prompt_tokens == len(ids)
     chunks = list(c.chat.completions.create(model=mid, messages=MESSAGES, max_tokens=16, temperature=0, stream=True))
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+    assert streamed_parts(chunks) == chat_stream_parts(reference.model, 16)
     assert chunks[-1].choices[0].finish_reason == reason
+
+
+def streamed_parts(chunks) -> tuple[str, str]:
+    """(reasoning, answer) of a streamed chat reply: delta.reasoning_content and delta.content."""
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    return "".join(getattr(d, "reasoning_content", None) or "" for d in deltas), "".join(d.content or "" for d in deltas)
+
+
+def chat_stream_parts(model, n: int) -> tuple[str, str]:
+    parts = list(model.chat(MESSAGES, max_new_tokens=n, stream=True))
+    return "".join(c.text for c in parts if c.reasoning), "".join(c.text for c in parts if not c.reasoning)
 
 
 def test_completions_plain_and_streaming_equal_the_runtime(server, reference):
@@ -224,8 +238,7 @@ def test_sigterm_mid_stream_finishes_it_and_exits_zero(bundle, reference, tmp_pa
         assert first.choices[0].delta.role == "assistant"
         d.proc.send_signal(signal.SIGTERM)
         rest = list(it)  # ends with [DONE], no exception
-        text = "".join(ch.choices[0].delta.content or "" for ch in [first, *rest])
-        assert text == reference(reference.model.encode_chat(MESSAGES), 24)[0]
+        assert streamed_parts([first, *rest]) == chat_stream_parts(reference.model, 24)
         assert rest[-1].choices[0].finish_reason in ("stop", "length")
         assert d.proc.wait(30) == 0
         assert any(m.get("STOPPING") == "1" for m in messages_until(sock, "STOPPING"))

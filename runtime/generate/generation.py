@@ -11,11 +11,11 @@ import numpy as np
 from edge_sdk.errors import ConfigError, MemoryBudgetError
 
 from ..backends.base import Backend
-from .constrain import DEAD_END, GrammarCompiler
+from .accept import TokenAccept
+from .constrain import GrammarCompiler
 from .logprobs import TOP_LOGPROBS_MAX, token_logprobs
 from .sampling import Sampler, SamplingParams
-from .stopping import StopMatcher
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,12 @@ class Timings:
 class _Row:
     sampler: Sampler
     history: list[int]
-    decoder: IncrementalDecoder
-    stop: StopMatcher
+    accept: TokenAccept
     generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    matcher: object | None = None  # constrain.Matcher of this row
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.accept.finish_reason
 
 
 class Generator:
@@ -118,9 +119,10 @@ class Generator:
         for r, p in enumerate(prompts):
             ids[r, longest - len(p):] = p  # left padding
             mask[r, longest - len(p):] = 1
-        rows = [_Row(Sampler(cfg.sampling(r)), list(p), IncrementalDecoder(self.tokenizer), StopMatcher(cfg.stop))
-                for r, p in enumerate(prompts)]
-        self._constrain(rows, cfg)
+        matchers = self._matchers(len(prompts), cfg)
+        rows = [_Row(Sampler(cfg.sampling(r)), list(p), TokenAccept(self.tokenizer, max_tokens=cfg.max_new_tokens, stop=cfg.stop,
+                                                                   eos=eos, matcher=m))
+                for r, (p, m) in enumerate(zip(prompts, matchers))]
         t = self.timings = Timings(prompt_tokens=int(mask.sum()))
         cache = self.backend.new_cache(batch, capacity)
         start = time.perf_counter()
@@ -131,15 +133,17 @@ class Generator:
             for r, row in enumerate(rows):
                 if row.finish_reason:
                     continue
-                tok = self._pick(row, logits[r])
-                if tok is None:
-                    yield self._dead_end(r, row)
+                tok = row.accept.pick(logits[r], lambda x: row.sampler(x, np.asarray(row.history, np.int64)))
+                if tok is None:  # the grammar dead-ends: no token
+                    yield Chunk(r, None, row.accept.end(), row.finish_reason)
                     continue
                 feed[r, 0] = tok
-                for c in self._emit(r, row, tok, eos, last=step == cfg.max_new_tokens - 1):
-                    if cfg.logprobs is not None:
-                        c.logprob, c.top_logprobs = token_logprobs(logits[r], tok, cfg.logprobs)
-                    yield c
+                row.history.append(tok)
+                row.generated.append(tok)
+                c = Chunk(r, tok, row.accept.accept(tok), row.finish_reason)
+                if cfg.logprobs is not None:
+                    c.logprob, c.top_logprobs = token_logprobs(logits[r], tok, cfg.logprobs)
+                yield c
             if step == 0:
                 t.first_token_s = time.perf_counter() - start
             t.generated_tokens += sum(1 for row in rows if row.generated and len(row.generated) == step + 1)
@@ -150,25 +154,13 @@ class Generator:
             t.decode_s += time.perf_counter() - s
             t.decode_steps += 1
 
-    def _constrain(self, rows: list[_Row], cfg: GenerationConfig) -> None:
+    def _matchers(self, batch: int, cfg: GenerationConfig) -> list:
+        """One constrain.Matcher per row (None without a constraint)."""
         if cfg.constraint is None:
-            return
+            return [None] * batch
         if getattr(self, "_grammars", None) is None:
             self._grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.backend.io.vocab_size)
-        for row in rows:
-            row.matcher = self._grammars.matcher(cfg.constraint)
-
-    def _pick(self, row: _Row, logits: np.ndarray) -> int | None:
-        """The row's next token (None: its grammar allows none)."""
-        if row.matcher is not None:
-            logits = row.matcher.apply(logits)
-            if logits is None:
-                return None
-        return row.sampler(logits, np.asarray(row.history, np.int64))
-
-    def _dead_end(self, r: int, row: _Row) -> Chunk:
-        row.finish_reason = DEAD_END
-        return Chunk(r, None, row.stop.feed(row.decoder.flush()) + row.stop.flush(), DEAD_END)
+        return [self._grammars.matcher(cfg.constraint) for _ in range(batch)]
 
     def kv_bytes(self, batch: int, capacity: int) -> int:
         """What a cache for `batch` x `capacity` tokens allocates (two buffers per layer and kind where
@@ -188,24 +180,3 @@ class Generator:
             end = start + self.prefill_chunk
             logits = self.backend.forward(ids[:, start:end], cache, mask[:, start:end])
         return logits[:, -1, :]
-
-    def _emit(self, r: int, row: _Row, tok: int, eos: set[int], last: bool) -> Iterator[Chunk]:
-        row.history.append(tok)
-        row.generated.append(tok)
-        if tok in eos:
-            row.finish_reason = "stop"
-            yield Chunk(r, tok, row.stop.feed(row.decoder.flush()) + row.stop.flush(), "stop")
-            return
-        text = row.stop.feed(row.decoder.push(tok))
-        done = row.matcher is not None and (not row.matcher.accept(tok) or row.matcher.done)
-        if row.matcher is not None and not done:
-            row.matcher.prefetch()  # the next mask is computed while the forward pass runs
-        if row.stop.stopped:
-            row.finish_reason = "stop"
-        elif done:  # the grammar is complete: nothing but EOS may follow
-            row.finish_reason = "stop"
-            text += row.stop.feed(row.decoder.flush()) + row.stop.flush()
-        elif last:
-            row.finish_reason = "length"
-            text += row.stop.feed(row.decoder.flush()) + row.stop.flush()
-        yield Chunk(r, tok, text, row.finish_reason)

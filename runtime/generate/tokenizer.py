@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from edge_sdk.errors import BundleError, ConfigError, require
 
@@ -68,10 +69,11 @@ class IncrementalDecoder:
 
     Byte-level BPE splits a character over several tokens; a chunk is emitted only when its text
     no longer ends in an incomplete character (U+FFFD). Each step decodes a short window (from the
-    token before the last emitted one), not the whole sequence.
+    start of the last emitted chunk), not the whole sequence. `tokenizer`: a Tokenizer, or any
+    `decode(ids) -> str` callable (the daemon's step model).
     """
 
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | Callable[[list[int]], str]
     skip_special_tokens: bool = True
     ids: list[int] = field(default_factory=list)
     _emitted: list[str] = field(default_factory=list)
@@ -79,6 +81,8 @@ class IncrementalDecoder:
     _read: int = 0  # tokens up to here are emitted
 
     def _decode(self, ids) -> str:
+        if callable(self.tokenizer):
+            return self.tokenizer(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:

@@ -18,6 +18,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ...chat import THINK_OPEN, ThinkSplit, split_think
 from ...errors import EdgeSDKError
 from .engine import SamplingParams, StepModel
 from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError, process_rss_bytes
@@ -26,7 +27,7 @@ from .requests import BadRequest, parse_chat, parse_completion
 from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .scheduler import Event, Request, Scheduler
 from .structured import chat_ids, compile_for, parse_options
-from .tools import parse_output, parse_tools
+from .tools import CallStream, parse_output, parse_tools
 
 
 MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4 deep; Python's parser recurses, ~1,000 levels raise RecursionError
@@ -192,8 +193,9 @@ def create_app(state: ServerState) -> Starlette:
                 first = await next_event(req, watcher)
                 watcher.cancel()
                 handed_over = True
-                events = sse(req, first, rid, created, chat, include_usage) if not (tools and tools.choice != "none") else \
-                    tool_sse(req, first, rid, created, include_usage)
+                think = ThinkSplit(in_think=starts_in_think(ids)) if chat else None
+                events = sse(req, first, rid, created, think, include_usage) if not (tools and tools.choice != "none") else \
+                    tool_sse(req, first, rid, created, think, include_usage)
                 return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             parts, lps = [], []
@@ -209,7 +211,7 @@ def create_app(state: ServerState) -> Starlette:
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(req.completion_ids), "total_tokens": len(ids) + len(req.completion_ids)}
         want_lp = opts is not None and opts.logprobs is not None
         if chat:
-            message = {"role": "assistant", "content": text}
+            message = {"role": "assistant", **answer_fields(text, ids)}
             if tools and tools.choice != "none":
                 content, calls = parse_output(raw_text(req.completion_ids))
                 if calls:
@@ -243,15 +245,35 @@ def create_app(state: ServerState) -> Starlette:
             raise ev.error
         return ev
 
-    async def sse(req: Request, first: Event, rid: str, created: int, chat: bool, include_usage: bool):
+    def starts_in_think(ids: list[int]) -> bool:
+        """The chat prompt ends inside a `<think>` block (DeepSeek-R1's generation prompt)."""
+        return raw_text(ids[-4:]).rstrip().endswith(THINK_OPEN)
+
+    def answer_fields(text: str, ids: list[int]) -> dict:
+        """A chat reply as DeepSeek's API returns it: the reasoning in `reasoning_content`, the answer in `content`."""
+        if not starts_in_think(ids) and THINK_OPEN not in text:
+            return {"content": text}
+        reasoning, answer = split_think(text, starts_in_think(ids))
+        return {"content": answer, "reasoning_content": reasoning}
+
+    def think_deltas(think: ThinkSplit, text: str, final: bool) -> list[dict]:
+        """Streamed chat text as deltas: `reasoning_content` inside <think>, `content` after it."""
+        reasoning, answer = think.feed(text)
+        if final:
+            r2, a2 = think.flush()
+            reasoning, answer = reasoning + r2, answer + a2
+        return [d for d in ({"reasoning_content": reasoning}, {"content": answer}) if next(iter(d.values()))]
+
+    async def sse(req: Request, first: Event, rid: str, created: int, think: ThinkSplit | None, include_usage: bool):
+        chat = think is not None
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         offset = 0
 
-        def chunk(delta_text: str | None, reason: str | None, role: bool = False, lps=None) -> str:
+        def chunk(delta_text: str | dict | None, reason: str | None, role: bool = False, lps=None) -> str:
             nonlocal offset
             if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({} if delta_text is None else {"content": delta_text})
+                delta = {"role": "assistant", "content": ""} if role else (delta_text or {})
                 lp = None if lps is None else chat_logprobs(lps, token_text())
                 choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
@@ -268,9 +290,15 @@ def create_app(state: ServerState) -> Starlette:
                 yield chunk(None, None, role=True)
             ev = first
             while True:
-                if ev.kind == "text":
+                if ev.kind == "text" and chat:
+                    deltas = think_deltas(think, ev.text, final=False) or ([{}] if ev.logprobs else [])
+                    for i, d in enumerate(deltas):
+                        yield chunk(d, None, lps=ev.logprobs if i == len(deltas) - 1 else None)
+                elif ev.kind == "text":
                     yield chunk(ev.text, None, lps=ev.logprobs)
                 elif ev.kind == "done":
+                    for d in think_deltas(think, "", final=True) if chat else []:
+                        yield chunk(d, None)
                     yield chunk(None, ev.finish_reason, lps=ev.logprobs or None)
                     break
                 else:
@@ -286,10 +314,10 @@ def create_app(state: ServerState) -> Starlette:
             if req.finish_reason is None:
                 req.cancel()  # the client went away mid-stream
 
-    async def tool_sse(req: Request, first: Event, rid: str, created: int, include_usage: bool):
-        """Chat with tools offered: the reply is read whole (a call is known once its block closes), then sent as
-        the openai client assembles it: role, content, one delta per call (id, name, empty arguments) and its
-        arguments, finish_reason tool_calls."""
+    async def tool_sse(req: Request, first: Event, rid: str, created: int, think: ThinkSplit, include_usage: bool):
+        """Chat with tools offered: the reply as it is written, read from its raw text (the call markers are
+        special tokens): content (reasoning split off as in sse), then per call one delta with index, id and
+        name and the arguments in fragments, as the openai client assembles them; finish_reason tool_calls."""
 
         def chunk(delta: dict, reason: str | None = None) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
@@ -298,26 +326,25 @@ def create_app(state: ServerState) -> Starlette:
                 body["usage"] = None
             return f"data: {json.dumps(body)}\n\n"
 
+        def deltas(calls: CallStream, final: bool) -> list[dict]:
+            out = []
+            for d in calls.feed(raw_text(list(req.completion_ids)), final):
+                out += think_deltas(think, d["content"], False) if "content" in d else [d]
+            return out + (think_deltas(think, "", True) if final else [])
+
         try:
             yield chunk({"role": "assistant", "content": ""})
-            ev, parts = first, []
+            ev, calls = first, CallStream()
             while ev.kind == "text":
-                parts.append(ev.text)
+                for d in deltas(calls, False):
+                    yield chunk(d)
                 ev = await req.events.get()
             if ev.kind == "error":
                 yield f"data: {json.dumps(api_error_from(ev.error).body())}\n\n"
             else:
-                content, calls = parse_output(raw_text(req.completion_ids))
-                if not calls:
-                    content = "".join(parts)
-                if content:
-                    yield chunk({"content": content})
-                for i, call in enumerate(calls):
-                    fn = call["function"]
-                    yield chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                                 "function": {"name": fn["name"], "arguments": ""}}]})
-                    yield chunk({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
-                yield chunk({}, "tool_calls" if calls else ev.finish_reason)
+                for d in deltas(calls, True):
+                    yield chunk(d)
+                yield chunk({}, "tool_calls" if calls.calls else ev.finish_reason)
                 if include_usage:
                     n_in, n_out = len(req.prompt_ids), len(req.completion_ids)
                     usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ...errors import EdgeSDKError, MemoryBudgetError
-from ..generate.constrain import DEAD_END
-from .engine import Sampler, SamplingParams, StepModel, TextStream
+from ..generate.accept import TokenAccept
+from .engine import Sampler, SamplingParams, StepModel
 from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError
 from .metrics import Metrics
 
@@ -74,12 +74,14 @@ class Request:
 
 
 class _Running:
-    __slots__ = ("req", "sampler", "text", "last")
+    __slots__ = ("req", "sampler", "accept", "last")
 
     def __init__(self, req: Request, model: StepModel):
         self.req = req
         self.sampler: Sampler | None = None  # built in _prefill, under _guard: bad params fail only this request
-        self.text = TextStream(model.decode, req.params.stop)
+        opts = req.options
+        self.accept = TokenAccept(model.decode, max_tokens=req.params.max_tokens, stop=req.params.stop,
+                                  eos=model.eos_token_ids, matcher=None if opts is None else opts.matcher)
         self.last = -1
 
 
@@ -337,36 +339,27 @@ class Scheduler:
             self._next(run, row)
 
     def _next(self, run: _Running, logits) -> None:
-        opts = run.req.options
-        if opts is None or not opts.active:
-            return self._accept(run, run.sampler(logits))
-        token = opts.choose(run.sampler, logits)
+        """Pick and accept one token (runtime/generate/accept.py, as the generation loop does)."""
+        req, acc = run.req, run.accept
+        token = acc.pick(logits, run.sampler)
         if token is None:
-            return self._finish(run, DEAD_END)
-        complete = opts.accepted(token) if token not in self.model.eos_token_ids else False
-        self._accept(run, token)
-        if complete and run.req.finish_reason is None:
-            self._finish(run, "stop")  # the grammar is complete: nothing but EOS may follow
-
-    def _accept(self, run: _Running, token: int) -> None:
-        req = run.req
+            return self._finish(run, acc.finish_reason)
+        if req.options is not None and token not in acc.eos:
+            req.options.record(logits, token)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
             self.metrics.ttft.observe(req.first_token_at - req.created)
         self.metrics.generation_tokens += 1
-        if token in self.model.eos_token_ids:
-            return self._finish(run, "stop")
-        req.completion_ids.append(token)
-        run.last = token
-        text, hit_stop = run.text.push(token)
+        text = acc.accept(token)
+        if token not in acc.eos:
+            req.completion_ids.append(token)
+            run.last = token
+        if acc.finish_reason:
+            return self._finish(run, acc.finish_reason, text=text)
         if text:
             req.emit(Event("text", text=text, logprobs=_take(req)))
-        if hit_stop:
-            return self._finish(run, "stop")
-        if len(req.completion_ids) >= req.params.max_tokens:
-            return self._finish(run, "length")
 
-    def _finish(self, run: _Running, reason: str | None, error: EdgeSDKError | None = None) -> None:
+    def _finish(self, run: _Running, reason: str | None, error: EdgeSDKError | None = None, text: str = "") -> None:
         req = run.req
         self._running.pop(req.id, None)
         try:
@@ -380,7 +373,7 @@ class Scheduler:
         if error is not None:
             req.emit(Event("error", error=error))
             return
-        rest = run.text.flush()
+        rest = text + run.accept.end(reason)
         if rest:
             req.emit(Event("text", text=rest, logprobs=_take(req)))
         req.emit(Event("done", finish_reason=reason, logprobs=_take(req)))

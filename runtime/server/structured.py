@@ -1,7 +1,7 @@
 """What a request asks beyond sampling: an output constraint (response_format, and the extra_body
 fields `regex`, `grammar`, `json_schema`), logprobs / top_logprobs, echo, tools. Parsed and compiled in
 the HTTP handler (a bad grammar is a 400 there, never work for the scheduler thread); the scheduler
-then drives `RequestOptions` token by token for its request alone."""
+then drives the request's matcher (runtime/generate/accept.py) and logprobs token by token."""
 
 from __future__ import annotations
 
@@ -27,34 +27,16 @@ class RequestOptions:
     prompt: list | None = None  # echo + logprobs: (token, log p, top) per prompt token
     param: str = "response_format"  # the field the constraint came from, named in errors
     pending: list = field(default_factory=list)  # logprob entries not yet sent with text
-    _last: tuple | None = None
 
     @property
     def active(self) -> bool:
         return self.matcher is not None or self.logprobs is not None or self.echo
 
-    def choose(self, sampler, logits: np.ndarray) -> int | None:
-        """The next token: the grammar's mask, then the request's sampler (None: the grammar dead-ends)."""
-        masked = logits if self.matcher is None else self.matcher.apply(np.asarray(logits))
-        if masked is None:
-            return None
-        token = sampler(masked)
+    def record(self, logits: np.ndarray, token: int) -> None:
+        """With logprobs: the accepted token's log p and the top alternatives, from the unmasked logits."""
         if self.logprobs is not None:
             lp = log_softmax(logits)
-            self._last = (token, float(lp[token]), top_of(lp, self.logprobs))
-        return token
-
-    def accepted(self, token: int) -> bool:
-        """Record the token as part of the completion; True when the grammar is now complete."""
-        if self._last is not None and self._last[0] == token:
-            self.pending.append(self._last)
-        self._last = None
-        if self.matcher is None:
-            return False
-        if not self.matcher.accept(token) or self.matcher.done:
-            return True
-        self.matcher.prefetch()  # overlaps the next forward pass
-        return False
+            self.pending.append((token, float(lp[token]), top_of(lp, self.logprobs)))
 
     def take(self) -> list | None:
         if self.logprobs is None:
