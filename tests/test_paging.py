@@ -16,7 +16,6 @@ import edge_sdk.runtime as rt
 from edge_sdk.errors import BundleError, ConfigError, MemoryBudgetError
 from edge_sdk.runtime.paging.backend import PagedBackend, PagingOptions
 from edge_sdk.runtime.paging.fused import FusedPagedBackend
-from edge_sdk.runtime.paging.kv_store import load_kv, save_kv
 from edge_sdk.paging_model import PAGE, page_round, parse_budget, plan_paging, plan_pipelined, spread
 from edge_sdk.runtime.paging.select import weight_bytes
 
@@ -219,54 +218,6 @@ def test_truncated_weights_file_is_a_bundle_error(deep_bundle, tmp_path, graph):
                      PagingOptions(10 << 20), providers=["CPUExecutionProvider"], threads=1)
 
 
-@pytest.mark.parametrize("budget", [None, "25%"])
-def test_restored_kv_session_continues_exactly(deep_bundle, tmp_path, budget):
-    bundle = deep_bundle("qwen2")
-    opts = dict(EXACT, memory_budget=budget) if budget else EXACT
-    be = rt.load(bundle, **opts).backend
-    prompt = np.array([[11, 42, 7, 300, 5]], np.int64)
-
-    def run(cache, first_logits, n):
-        out, logits = [], first_logits
-        for _ in range(n):
-            t = int(logits[0, -1].argmax())
-            out.append(t)
-            logits = be.forward(np.array([[t]]), cache)
-        return out, logits
-
-    full_cache = be.new_cache(1, 32)
-    want, want_logits = run(full_cache, be.forward(prompt, full_cache), 9)
-
-    cache = be.new_cache(1, 32)
-    head, logits = run(cache, be.forward(prompt, cache), 4)
-    path = tmp_path / "session.kv.npz"
-    assert save_kv(cache, path) > 0 and not (tmp_path / "session.kv.npz.tmp").exists()
-    del cache
-    be2 = rt.load(bundle, **opts).backend  # as after a restart
-    restored = load_kv(path, be2, capacity=32)
-    be = be2
-    tail, tail_logits = run(restored, logits, 5)
-    assert head + tail == want
-    np.testing.assert_array_equal(tail_logits, want_logits)
-    if budget:
-        be2.close()
-
-
-def test_restore_refuses_another_model(deep_bundle, tiny_bundle, tmp_path):
-    be = rt.load(deep_bundle("qwen2"), **EXACT).backend
-    cache = be.new_cache(1, 8)
-    be.forward(np.array([[1, 2, 3]]), cache)
-    save_kv(cache, tmp_path / "s.npz")
-    other = rt.load(tiny_bundle("qwen2"), **EXACT).backend
-    with pytest.raises(ConfigError, match="num_layers"):
-        load_kv(tmp_path / "s.npz", other)
-    with pytest.raises(ConfigError, match="no saved KV"):
-        load_kv(tmp_path / "missing.npz", be)
-    (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ConfigError, match="damaged"):
-        load_kv(tmp_path / "bad.npz", be)
-
-
 def test_paging_graphs_cached_beside_the_bundle_not_inside(deep_bundle):
     bundle = deep_bundle("llama")
     before = sorted(p.name for p in bundle.iterdir())
@@ -332,7 +283,7 @@ def test_runtime_options_validate_the_budget():
 
 
 def test_paging_imports_neither_torch_nor_transformers():
-    code = ("import sys, edge_sdk.runtime.paging.backend, edge_sdk.runtime.paging.select, edge_sdk.runtime.paging.kv_store; "
+    code = ("import sys, edge_sdk.runtime.paging.backend, edge_sdk.runtime.paging.select; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
