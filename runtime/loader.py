@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from edge_sdk.bundle import verify_bundle
 from edge_sdk.errors import BundleError, ConfigError, require
 
 from .backends import providers as prov
-from .backends.engine_cache import EngineKey, bundle_hash
+from .backends.engine_cache import EngineKey, bundle_hash, settings_hash
 from .backends.kv_cache import ModelIO
 from .backends.tensorrt import tensorrt_version
 from .options import RuntimeOptions
@@ -49,11 +50,31 @@ def check_board(manifest: dict, options: RuntimeOptions) -> None:
 
 
 def graph_file(manifest: dict, kind: str, root: Path) -> Path:
-    graphs = manifest["graphs"]
-    entry = graphs.get(kind) or graphs.get("fp32")
+    """The bundle's graph of this kind. A GPU provider asks for fp16: no silent fp32 fallback."""
+    entry = manifest["graphs"].get(kind)
     if not entry:
-        raise BundleError(f"{root}: manifest lists no {kind} or fp32 graph", hint="re-convert the model")
+        if kind == "fp16":
+            raise ConfigError(f"{root}: the bundle has no fp16 graph, which the GPU providers run",
+                              hint="convert with --fp16-graph, or load with provider='cpu'")
+        raise BundleError(f"{root}: manifest lists no {kind} graph", hint="re-convert the model")
     return bundle_file(manifest, entry["file"], root)
+
+
+def ep_build_settings(io: ModelIO, options: RuntimeOptions):
+    """The TensorRT EP's profile ranges: the same EngineBuildSettings as `engine build`, from the load's
+    max_batch and context (default min(4096, model max)) and the 512-token prefill chunk."""
+    from .backends.tensorrt.build import EngineBuildSettings
+
+    top = options.max_seq_len or min(4096, io.max_positions)
+    prompt = min(512, top)
+    return EngineBuildSettings(max_batch=options.max_batch, max_prompt=prompt, max_seq_len=top, opt_prompt=min(128, prompt),
+                               opt_past=min(512, top - 1))
+
+
+def trt_profiles(settings, io: ModelIO) -> list:
+    from .backends.tensorrt.build import profiles
+
+    return profiles(settings, io)
 
 
 def bundle_file(manifest: dict, rel: str, root: Path) -> Path:
@@ -79,8 +100,10 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
     providers = prov.choose(options.provider, ort.get_available_providers())
     ep_options = {}
     if prov.TRT_EP in providers:
-        key = EngineKey(options.target_board or "local", tensorrt_version(), manifest_digest(root, manifest))
-        ep_options[prov.TRT_EP] = prov.trt_ep_options(options.engine_root(root), key)
+        settings = ep_build_settings(io, options)
+        key = EngineKey(options.target_board or "local", tensorrt_version(), manifest_digest(root, manifest),
+                        settings_hash(asdict(settings)))
+        ep_options[prov.TRT_EP] = prov.trt_ep_options(options.engine_root(root), key, profiles=trt_profiles(settings, io))
     path = graph_file(manifest, prov.graph_kind(providers), root)
     from .paging.select import paging_options
 
@@ -111,7 +134,7 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
 def fused_graph_for(root: Path, manifest: dict, options: RuntimeOptions, providers: list):
     """The fused graph (fused_graph.FusedGraph) when this load runs it, else None. 'auto' picks it on the
     CPU provider whenever the bundle allows; 'fused' insists (and says why not)."""
-    from .backends.fused import graph as fused_graph
+    from .backends import fused as fused_graph
 
     if options.graph == "standard":
         return None

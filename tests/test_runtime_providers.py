@@ -35,7 +35,7 @@ def test_graph_kind_follows_first_provider():
 def test_trt_ep_caches_keyed_by_board_version_bundle(tmp_path):
     key = EngineKey("orin-nx-16gb", "10.3.0", "ab" * 32)
     opts = prov.trt_ep_options(tmp_path, key, workspace_bytes=1 << 30,
-                               profile={"input_ids": ("1x1", "1x128", "4x512"), "attention_mask": ("1x1", "1x640", "4x2048")})
+                               profiles=[{"input_ids": ((1, 1), (1, 128), (4, 512)), "attention_mask": ((1, 1), (1, 640), (4, 2048))}])
     assert opts["trt_engine_cache_path"] == str(tmp_path / "orin-nx-16gb" / "trt-10.3.0" / ("ab" * 8))
     assert opts["trt_timing_cache_path"] == str(tmp_path / "orin-nx-16gb" / "trt-10.3.0")
     assert opts["trt_engine_cache_enable"] == opts["trt_timing_cache_enable"] == "True"

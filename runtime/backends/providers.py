@@ -40,11 +40,13 @@ def graph_kind(providers: list[str]) -> str:
 
 
 def trt_ep_options(cache_root: Path, key: EngineKey, *, workspace_bytes: int | None = None,
-                   profile: dict[str, tuple[str, str, str]] | None = None) -> dict:
+                   profiles: list[dict[str, tuple[tuple[int, ...], ...]]] | None = None) -> dict:
     """TensorRT EP options: engine and timing caches under the device's engine cache for this key.
 
-    profile: {input name: (min, opt, max)} shapes as "1x1" strings, joined into TensorRT EP's
-    `trt_profile_*_shapes` syntax `name:dims,name:dims`.
+    profiles: explicit optimization profiles ({input name: (min, opt, max) shapes} each, every dynamic
+    input in each), written as `trt_profile_{min,opt,max}_shapes` = `name:1x2,name:1x3,...`; an input
+    named again starts its next profile. Without them the EP rebuilds its engine whenever a shape
+    leaves the range it has seen.
     """
     d = key.directory(cache_root)
     d.mkdir(parents=True, exist_ok=True)
@@ -57,10 +59,22 @@ def trt_ep_options(cache_root: Path, key: EngineKey, *, workspace_bytes: int | N
     }
     if workspace_bytes:
         opts["trt_max_workspace_size"] = str(int(workspace_bytes))
-    if profile:
-        for i, which in enumerate(("min", "opt", "max")):
-            opts[f"trt_profile_{which}_shapes"] = ",".join(f"{name}:{dims[i]}" for name, dims in profile.items())
+    for i, which in enumerate(("min", "opt", "max")):
+        if profiles:
+            opts[f"trt_profile_{which}_shapes"] = ",".join(
+                f"{name}:{'x'.join(map(str, dims[i]))}" for prof in profiles for name, dims in prof.items())
     return opts
+
+
+def parse_profile_shapes(text: str) -> dict[str, list[tuple[int, ...]]]:
+    """`name:1x2,name:1x3,other:4` -> {name: [(1, 2), (1, 3)], other: [(4,)]} (one entry per profile)."""
+    out: dict[str, list[tuple[int, ...]]] = {}
+    for item in filter(None, text.split(",")):
+        name, _, dims = item.rpartition(":")
+        if not name or not dims:
+            raise ConfigError(f"profile shape {item!r} is not name:dims", hint="e.g. input_ids:1x128")
+        out.setdefault(name, []).append(tuple(int(x) for x in dims.split("x")))
+    return out
 
 
 def with_options(providers: list[str], options: dict[str, dict]) -> list:
