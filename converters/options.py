@@ -60,6 +60,9 @@ class ConvertOptions:
         bad = [g for g in self.graphs if g not in GRAPH_DTYPES] or ([] if self.graphs else ["(none)"])
         if bad:
             raise ConfigError(f"graphs {bad}: choose from {', '.join(GRAPH_DTYPES)} (fp32 for the CPU provider, fp16 for TensorRT/CUDA)")
+        if "fp16" in self.graphs and self.group_size not in (64, 128):
+            raise ConfigError(f"group_size {self.group_size} with the fp16 graph: TensorRT runs INT4 blocks of 64 or 128 only",
+                              hint="use --group-size 128 (or 64) for GPU boards")
         if "fp32" not in self.graphs:
             raise ConfigError("the fp32 graph is always written (the CPU provider and the in-pipeline check use it)",
                               hint="pass graphs=('fp32', 'fp16')")

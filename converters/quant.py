@@ -61,7 +61,7 @@ def check_group(in_features: int, group_size: int, name: str = "weight") -> None
 
     if in_features % group_size:
         raise ConversionError(f"{name}: {in_features} input features are not a multiple of group_size {group_size}",
-                              hint="choose a group size that divides every hidden and intermediate size (128, 64 or 32)")
+                              hint="choose a group size that divides every hidden and intermediate size (128 or 64: TensorRT runs no other)")
 
 
 def pack_int4(q: torch.Tensor) -> bytes:

@@ -97,9 +97,26 @@ def _tensorrt(p: Platform, o: DoctorOptions) -> Check:
     return Check("tensorrt", PASS, f"TensorRT {tensorrt.__version__}")
 
 
+ORT_WHEELS = ("onnxruntime", "onnxruntime-gpu")
+JETSON_ORT_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu, then install NVIDIA's onnxruntime-gpu wheel for "
+                  "JetPack 6 (pypi.jetson-ai-lab.io) and `pip install 'edge-sdk[jetson]'` (no CPU onnxruntime)")
+
+
+def ort_wheels() -> list[str]:
+    """Installed distributions that provide the `onnxruntime` module (both share one directory)."""
+    from importlib.metadata import distributions
+
+    names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in distributions()}
+    return [w for w in ORT_WHEELS if w in names]
+
+
 def _onnxruntime(p: Platform, o: DoctorOptions) -> Check:
+    wheels = ort_wheels()
+    if len(wheels) > 1:
+        # the CPU wheel's files overwrite the GPU wheel's: `auto` runs on the CPU, `cuda` raises
+        return Check("onnxruntime", FAIL, "both onnxruntime and onnxruntime-gpu are installed (they share one module)", JETSON_ORT_FIX)
     if importlib.util.find_spec("onnxruntime") is None:
-        return Check("onnxruntime", FAIL, "onnxruntime is not installed", "pip install 'edge-sdk[runtime]' (on Jetson: NVIDIA's onnxruntime-gpu wheel for JetPack 6)")
+        return Check("onnxruntime", FAIL, "onnxruntime is not installed", "pip install 'edge-sdk[runtime]' (on Jetson: " + JETSON_ORT_FIX + ")")
     import onnxruntime
 
     providers = onnxruntime.get_available_providers()
@@ -107,8 +124,8 @@ def _onnxruntime(p: Platform, o: DoctorOptions) -> Check:
     detail = f"onnxruntime {onnxruntime.__version__}: {', '.join(providers)}"
     if gpu:
         return Check("onnxruntime", PASS, detail)
-    return Check("onnxruntime", WARN, detail + " (CPU only)",
-                 "install the onnxruntime-gpu wheel built for JetPack 6 (pypi.jetson-ai-lab.io) to run on the GPU")
+    needed = not o.emulated and p.board().is_jetson  # a Jetson without the CUDA provider runs everything on the CPU
+    return Check("onnxruntime", FAIL if needed else WARN, detail + " (no CUDA provider: CPU only)", JETSON_ORT_FIX)
 
 
 def _host_ram_kb() -> int | None:
