@@ -268,7 +268,7 @@ def test_fifo_is_refused_without_hanging(bundle):
 
 
 def test_files_are_read_through_the_verified_descriptors(bundle):
-    from edge_sdk.runtime.backends.fused.graph import EmbeddingRows
+    from edge_sdk.runtime.backends.fused import EmbeddingRows
     import numpy as np
 
     m = verify_bundle(bundle)

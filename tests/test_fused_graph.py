@@ -1,4 +1,4 @@
-"""The fused onnxruntime graph (runtime/backends/fused/graph.py) against the bundle's own graph and hand references."""
+"""The fused onnxruntime graph (runtime/backends/fused/) against the bundle's own graph and hand references."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 import edge_sdk
 from edge_sdk.errors import ConfigError
-from edge_sdk.runtime.backends.fused import graph as fg
+from edge_sdk.runtime.backends import fused as fg
 from edge_sdk.runtime.backends import hugepages as hp
 
 ort = pytest.importorskip("onnxruntime")

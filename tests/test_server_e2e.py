@@ -287,7 +287,7 @@ def test_metrics_account_the_bundle(server, bundle):
     files = manifest["files"]
     import onnxruntime
 
-    from edge_sdk.runtime.backends.fused import graph as fused_graph
+    from edge_sdk.runtime.backends import fused as fused_graph
     from edge_sdk.runtime.backends.engine_cache import bundle_hash
 
     fused = bundle.parent / ".edge-sdk-engines" / "ort-fused" / fused_graph.key(bundle_hash(bundle), onnxruntime.__version__)

@@ -16,7 +16,8 @@ import numpy as np
 from edge_sdk.errors import BundleError, ConfigError, RuntimeBackendError, require
 
 from ..backends.base import check_step
-from ..backends.fused.graph import EMBED, EmbeddingRows
+from ..backends.fused.graph import EMBED
+from ..backends.fused.weights import EmbeddingRows
 from ..backends.kv_cache import KVCache, ModelIO
 from ..token_bucket import TokenBucket
 from .buffers import Ledger

@@ -26,7 +26,7 @@ import numpy as np
 
 from edge_sdk.errors import BundleError, EdgeSDKError, RuntimeBackendError, require
 
-from ..backends.fused import graph as fg
+from ..backends import fused as fg
 from ..backends.base import check_step, one_token_at_a_time_over_a_past
 from ..backends.kv_cache import KVCache, ModelIO, SharedKVCache
 from . import heap
@@ -262,7 +262,7 @@ class FusedPagedBackend:
         # one thread pool per session: idle pools must not spin on the cores the running one needs
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # the weights are handed over without a copy (onnxruntime copies add_external_initializers' tensors
-        # before prepacking them); the graphs name the sidecar file as their place (fused_graph._Builder)
+        # before prepacking them); the graphs name the sidecar file as their place (fused/graph.py, _Builder)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.file.path.parent))
         values = []
         for name, w in weights.items():
