@@ -273,3 +273,107 @@ def test_a_grammar_dead_end_finishes_with_its_reason(tmp_path):
         status, data = post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 8, "regex": "zebra"})
         assert status == 200 and data["choices"][0]["finish_reason"] == "grammar_dead_end", data
         assert post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_logits_wider_than_the_tokenizer_and_an_eos_past_it(bundle):
+    """The 1.5B shape pads logits past DeepSeek's tokenizer (151,936 vs 129,280) and its manifest lists the
+    model's EOS id beyond the tokenizer: the mask covers the tokenizer, the padded ids stay masked."""
+    from edge_sdk.runtime.generate.constrain import GrammarCompiler, constraint
+    from edge_sdk.runtime.generate.tokenizer import Tokenizer
+
+    tok = Tokenizer(bundle)
+    n = tok.vocab_size
+    compiler = GrammarCompiler.for_tokenizer(_WithEos(tok, (n + 50,)), n + 100)
+    m = compiler.matcher(constraint(regex="[0-9]{2}"))
+    allowed = m.allowed()
+    assert allowed.shape == (n + 100,) and not allowed[n:].any() and allowed[:n].any()
+    logits = np.random.default_rng(0).standard_normal(n + 100).astype(np.float32)
+    out = m.apply(logits)
+    assert np.isneginf(out[n:]).all()
+    assert np.array_equal(out[allowed], logits[allowed]) and np.isneginf(out[~allowed]).all()
+    for ch in "42":
+        assert m.accept(tok.encode(ch, add_special_tokens=False)[0])
+    assert m.done
+
+
+class _WithEos:
+    """A tokenizer whose manifest names extra EOS ids."""
+
+    def __init__(self, tok, extra):
+        self._tok, self.vocab_size, self.eos_token_ids = tok._tok, tok.vocab_size, tuple(tok.eos_token_ids) + tuple(extra)
+
+
+# --- streamed tool calls ----------------------------------------------------------------------
+
+def _raw_calls(calls: list[tuple[str, str]], content: str = "") -> str:
+    from edge_sdk.runtime.server import tools as T
+
+    block = "\n".join(f"{T.CALL_BEGIN}function{T.SEP}{n}\n```json\n{a}\n```{T.CALL_END}" for n, a in calls)
+    return content + (T.CALLS_BEGIN + block + T.CALLS_END if calls else "") + T.EOS
+
+
+ARGS = st.dictionaries(st.text(alphabet="ab`\n{}\"", max_size=3), st.text(max_size=4), max_size=3).map(json.dumps)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(calls=st.lists(st.tuples(st.sampled_from(["move", "stop", "a-b_1"]), ARGS), max_size=3),
+       content=st.text(alphabet="ab <｜\n`é", max_size=6), cuts=st.lists(st.integers(0, 400), max_size=12))
+def test_streamed_tool_call_deltas_assemble_to_the_parsed_calls(calls, content, cuts):
+    """Fed the raw text in any pieces, CallStream's deltas rebuild parse_output's content and calls: the
+    name arrives first with an id and empty arguments, arguments as fragments, nothing sent twice."""
+    from edge_sdk.runtime.server.tools import CallStream
+
+    raw = _raw_calls(calls, content)
+    want_content, want_calls = parse_output(raw)
+    stream, deltas = CallStream(), []
+    for cut in sorted({c for c in cuts if c < len(raw)}):
+        deltas += stream.feed(raw[:cut])
+    deltas += stream.feed(raw, final=True)
+    got, text = [], ""
+    for d in deltas:
+        text += d.get("content", "")
+        for tc in d.get("tool_calls", []):
+            if "id" in tc:
+                assert tc["index"] == len(got) and tc["function"]["arguments"] == "" and tc["id"].startswith("call_")
+                got.append([tc["function"]["name"], ""])
+            else:
+                assert tc["index"] == len(got) - 1 and tc["function"]["arguments"]
+                got[-1][1] += tc["function"]["arguments"]
+    assert [tuple(g) for g in got] == [(c["function"]["name"], c["function"]["arguments"]) for c in want_calls]
+    assert stream.calls == len(want_calls)
+    assert text == (want_content if not want_calls else content)
+
+
+def test_tool_call_arguments_are_sent_as_they_are_written():
+    from edge_sdk.runtime.server.tools import CallStream
+
+    raw = _raw_calls([("move", '{"axis": "x", "mm": 5}')], "ok")
+    cut = raw.index('"mm"')
+    stream = CallStream()
+    early = stream.feed(raw[:cut])
+    assert early[0] == {"content": "ok"}
+    assert early[1]["tool_calls"][0]["function"] == {"name": "move", "arguments": ""}
+    assert early[2]["tool_calls"][0]["function"]["arguments"] == '{"axis": "x", '
+    rest = stream.feed(raw, final=True)
+    assert rest == [{"tool_calls": [{"index": 0, "function": {"arguments": '"mm": 5}'}}]}] and stream.calls == 1
+
+
+def test_streamed_tool_calls_through_the_openai_client(server):
+    c = client(server.url)
+    msgs = [{"role": "user", "content": "Move x by 5"}]
+    ref = c.chat.completions.create(model="", messages=msgs, tools=TOOLS, tool_choice="required", max_tokens=400, seed=3)
+    want = [(x.function.name, x.function.arguments) for x in ref.choices[0].message.tool_calls]
+    starts, fragments = [], {}
+    with c.chat.completions.stream(model="", messages=msgs, tools=TOOLS, tool_choice="required", max_tokens=400, seed=3) as s:
+        for ev in s:
+            if ev.type == "chunk":
+                for tc in ev.chunk.choices[0].delta.tool_calls or []:
+                    if tc.id:
+                        assert tc.index == len(starts) and tc.function.name and tc.function.arguments == ""
+                        starts.append(tc.function.name)
+            elif ev.type == "tool_calls.function.arguments.delta":
+                fragments[ev.index] = fragments.get(ev.index, "") + ev.arguments_delta
+        final = s.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert [(x.function.name, x.function.arguments) for x in final.choices[0].message.tool_calls] == want
+    assert [(starts[i], fragments.get(i, "")) for i in range(len(starts))] == want

@@ -102,21 +102,25 @@ def _from_response_format(rf) -> Constraint | None:
 class GrammarCompiler:
     """The tokenizer's llguidance view (built once, ~1 s for 150k tokens) and a cache of checked grammars."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...]):
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...], tokens: int | None = None):
         self._llg = require("llguidance", "runtime")
-        self.tokenizer = self._llg.LLTokenizer(tokenizer_json, eos_token=list(eos_token_ids) or None)
+        # a manifest may list an EOS id past the tokenizer (the model's own, with logits padded past it)
+        eos = [t for t in eos_token_ids if tokens is None or 0 <= t < tokens]
+        self.tokenizer = self._llg.LLTokenizer(tokenizer_json, eos_token=eos or None)
         self.vocab_size = max(vocab_size, self.tokenizer.vocab_size)  # logits may be padded past the tokenizer
         self._cache: OrderedDict[Constraint, str] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
     def for_bundle(cls, bundle_dir, vocab_size: int, eos_token_ids) -> "GrammarCompiler":
-        return cls((Path(bundle_dir) / "tokenizer.json").read_text(encoding="utf-8"), vocab_size, tuple(eos_token_ids))
+        text = (Path(bundle_dir) / "tokenizer.json").read_text(encoding="utf-8")
+        tokens = require("tokenizers", "runtime").Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
+        return cls(text, vocab_size, tuple(eos_token_ids), tokens)
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int) -> "GrammarCompiler":
         """From a runtime Tokenizer (its tokenizers.Tokenizer serialised: the bundle's tokenizer.json)."""
-        return cls(tokenizer._tok.to_str(), vocab_size, tuple(tokenizer.eos_token_ids))
+        return cls(tokenizer._tok.to_str(), vocab_size, tuple(tokenizer.eos_token_ids), tokenizer.vocab_size)
 
     def matcher(self, c: Constraint) -> "Matcher":
         """A fresh matcher for one sequence; ConfigError when the grammar does not compile or matches nothing."""
@@ -130,7 +134,7 @@ class GrammarCompiler:
             if error:
                 raise ConfigError(f"the {_NAMES[c.kind]} does not compile: {_first_line(error)}",
                                   hint="fix it; JSON schema features the engine lacks are named in the message")
-        m = Matcher(self._llg.LLMatcher(self.tokenizer, grammar, log_level=0), self.vocab_size)
+        m = Matcher(self._llg.LLMatcher(self.tokenizer, grammar, log_level=0), self.vocab_size, self.tokenizer.vocab_size)
         if not m.allowed().any() or m.dead:  # the first mask settles whether anything matches
             raise ConfigError(f"the {_NAMES[c.kind]} matches nothing the tokenizer can write", hint="check it accepts at least one string")
         with self._lock:
@@ -152,9 +156,12 @@ class Matcher:
     `prefetch()` starts the next mask on a worker thread (the engine releases the GIL), so it overlaps
     the forward pass that produces the logits it applies to."""
 
-    def __init__(self, m, vocab_size: int):
+    def __init__(self, m, vocab_size: int, tokens: int | None = None):
         self._m, self.vocab_size = m, vocab_size
-        self._bits = np.zeros((vocab_size + 31) // 32, np.int32)
+        self._tokens = min(vocab_size, tokens or vocab_size)
+        self._bits = np.zeros((tokens or vocab_size) + 31 >> 5, np.int32)  # the engine wants exactly the tokenizer's width
+        self._allowed = np.zeros(vocab_size, bool)  # ids past the tokenizer (padded logits) stay False
+        self._out: np.ndarray | None = None  # masked logits, reused step after step
         self._pending: Future | None = None
         self._mask: np.ndarray | None = None
 
@@ -165,14 +172,16 @@ class Matcher:
 
     def _compute(self) -> np.ndarray:
         self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size].astype(bool)
+        bits = np.unpackbits(self._bits.view(np.uint8), count=self._tokens, bitorder="little")
+        self._allowed[:self._tokens] = bits  # in place: apply() has consumed the previous mask
+        return self._allowed
 
     def prefetch(self) -> None:
         if self._pending is None and self._mask is None:
             self._pending = _POOL.submit(self._compute)
 
     def allowed(self) -> np.ndarray:
-        """bool [V]: the tokens that may come next (EOS where the grammar may end)."""
+        """bool [V]: the tokens that may come next (EOS where the grammar may end); a buffer reused after accept()."""
         if self._mask is None:
             if self._pending is not None:
                 self._mask, self._pending = self._pending.result(), None
@@ -181,15 +190,18 @@ class Matcher:
         return self._mask
 
     def apply(self, logits: np.ndarray) -> np.ndarray | None:
-        """logits [V] with the disallowed tokens at -inf (a copy); None at a dead end (nothing allowed)."""
+        """logits [V] with the disallowed tokens at -inf (a buffer reused at the next call); None at a dead end."""
         allowed = self.allowed()  # first: it waits for a prefetch still using the matcher
         if self.dead:
             return None
         n = min(len(allowed), logits.shape[-1])
         if not allowed[:n].any():
             return None
-        out = np.full(logits.shape, -np.inf, dtype=np.float32)
-        out[:n][allowed[:n]] = logits[:n][allowed[:n]]
+        if self._out is None or self._out.shape != logits.shape:
+            self._out = np.empty(logits.shape, np.float32)
+        out = self._out
+        out.fill(-np.inf)
+        np.copyto(out[:n], logits[:n], where=allowed[:n])
         return out
 
     def accept(self, token: int) -> bool:

@@ -172,3 +172,64 @@ def parse_output(text: str) -> tuple[str, list[dict]]:
     for kind, name, args in _CALL.findall(tail) if sep else ():
         calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": name, "arguments": args}})
     return (content if not calls else head.strip()), calls
+
+
+_HEAD = re.compile(r"\s*" + re.escape(CALL_BEGIN) + r"(\w+)" + re.escape(SEP) + r"([A-Za-z0-9_-]+)\n```json\n")
+_ARGS_END = "\n```" + CALL_END
+
+
+def _held(text: str, *markers: str) -> int:
+    """How many trailing characters to keep back: an unfinished UTF-8 character, or what may begin a marker."""
+    n = len(text) - len(text.rstrip("\ufffd"))
+    body = text[:len(text) - n]
+    return n + max((k for m in markers for k in range(1, len(m)) if body.endswith(m[:k])), default=0)
+
+
+class CallStream:
+    """Streamed tool calls: fed the completion's raw text (special tokens written) each time it grows,
+    returns OpenAI chat deltas in order: `content` before the call block, then per call one delta with
+    index, id, type and the name (arguments ""), then `arguments` fragments as they are written."""
+
+    def __init__(self):
+        self.calls = 0  # calls whose block closed
+        self._sent = 0  # characters of content, or of the call block, already turned into deltas
+        self._in_block = False
+        self._state = "between"  # in the block: "between" calls, "args" of call number self._index
+        self._index = -1
+
+    def feed(self, raw: str, final: bool = False) -> list[dict]:
+        head, sep, block = raw.partition(CALLS_BEGIN)
+        out = []
+        if not self._in_block:
+            content = head.partition(EOS)[0]
+            end = len(content) if sep or final or EOS in head else len(content) - _held(content, CALLS_BEGIN, EOS)
+            if end > self._sent:
+                out.append({"content": content[self._sent:end]})
+                self._sent = end
+            if not sep:
+                return out
+            self._in_block, self._sent = True, 0
+        return out + self._block(block, final)
+
+    def _block(self, block: str, final: bool) -> list[dict]:
+        out = []
+        while True:
+            rest = block[self._sent:]
+            if self._state == "between":
+                m = _HEAD.match(rest)
+                if m is None:
+                    return out
+                self._index += 1
+                self._state, self._sent = "args", self._sent + m.end()
+                out.append({"tool_calls": [{"index": self._index, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                                            "function": {"name": m.group(2), "arguments": ""}}]})
+                continue
+            end = rest.find(_ARGS_END)
+            take = end if end >= 0 else len(rest) if final else len(rest) - _held(rest, _ARGS_END)
+            if take > 0:
+                out.append({"tool_calls": [{"index": self._index, "function": {"arguments": rest[:take]}}]})
+                self._sent += take
+            if end < 0:
+                return out
+            self._sent += len(_ARGS_END)
+            self._state, self.calls = "between", self.calls + 1
