@@ -3,6 +3,7 @@ reason when mosquitto or paho-mqtt is not installed)."""
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -27,9 +28,12 @@ class Broker:
         pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install 'edge-sdk[runtime]')")
         self.exe, self.port, self.dir = exe, _free_port(), workdir
         self.conf = workdir / "mosquitto.conf"
-        # persistence: QoS 1 messages queued for a persistent subscriber survive a broker restart
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\nmax_queued_messages 0\n")
+        # persistence: QoS 1 messages queued for a persistent subscriber survive a broker restart. Started
+        # as root, mosquitto drops to user `mosquitto`, which cannot write the test's 0700 directory (the
+        # save fails, the restart forgets every session): `user` keeps the tests' own user.
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+                             f"persistence true\npersistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\n"
+                             "max_queued_messages 0\n")
         self.proc = None
 
     @property
@@ -52,6 +56,8 @@ class Broker:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+            db = self.dir / "mosquitto.db"
+            assert db.exists(), f"mosquitto did not save {db}: a restart would lose what it acknowledged ({self.dir}/mosquitto.log)"
 
 
 class Subscriber:

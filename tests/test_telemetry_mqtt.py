@@ -163,3 +163,31 @@ def test_a_publish_racing_a_dropped_connection_fails_the_batch_instead_of_the_th
     conn = Connection(parse_url("mqtt://127.0.0.1:9/x"), "race")
     conn.connected.set()  # on_connect seen, socket already gone
     assert conn.publish_all([("x/d/event", b"{}", False)], timeout_s=1) is False
+
+
+def test_records_the_broker_acknowledged_reach_a_persistent_consumer_across_a_restart(tmp_path, broker):
+    """The device forgets a record at PUBACK; from then on the broker holds it, for a consumer that is
+    away, across its own restart (its persistence file must be writable), and for records published
+    after the restart before the consumer is back."""
+    sub = Subscriber(broker.url, "fleet/+/event", client_id="consumer-restart")
+    q, tel, sender, stop, t, _ = _device(tmp_path, broker)
+    try:
+        assert _wait(sender.conn.connected.is_set)
+        seqs = [tel.event("step", i=i) for i in range(10)]
+        assert sub.wait_for(10, 30)
+        sub.close()  # away, its session (subscription, queued messages) kept by the broker
+        first = set(sub.rows)
+        seqs += [tel.event("step", i=i) for i in range(10, 20)]
+        assert _wait(lambda: q.acked >= seqs[-1])  # acknowledged: queued by the broker for the consumer
+        broker.stop()
+        broker.start()
+        seqs += [tel.event("step", i=i) for i in range(20, 30)]
+        assert _wait(lambda: q.acked >= seqs[-1], 60)  # published into the restored session
+        sub = Subscriber(broker.url, "fleet/+/event", client_id="consumer-restart")
+        sub.wait_for(20, 15)
+    finally:
+        stop.set()
+        t.join(10)
+        sub.close()
+    device = f"{q.stream_id:08x}"
+    assert sorted(seq for stream, seq in first | set(sub.rows) if stream == device) == seqs  # 0 lost, none extra
