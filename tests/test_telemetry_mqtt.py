@@ -191,3 +191,20 @@ def test_records_the_broker_acknowledged_reach_a_persistent_consumer_across_a_re
         sub.close()
     device = f"{q.stream_id:08x}"
     assert sorted(seq for stream, seq in first | set(sub.rows) if stream == device) == seqs  # 0 lost, none extra
+
+
+def test_rows_decode_with_the_queues_schema_table_after_a_reopen(tmp_path):
+    from edge_sdk.runtime.telemetry.mqtt import record_row
+
+    q = TelemetryQueue(tmp_path / "q.sqlite")
+    Telemetry(q).event("boot", version="1.2")
+    q.add([({"a": 1, "b": 2.5}, 2, 0, 7)])
+    q.close()
+    q = TelemetryQueue(tmp_path / "q.sqlite")
+    table = q.schemas()
+    assert sorted(table.values()) == sorted([("event", "version"), ("a", "b")])
+    rows = [record_row(q.stream_id, r, table) for r in q.pending(0)]
+    schema_rows = {r["schema"]: tuple(r["fields"]) for r in rows if r["kind"] == "schema"}
+    assert schema_rows == table  # the table is what the schema records announce
+    assert [r["data"] for r in rows if r["kind"] != "schema"] == [{"event": "boot", "version": "1.2"}, {"a": 1, "b": 2.5}]
+    q.close()

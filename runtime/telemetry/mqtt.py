@@ -195,7 +195,7 @@ class MqttSender:
             if drained is not None:
                 drained.set()
             return did
-        schemas = {i: f for f, i in self.queue._schemas.items()}  # noqa: SLF001 (the queue's persisted schema table)
+        schemas = self.queue.schemas()
         messages = [(self.url.topic(self.device, KINDS.get(r.kind, str(r.kind))), _dumps(record_row(self.queue.stream_id, r, schemas)), False)
                     for r in records]
         if not self.conn.publish_all(messages, self.ack_timeout_s):

@@ -143,6 +143,11 @@ class TelemetryQueue:
                 self._set_meta("dropped", self.dropped + 1)
 
     # ---- link side ----------------------------------------------------------------------------
+    def schemas(self) -> dict[int, tuple[str, ...]]:
+        """The persisted schema table, schema id -> field names (to decode queued records on the device)."""
+        with self._lock:
+            return {i: fields for fields, i in self._schemas.items()}
+
     def pending(self, after: int, limit: int = 256) -> list[WireRecord]:
         with self._lock:
             rows = self._db.execute(
