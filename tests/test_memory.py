@@ -99,43 +99,6 @@ def test_requests_that_can_never_fit_are_too_large(prompt, new, kind):
     assert m.stats()["kv_blocks_used"] == 0
 
 
-def test_idle_state_is_released_before_a_request_is_refused():
-    m = manager(blocks=10)
-    released = []
-    assert m.park_idle("cache-1", 3, lambda: released.append(1))
-    assert m.park_idle("cache-2", 3, lambda: released.append(2))
-    assert not m.park_idle("cache-3", 5, lambda: released.append(3))  # does not fit: nothing parked
-    m.reserve("a", 30, 34)  # 4 blocks: fits beside the idle caches
-    assert released == []
-    m.reserve("b", 10, 22)  # 2 blocks: still fits (4 + 6 idle = 10)
-    m.release("b")
-    m.reserve("c", 40, 40)  # 5 blocks: needs both idle caches gone, oldest first
-    assert released == [1, 2] and m.idle_released == 2
-    assert m.stats()["kv_blocks_idle"] == 0
-    assert m.take_idle("cache-1") is False
-
-
-def test_idle_entry_taken_back_by_its_owner_is_not_released():
-    m = manager(blocks=4)
-    released = []
-    m.park_idle("k", 2, lambda: released.append("k"))
-    assert m.take_idle("k")
-    m.reserve("a", 60, 4)
-    assert released == [] and m.stats()["kv_blocks_used"] == 4
-
-
-def test_idle_state_is_kept_when_releasing_it_would_not_be_enough():
-    m = manager(blocks=4)
-    released = []
-    m.park_idle("k", 1, lambda: released.append("k"))
-    m.reserve("a", 40, 8)  # 3 blocks: the pool is full (3 reserved + 1 idle)
-    with pytest.raises(MemoryBusyError):
-        m.reserve("b", 20, 12)  # 2 blocks > 0 free + 1 idle
-    assert released == [] and m.stats()["kv_blocks_idle"] == 1
-    m.reserve("c", 10, 6)  # 1 block: fits once the idle cache goes
-    assert released == ["k"]
-
-
 def test_process_rss_matches_psutil():
     psutil = pytest.importorskip("psutil")
     ours, theirs = process_rss_bytes(), psutil.Process().memory_info().rss

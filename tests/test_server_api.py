@@ -15,6 +15,8 @@ import urllib.request
 import openai
 import pytest
 
+from edge_sdk.runtime.server.api import api_error_from
+from edge_sdk.runtime.server.memory import MemoryBusyError, RequestTooLargeError
 from test_server_helpers import FakeStepModel, ServerThread, make_state, reference_completion
 
 
@@ -141,6 +143,15 @@ def test_busy_gets_503_with_retry_after_when_configured_to_reject():
         assert status == 503 and headers["Retry-After"] == "3"
         assert body["error"]["type"] == "server_error" and "blocks free" in body["error"]["message"]
         first.close()
+
+
+@pytest.mark.parametrize("base", [RequestTooLargeError, MemoryBusyError])
+def test_memory_errors_answer_with_their_own_http_status(base):
+    class Refused(base):
+        http_status = 429
+
+    err = api_error_from(Refused("no room", hint="retry"))
+    assert err.status == 429 and err.response().status_code == 429 and "no room" in err.message
 
 
 def test_must_wait_request_waits_when_configured():

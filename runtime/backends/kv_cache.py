@@ -103,9 +103,6 @@ class KVCache:
         """Next position of every row."""
         return self.mask.sum(axis=1)
 
-    def row_lengths(self) -> np.ndarray:
-        return self.positions()
-
     # --- continuous batching -----------------------------------------------------------------
 
     def select(self, rows) -> "KVCache":

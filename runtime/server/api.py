@@ -94,9 +94,9 @@ def api_error_from(exc: Exception) -> APIError:
         return APIError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, RequestTooLargeError):
         code = "context_length_exceeded" if "context" in exc.message else "request_too_large"
-        return APIError(413, str(exc), code=code)
+        return APIError(exc.http_status, str(exc), code=code)
     if isinstance(exc, MemoryBusyError):
-        return APIError(503, str(exc), "server_error", "overloaded", headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+        return APIError(exc.http_status, str(exc), "server_error", "overloaded", headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
     if isinstance(exc, EdgeSDKError):
         return APIError(500, str(exc), "server_error", "internal_error")
     return APIError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
@@ -385,7 +385,7 @@ def create_app(state: ServerState) -> Starlette:
             "queue_depth": ("Requests waiting for admission.", state.scheduler.queue_depth()),
             "running_requests": ("Requests being generated.", state.scheduler.running()),
             "kv_blocks_total": ("KV cache blocks in the pool.", mem["kv_blocks_total"]),
-            "kv_blocks_used": ("KV cache blocks reserved by requests or idle caches.", mem["kv_blocks_used"]),
+            "kv_blocks_used": ("KV cache blocks reserved by requests or held as batch padding.", mem["kv_blocks_used"]),
             "kv_usage_ratio": ("Fraction of the KV pool in use.", round(mem["kv_blocks_used"] / max(1, mem["kv_blocks_total"]), 4)),
             "memory_budget_bytes": ("Allocatable unified memory the daemon plans with.", mem["budget_bytes"]),
             "memory_reserve_bytes": ("Part of the budget kept free.", mem["reserve_bytes"]),

@@ -4,8 +4,7 @@ On Jetson the GPU allocates from the same LPDDR as the CPU, so the daemon keeps 
 (the platform's allocatable bytes minus a reserve) and splits it between weights, workspace and a
 pool of fixed-size KV blocks. A request reserves every block it can ever need (prompt + max_tokens)
 when it is admitted, so a running request never runs out of memory half-way; one that can never fit
-is refused (413), one that cannot fit now waits or is refused with a retry hint (503). Idle state
-(caches nobody is using) is released before a request is refused.
+is refused (413), one that cannot fit now waits or is refused with a retry hint (503).
 
 Running sequences share one batched cache whose rows are padded to the longest one, so the model
 holds more than the sum of the reservations. The model states what it holds (`held_bytes`: its KV
@@ -18,9 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
 
 from ...errors import MemoryBudgetError
 
@@ -137,12 +134,6 @@ class Reservation:
     blocks: list[int]
 
 
-@dataclass
-class _Idle:
-    blocks: list[int]
-    release: Callable[[], None]
-
-
 class MemoryManager:
     """Admission control over a MemoryLayout. Thread-safe: HTTP handlers ask, the scheduler frees."""
 
@@ -151,10 +142,8 @@ class MemoryManager:
         self.context_length = context_length
         self.pool = BlockAllocator(layout.kv_blocks)
         self._reservations: dict[str, Reservation] = {}
-        self._idle: OrderedDict[str, _Idle] = OrderedDict()  # least recently parked first
         self._padding: list[int] = []  # blocks the model holds beyond the reservations (batch padding)
         self._lock = threading.Lock()
-        self.idle_released = 0
         self.peak_blocks_used = 0
 
     def blocks_for(self, tokens: int) -> int:
@@ -221,10 +210,6 @@ class MemoryManager:
         return max(0, -(-over // self.layout.kv_block_bytes))
 
     def _make_room(self, n: int, what: str) -> None:
-        idle = sum(len(i.blocks) for i in self._idle.values())
-        if self.pool.num_free + idle >= n:  # evict only when it makes the request fit
-            while self.pool.num_free < n:
-                self._release_oldest_idle()
         if self.pool.num_free < n:
             raise MemoryBusyError(f"the KV pool has {self.pool.num_free} of {self.pool.num_blocks} blocks free and {what}",
                                   hint="retry when running requests finish")
@@ -234,36 +219,11 @@ class MemoryManager:
             self.pool.free([self._padding.pop() for _ in range(len(self._padding) - blocks)])
         elif blocks > len(self._padding):
             grow = blocks - len(self._padding)
-            while self.pool.num_free < grow and self._idle:
-                self._release_oldest_idle()
             if self.pool.num_free < grow:  # admission predicted less than the model holds: a bug, say so
                 log.warning("the model holds %d KV blocks more than the pool has free", grow - self.pool.num_free)
                 grow = self.pool.num_free
             self._padding += self.pool.allocate(grow)
         self.peak_blocks_used = max(self.peak_blocks_used, self.pool.num_used)
-
-    def park_idle(self, key: str, blocks: int, release: Callable[[], None]) -> bool:
-        """Account idle state (a cache kept for reuse) in the pool; it is released first under pressure.
-        Returns False (and keeps nothing) when the blocks are not free."""
-        with self._lock:
-            if key in self._idle or blocks > self.pool.num_free:
-                return False
-            self._idle[key] = _Idle(self.pool.allocate(blocks), release)
-            return True
-
-    def take_idle(self, key: str) -> bool:
-        """Drop an idle entry because its owner reused or freed it (no release callback)."""
-        with self._lock:
-            idle = self._idle.pop(key, None)
-            if idle is not None:
-                self.pool.free(idle.blocks)
-            return idle is not None
-
-    def _release_oldest_idle(self) -> None:
-        _, idle = self._idle.popitem(last=False)
-        self.pool.free(idle.blocks)
-        self.idle_released += 1
-        idle.release()
 
     @property
     def running(self) -> int:
@@ -276,11 +236,10 @@ class MemoryManager:
             return {
                 "budget_bytes": lay.budget_bytes, "reserve_bytes": lay.reserve_bytes, "weights_bytes": lay.weights_bytes,
                 "workspace_bytes": lay.workspace_bytes, "kv_blocks_total": lay.kv_blocks, "kv_blocks_used": used,
-                "kv_blocks_idle": sum(len(i.blocks) for i in self._idle.values()),
                 "kv_blocks_padding": len(self._padding), "kv_blocks_peak": self.peak_blocks_used,
                 "kv_used_bytes": used * lay.kv_block_bytes, "kv_pool_bytes": lay.kv_pool_bytes,
                 "accounted_bytes": lay.weights_bytes + lay.workspace_bytes + used * lay.kv_block_bytes,
-                "reservations": len(self._reservations), "idle_released": self.idle_released,
+                "reservations": len(self._reservations),
             }
 
 

@@ -73,15 +73,9 @@ def proc_readings(root: str | os.PathLike = "/") -> Readings:
 
 
 def platform_readings(emulate: str | None = None, root: str | None = None) -> Readings:
-    """The platform layer's snapshot when it is installed, /proc readings otherwise."""
-    try:
-        from edge_sdk.runtime.platform import Platform
-    except ImportError:
-        Platform = None
-    if Platform is None:
-        if emulate:
-            log.warning("platform layer not installed: --emulate %s falls back to /proc readings", emulate)
-        return proc_readings(root or "/")
+    """The platform layer's snapshot; /proc readings when it cannot start."""
+    from edge_sdk.runtime.platform import Platform
+
     try:
         plat = Platform.from_options(emulate=emulate, root=root)
     except EdgeSDKError as exc:

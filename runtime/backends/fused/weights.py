@@ -58,13 +58,11 @@ class EmbeddingRows:
 
 
 def progress(it, **kw):
-    """A progress bar on a terminal (tqdm, part of edge-sdk[runtime]); the plain iterable elsewhere."""
+    """A progress bar on a terminal (tqdm, part of edge-sdk[runtime]); no bar elsewhere."""
     import sys
 
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return it
+    from tqdm import tqdm
+
     return tqdm(it, disable=not sys.stderr.isatty(), leave=False, **kw)
 
 
