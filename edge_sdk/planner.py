@@ -274,7 +274,7 @@ def plan(
 
 def fused_layer_bytes(s: ModelShape, q: QuantSpec) -> tuple[list[int], int] | None:
     """(bytes of each layer, bytes of lm_head + final norm) in the fused executor's sidecar, as
-    runtime/fused_graph.py writes it: q/k/v packed into one int4 matrix and gate/up into another, fp32
+    runtime/backends/fused/weights.py writes it: q/k/v packed into one int4 matrix and gate/up into another, fp32
     scales and norms, every tensor page aligned. None where the fused graph does not apply (MoE, other than int4)."""
     from .paging_model import page_round as pr
 

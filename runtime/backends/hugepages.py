@@ -87,7 +87,7 @@ def huge_ranges(regions, min_bytes: int = MIN_REGION) -> list[tuple[int, int]]:
 
 def advise_new(before: set[tuple[int, int]], background: bool = False) -> Advice:
     """Ask for huge pages on the anonymous mappings that appeared since `before`. With `background`,
-    the conversion (MADV_COLLAPSE copies the pages: ~2 s per GB here) runs on a daemon thread and the
+    the conversion (MADV_COLLAPSE copies the pages, seconds for a model: docs/runtime.md "Huge pages") runs on a daemon thread and the
     caller goes on at once; `collapsed` grows as it proceeds."""
     mode = thp_mode()
     if mode in ("never", "unavailable") or not hasattr(os, "sysconf"):

@@ -25,7 +25,7 @@ class OrtBackend:
     def __init__(self, graph_path: str | Path, io: ModelIO, *, providers: list, threads: int,
                  accuracy_level: int = 4, optimized_model_path: str | Path | None = None,
                  fused=None, huge_pages: bool = True):
-        """fused: the fused_graph.FusedGraph when `graph_path` is that graph (CPU provider)."""
+        """fused: the fused.FusedGraph (runtime/backends/fused/) when `graph_path` is that graph (CPU provider)."""
         ort = require("onnxruntime", "runtime")
         self.graph_path = Path(graph_path)
         so = ort.SessionOptions()

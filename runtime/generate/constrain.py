@@ -100,7 +100,7 @@ def _from_response_format(rf) -> Constraint | None:
 
 
 class GrammarCompiler:
-    """The tokenizer's llguidance view (built once, ~1 s for 150k tokens) and a cache of checked grammars."""
+    """The tokenizer's llguidance view (built once per load: it is slow, docs/runtime.md) and a cache of checked grammars."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...], tokens: int | None = None):
         self._llg = require("llguidance", "runtime")

@@ -8,8 +8,8 @@ sessions built once at load from the same file. Every session is the same single
 the weights it is given differ, so paged and resident layers compute exactly alike.
 
 Why a session per paged layer: a layer whose int4 weights are graph inputs cannot use onnxruntime's
-prepacked MatMulNBits kernel (it dequantizes the whole matrix every call, ~30x slower). A build
-prepacks once per use (13-20 ms for a 1.5B layer in benchmarks/bench_paging.py).
+prepacked MatMulNBits kernel (it dequantizes the whole matrix every call). A build prepacks once per
+use, far cheaper than dequantizing on every call (docs/paging.md "The fused executor" has the times).
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def graph_bytes(bundle: Path, manifest: dict, backend) -> int:
     fused graph's files)."""
     if getattr(backend, "plan", None) is not None:  # storage paging: what the executor holds at most
         return backend.plan.peak_bytes
-    if getattr(backend, "mapped_bytes", None) is not None:  # onnxruntime's fused graph (runtime/fused_graph.py)
+    if getattr(backend, "mapped_bytes", None) is not None:  # onnxruntime's fused graph (runtime/backends/fused/)
         return backend.mapped_bytes
     files = manifest.get("files", {})
     graph = getattr(backend, "graph_path", None)
