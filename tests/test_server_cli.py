@@ -16,6 +16,14 @@ def test_print_config_merges_file_and_options(tmp_path, capsys):
     assert out["server"]["api_key"] == "***"
 
 
+def test_a_board_the_config_file_emulates_gets_its_root_from_the_user_cache(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('bundle = "/b"\nemulate = "orin-nano-8gb"\n')
+    assert main(["serve", "--config", str(cfg), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["root"] == str(tmp_path / "cache/emulated/orin-nano-8gb")
+
+
 def test_missing_bundle_and_bad_config_fail_with_one_line(tmp_path, capsys):
     assert main(["serve", "--port", "0"]) == 2
     assert "no bundle to serve" in capsys.readouterr().err

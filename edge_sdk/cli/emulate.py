@@ -18,9 +18,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..paths import cache_dir
     from ..runtime.platform import Platform, emulated_root
+    from ..runtime.platform.emulator import default_root
 
-    root = emulated_root(args.board, args.root)
+    root = emulated_root(args.board, args.root or default_root(args.board, cache_dir()))
     info = {"board": args.board, "root": str(root), "bin": str(root / "bin"),
             "env": {"EDGE_SDK_ROOT": str(root), "PATH_prefix": str(root / "bin")}}
     if args.json:

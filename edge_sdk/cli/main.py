@@ -35,7 +35,17 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate", metavar="BOARD", default=os.environ.get("EDGE_SDK_EMULATE"),
                    help="run against an emulated board (agx-orin-64gb, agx-orin-32gb, orin-nx-16gb, orin-nano-8gb); env EDGE_SDK_EMULATE")
     p.add_argument("--root", metavar="DIR", default=os.environ.get("EDGE_SDK_ROOT"),
-                   help="filesystem root holding /sys, /proc, /etc of the board (default /); env EDGE_SDK_ROOT")
+                   help="filesystem root holding /sys, /proc, /etc of the board (default /, with --emulate "
+                        "$EDGE_SDK_CACHE/emulated/BOARD); env EDGE_SDK_ROOT")
+
+
+def resolve_device_root(args, environ=None) -> None:
+    """--emulate without --root: the user's emulated root, resolved here so the runtime gets a directory."""
+    if getattr(args, "emulate", None) and not getattr(args, "root", None):
+        from ..paths import cache_dir
+        from ..runtime.platform.emulator import default_root
+
+        args.root = str(default_root(args.emulate, cache_dir(environ)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +72,7 @@ def _reader_went_away() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_device_root(args)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ...boards import Board, get_board
 from ...errors import PlatformError
+from ...paths import cache_dir
 from .meminfo import render_meminfo
 from .nvpmodel_conf import apply_model, freq_table, parse_conf, render_conf
 from .root import (CPU_DIR, CUDA_VERSION, DT_COMPATIBLE, DT_MODEL, EMC_ACTIVITY, EMC_CAP, EMULATED_MARKER, GPU_DEVFREQ, GPU_DEVICE,
@@ -21,19 +22,17 @@ MARKER = EMULATED_MARKER
 TOOLS = ("nvpmodel", "jetson_clocks", "tegrastats")
 
 
-def default_root(board: str) -> Path:
-    """The board's root when --root is not given: one per user and cache (EDGE_SDK_CACHE, else
-    XDG_CACHE_HOME/edge-sdk, else ~/.cache/edge-sdk). Its power mode and clocks live in it, so jobs that
-    must not share a board pass their own --root (or EDGE_SDK_CACHE)."""
-    cache = os.environ.get("EDGE_SDK_CACHE")
-    base = Path(cache) if cache else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-sdk"
-    return base / "emulated" / board
+def default_root(board: str, cache: str | os.PathLike) -> Path:
+    """The board's root when --root is not given: one per user cache (edge_sdk.paths.cache_dir). Its
+    power mode and clocks live in it, so jobs that must not share a board pass their own --root."""
+    return Path(cache) / "emulated" / board
 
 
 def emulated_root(board: str, root: str | os.PathLike | None = None) -> Path:
-    """Create (or reuse) an emulated root for a board; returns its path."""
+    """Create (or reuse) an emulated root for a board; returns its path. Without `root`, the user's
+    default_root (for Python callers; the CLI passes the root it resolved)."""
     profile = get_board(board)
-    path = Path(root) if root else default_root(board)
+    path = Path(root) if root else default_root(board, cache_dir())
     marker = path / MARKER
     if marker.exists():
         have = json.loads(marker.read_text()).get("board")
