@@ -71,13 +71,16 @@ def is_mqtt(url: str) -> bool:
 
 
 class Connection:
-    """One paho client: connects in the background, reconnects after a broker outage, QoS 1 publishes."""
+    """One paho client: connects in the background, reconnects after a broker outage, QoS 1 publishes.
+    ``connected`` is set once the broker acknowledged the ``subscribe`` topics (a message sent to them
+    before that would find no subscriber)."""
 
-    def __init__(self, url: MqttUrl, client_id: str, *, will: tuple[str, bytes] | None = None,
+    def __init__(self, url: MqttUrl, client_id: str, *, will: tuple[str, bytes] | None = None, subscribe: tuple[str, ...] = (),
                  on_connect: Callable[[], None] | None = None, on_message: Callable[[str, bytes], None] | None = None):
         mqtt = require("paho.mqtt.client", "runtime")
         self.url = url
         self.connected = threading.Event()
+        self._topics, self._sub_mid = subscribe, None
         self._on_connect_cb, self._on_message_cb = on_connect, on_message
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if will:
@@ -85,6 +88,7 @@ class Connection:
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
 
     def start(self) -> "Connection":
@@ -100,9 +104,16 @@ class Connection:
         if reason.is_failure:
             log.warning("MQTT broker %s:%d refused the connection: %s", self.url.host, self.url.port, reason)
             return
-        self.connected.set()
+        if self._topics:
+            _, self._sub_mid = client.subscribe([(t, QOS) for t in self._topics])
         if self._on_connect_cb:
             self._on_connect_cb()
+        if not self._topics:
+            self.connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
+        if mid == self._sub_mid:
+            self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason, properties=None):
         if self.connected.is_set():
@@ -165,10 +176,10 @@ class MqttSender:
         self._lock = threading.Lock()
         status = self.url.topic(self.device, "status")
         self.conn = Connection(self.url, f"edge-sdk-{self.device}", will=(status, b"offline"),
+                               subscribe=(self.url.topic(self.device, "command"),),
                                on_connect=self._on_connect, on_message=self._on_message)
 
     def _on_connect(self) -> None:
-        self.conn.client.subscribe(self.url.topic(self.device, "command"), qos=QOS)
         self.conn.client.publish(self.url.topic(self.device, "status"), b"online", qos=QOS, retain=True)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -243,7 +254,7 @@ class MqttCommander:
         self._results: dict[int, bytes] = {}
         self._cv = threading.Condition()
         self.conn = Connection(self.url, f"edge-sdk-ground-{uuid.uuid4().hex[:8]}", on_message=self._on_message,
-                               on_connect=lambda: self.conn.client.subscribe(self.url.topic("+", "result"), qos=QOS)).start()
+                               subscribe=(self.url.topic("+", "result"),)).start()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:
