@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 
 import torch
 
@@ -26,7 +25,7 @@ from edge_sdk.errors import ConversionError
 
 from .archs import ATTN, MLP
 from .quant import QMAX, QMIN, QuantizedLinear, check_group, rtn
-from .tensors import layer_tensors
+from .tensors import embedding_rows, layer_tensors
 
 SUBSETS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -84,8 +83,11 @@ class GPTQLayers:
 
     def embed(self) -> list[torch.Tensor]:
         """Layer 0's inputs: the calibration rows of the embedding, fp32 [1, T, hidden] each."""
-        e = self.src.get(self.ck.arch.embed, (self.shape.vocab_size, self.shape.hidden_size))
-        return [e[ids[0]].float().unsqueeze(0).to(self.device) for ids in self.ids]
+        from .streaming import rows_per_chunk
+
+        shp = (self.shape.vocab_size, self.shape.hidden_size)
+        rows = embedding_rows(self.src, self.ck.arch.embed, shp, torch.cat([ids[0] for ids in self.ids]), rows_per_chunk(shp[1]))
+        return [r.float().unsqueeze(0).to(self.device) for r in rows.split([ids.shape[1] for ids in self.ids])]
 
     def _hf_layer(self, i: int, w: dict):
         layer = self.layer_cls(self.hf_cfg, layer_idx=i)
@@ -159,9 +161,3 @@ def _gptqmodel():
     from edge_sdk.errors import require
 
     return require("gptqmodel", "convert")
-
-
-def timed(fn, *a):
-    t = time.perf_counter()
-    r = fn(*a)
-    return r, time.perf_counter() - t

@@ -45,10 +45,11 @@ class Stages:
 
     NAMES = ("load", "quantize", "export", "verify", "accuracy", "package")
 
-    def __init__(self, progress: bool, terminal=None):
+    def __init__(self, progress: bool, terminal=None, log_path=None):
         from tqdm import tqdm
 
         self.seconds: dict[str, float] = {}
+        self.log_note = f" (library output: {log_path})" if log_path else ""
         self.bar = tqdm(total=len(self.NAMES), desc="convert", unit="stage", file=terminal or sys.stderr, disable=not progress,
                         bar_format="{desc}: {n}/{total} stages [{elapsed}] {postfix}")
 
@@ -56,10 +57,14 @@ class Stages:
     def __call__(self, name: str):
         t = time.perf_counter()
         log.info("%s ...", name)
-        self.bar.set_postfix_str(name)
+        self.status(name)
         yield
         self.seconds[name] = round(time.perf_counter() - t, 3)
         self.bar.update(1)
+
+    def status(self, text: str) -> None:
+        """The bar's text after the stage count: what runs now, and where library output goes."""
+        self.bar.set_postfix_str(text + self.log_note)
 
     def close(self):
         self.bar.close()
@@ -114,7 +119,7 @@ def convert(model_dir, output, *, log_file=None, **options) -> dict:
     log_path = Path(log_file) if log_file else default_log_path()
     try:
         with third_party_output(log_path) as terminal:
-            stages = Stages(opts.progress, terminal)
+            stages = Stages(opts.progress, terminal, log_path)
             try:
                 summary = _convert(model_dir, output, opts, stages)
             finally:

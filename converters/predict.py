@@ -54,7 +54,7 @@ def _out(shape, p) -> int:
 
 
 def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
-    from .streamed_convert import peak_rss, resolve_device
+    from .streamed_convert import gpu_memory_errors, peak_rss, resolve_device
     from .streamed_eval import StreamedModel
 
     device = resolve_device(opts)
@@ -64,7 +64,7 @@ def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
     work = WorkDir(work_path, work_identity(ck, opts, calib))
     layers = Layers(ck, shape, src, calib, opts, work, device)
     first = work.first_missing_layer(shape.num_layers)
-    with stages("quantize"):
+    with stages("quantize"), gpu_memory_errors(device, opts):
         t = time.perf_counter()
         layers.run(stop_after=1)
         quant_s = time.perf_counter() - t

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import resource
 import shutil
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, ConversionError
 
 from . import accuracy, onnx_export
 from .checkpoint import TOKENIZER_FILES
@@ -41,6 +41,26 @@ def resolve_device(opts) -> torch.device:
     return dev
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+@contextmanager
+def gpu_memory_errors(device, opts):
+    """A GPU running out of memory is one line saying what to change; the finished layers are kept."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConversionError(f"{device}: out of memory during the conversion ({first})",
+                              hint=f"pass --device cpu, or a smaller calibration (--nsamples {max(1, opts.nsamples // 2)} "
+                                   f"or --seqlen {max(16, opts.seqlen // 2)}), and run the same command again: "
+                                   "finished layers are kept") from exc
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -56,7 +76,7 @@ class LayerBar:
             self.times.append(seconds)
         left = self.n - i - 1
         eta = f", ETA {left * sum(self.times) / len(self.times):.0f}s" if self.times else ""
-        self.stages.bar.set_postfix_str(f"quantize: layer {i + 1} of {self.n}{eta}")
+        self.stages.status(f"quantize: layer {i + 1} of {self.n}{eta}")
 
 
 def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_freq, rope_scale) -> tuple[dict, dict, dict]:
@@ -74,7 +94,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_fre
     work_path = Path(opts.work_dir) if opts.work_dir else default_work_dir(output)
     work = WorkDir(work_path, work_identity(ck, opts, calib))
     layers = Layers(ck, shape, src, calib, opts, work, device, LayerBar(stages, shape.num_layers))
-    with stages("quantize"):
+    with stages("quantize"), gpu_memory_errors(device, opts):
         quantize_layers(layers)
     extra = {"work_dir": str(work_path), "device": str(device), "layer_seconds": layers.layer_seconds,
              "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
@@ -120,8 +140,12 @@ def _verify(tmp, ck, shape, src, work, opts, calib, inv_freq, rope_scale, lm_q) 
     params = shape.vocab_size * shape.hidden_size * 2 + shape.num_layers * (
         shape.hidden_size * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
         + shape.hidden_size * shape.num_heads * shape.head_dim + 3 * shape.hidden_size * shape.intermediate_size)
-    if params > WHOLE_GRAPH_CHECK_PARAMS:
-        return {"skipped": f"{params} parameters: the whole-graph check runs up to {WHOLE_GRAPH_CHECK_PARAMS}"}
+    if params > WHOLE_GRAPH_CHECK_PARAMS:  # one piece at a time: head, each decoder layer, tail
+        from .layer_check import check_layers
+        from .streamed_eval import StreamedModel
+
+        quant = StreamedModel("quant", src, work, shape, ck.arch, opts, inv_freq, rope_scale, lm_q)
+        return check_layers(tmp / "model.onnx", quant, shape, calib.ids, seed=opts.seed)
     from .decoder import Decoder
     from .pipeline import StoredWeights
 
@@ -161,8 +185,3 @@ def _package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report) -> dict:
         "ir_version": onnx_export.IR_VERSION,
     }
     return write_manifest(tmp, manifest, sign_key=opts.sign_key)
-
-
-def timer():
-    t = time.perf_counter()
-    return lambda: round(time.perf_counter() - t, 3)

@@ -13,7 +13,7 @@ from .archs import ATTN, MLP
 from .decoder import Layer, Linear, RMSNorm
 from .layerwise import from_result
 from .streaming import rows_per_chunk
-from .tensors import expected_shapes
+from .tensors import embedding_rows, expected_shapes
 
 
 class StreamedModel:
@@ -43,10 +43,9 @@ class StreamedModel:
         return Layer(self.s, norms, lin).eval()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        e = self.src.get(self.arch.embed, (self.s.vocab_size, self.s.hidden_size))
-        rows = e[ids.reshape(-1)]
-        rows = rows.to(torch.float32) if self.kind == "float" else rows.half().float()
-        return rows.reshape(*ids.shape, -1)
+        shp = (self.s.vocab_size, self.s.hidden_size)
+        rows = embedding_rows(self.src, self.arch.embed, shp, ids, rows_per_chunk(shp[1]))
+        return rows.to(torch.float32) if self.kind == "float" else rows.half().float()
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """logits fp32 [B, T, vocab]: final norm, then lm_head in row chunks of the vocabulary."""

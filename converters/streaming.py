@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,11 +16,11 @@ from types import SimpleNamespace
 import torch
 
 from .archs import ATTN, MLP
-from .layerwise import GPTQLayers, check_groups, from_result, layer_result, rtn_layer
+from .layerwise import GPTQLayers, from_result, layer_result, rtn_layer
 from .quant import check_group, pack_int4, rtn
-from .tensors import TensorSource, expected_shapes
+from .tensors import expected_shapes
 from .weights_file import ALIGNMENT, _LAYER
-from .workdir import WorkDir, maybe_kill, write_atomic
+from .workdir import WorkDir, maybe_kill
 
 CHUNK_BYTES = 256 * 2**20  # fp32 bytes of one embedding / lm_head row chunk
 
@@ -224,7 +223,3 @@ def file_sha256(path: Path) -> str:
 
 def json_bytes(obj) -> bytes:
     return json.dumps(obj, sort_keys=True).encode()
-
-
-__all__ = ["Layers", "quantize_layers", "write_weights_streamed", "quant_section", "default_work_dir", "work_identity",
-           "TensorSource", "check_groups", "write_atomic", "math"]

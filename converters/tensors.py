@@ -22,7 +22,6 @@ class TensorSource:
     def __init__(self, path: Path, shards: list[Path]):
         self.path = Path(path)
         self._where: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
         index = self.path / INDEX
         if index.exists():
             self._read_index(index)
@@ -83,6 +82,21 @@ class TensorSource:
             return sl[rows] if rows is not None else sl[:]
         except Exception as exc:  # noqa: BLE001 - a truncated shard fails here
             raise ConversionError(f"{self._where[name]}: cannot read {name} ({exc})", hint="download the shard again") from exc
+
+
+def embedding_rows(src: TensorSource, name: str, shape: tuple[int, int], ids, chunk_rows: int):
+    """src[name][ids] (any shape of ids) read `chunk_rows` rows at a time: the table is never whole in memory."""
+    import torch
+
+    flat = ids.reshape(-1)
+    out = None
+    for a in range(0, shape[0], chunk_rows):
+        hit = (flat >= a) & (flat < a + chunk_rows)
+        if bool(hit.any()):
+            part = src.get(name, shape, rows=slice(a, a + chunk_rows))
+            out = out if out is not None else torch.empty(flat.numel(), shape[1], dtype=part.dtype)
+            out[hit] = part[flat[hit] - a]
+    return out.reshape(*ids.shape, shape[1])
 
 
 def expected_shapes(shape, arch, layer: int | None) -> dict[str, tuple[int, ...]]:

@@ -158,4 +158,5 @@ def test_cli_convert_prints_progress_and_result_only(tiny_model_dir, tmp_path):
     assert [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("convert: ")] == []  # our progress bar only
     (log,) = (cache / "logs").glob("convert-*.log")
     assert f"library log   {log}" in r.stdout
+    assert f"(library output: {log})" in r.stderr  # the progress bar points at it
     assert "GPT-QModel" in log.read_text(errors="replace")

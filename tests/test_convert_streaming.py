@@ -154,3 +154,92 @@ def test_dry_run_predicts_the_weights_file_to_the_byte_and_leaves_no_bundle(tiny
     real = convert(tiny_model_dir("llama"), tmp_path / "b", work_dir=tmp_path / "w", **RTN)
     assert p["bundle_weight_bytes"] == (tmp_path / "b" / "model.weights").stat().st_size
     assert list(real["layer_seconds"]) == [1]  # the real run continued from the dry run's layer
+
+
+@pytest.mark.parametrize("error", [
+    lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.64 GiB total capacity)"),
+    lambda: RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+])
+def test_gpu_out_of_memory_is_one_line_and_the_same_command_resumes(tiny_model_dir, tmp_path, monkeypatch, error):
+    from edge_sdk.converters import streaming
+
+    real = streaming.rtn_layer
+
+    def step(src, shape, arch, i, opts):
+        if i == 1:
+            raise error()
+        return real(src, shape, arch, i, opts)
+
+    monkeypatch.setattr(streaming, "rtn_layer", step)
+    with pytest.raises(ConversionError) as e:
+        convert(tiny_model_dir("qwen2"), tmp_path / "b", work_dir=tmp_path / "w", **RTN)
+    msg = str(e.value)
+    assert "out of memory" in msg and "--device cpu" in msg and "--nsamples 4" in msg and "\n" not in msg
+    assert not (tmp_path / "b").exists() and (tmp_path / "w" / "layer-0000.safetensors").exists()
+    monkeypatch.setattr(streaming, "rtn_layer", real)
+    s = convert(tiny_model_dir("qwen2"), tmp_path / "b", work_dir=tmp_path / "w", **RTN)
+    assert list(s["layer_seconds"]) == [1]
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tiny_model_dir, tmp_path, monkeypatch):
+    from edge_sdk.converters import streaming
+
+    def step(*a):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(streaming, "rtn_layer", step)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        convert(tiny_model_dir("qwen2"), tmp_path / "b", **RTN)
+
+
+def test_per_layer_onnx_check_for_models_above_the_whole_graph_limit(tiny_model_dir, tmp_path, monkeypatch):
+    from edge_sdk.converters import streamed_convert
+
+    monkeypatch.setattr(streamed_convert, "WHOLE_GRAPH_CHECK_PARAMS", 0)
+    s = convert(tiny_model_dir("llama"), tmp_path / "b", **RTN)
+    check = s["accuracy"]["onnx_vs_torch"]
+    assert check["per_piece"] and check["pieces"] == 4 and check["greedy_tokens_equal"]
+    assert check["max_abs_logit_diff"] < 1e-3 and check["max_abs_layer_diff"] < 1e-3
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "manifest.json", "model.onnx", "model.weights", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_per_layer_onnx_check_names_the_layer_that_differs(tiny_model_dir, tmp_path, monkeypatch):
+    from edge_sdk.converters import streamed_convert, streamed_eval
+
+    monkeypatch.setattr(streamed_convert, "WHOLE_GRAPH_CHECK_PARAMS", 0)
+    real = streamed_eval.StreamedModel.layer
+
+    def layer(self, i):
+        m = real(self, i)
+        if i == 1:  # the reference's layer 1 no longer matches the graph's
+            m.mlp.down_proj.weight.data.mul_(1.01)
+        return m
+
+    monkeypatch.setattr(streamed_eval.StreamedModel, "layer", layer)
+    with pytest.raises(ConversionError, match="in decoder layer 1:") as e:
+        convert(tiny_model_dir("qwen2"), tmp_path / "b", **RTN)
+    assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
+
+
+# model.weights and model.onnx of the tiny bundles (TINY_CONVERT; the manifest carries the SDK version and
+# the measured accuracy, so it is left out). Recorded with the torch the installer pins and GPTQModel 7.6:
+# a change here means a change in the bytes every conversion writes, which has to be explained.
+TINY_DIGESTS = {
+    "qwen2-gptq": ("11edf6f5767e87242a1c014c43517091126ca9594a3d3f8a75e8ebe6cf6f2523",
+                   "e3f4f53f7eb42ceb277f6b5ecbd86ec3d80b8a49c400a686ff21bc7427ff6e27"),
+    "qwen2-rtn": ("6c942c7bb342e96a6962e3a93c15ab2aa8f847529e70ba62c2052ec68ac6924a",
+                  "e3f4f53f7eb42ceb277f6b5ecbd86ec3d80b8a49c400a686ff21bc7427ff6e27"),
+    "llama-gptq": ("bbfb187d2187561d5fd676b76f3063e93882f8b061c63a86dea896fcce67a0ea",
+                   "9acd663eec4e445440a2571d615289f8c7b2a98309baeea0f519ce6fd89d6542"),
+    "llama-rtn": ("395c211f659125f02498a2dc7590eb9d770bb0fc409101785a0d9def2e458a22",
+                  "9acd663eec4e445440a2571d615289f8c7b2a98309baeea0f519ce6fd89d6542"),
+}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tiny_bundles_keep_their_recorded_bytes(tiny_model_dir, tiny_bundle, tmp_path, arch):
+    convert(tiny_model_dir(arch), tmp_path / "rtn", **RTN)
+    for method, bundle in (("gptq", tiny_bundle(arch)), ("rtn", tmp_path / "rtn")):
+        d = digests(bundle)
+        assert (d["model.weights"], d["model.onnx"]) == TINY_DIGESTS[f"{arch}-{method}"], method
