@@ -66,8 +66,17 @@ def check_group(in_features: int, group_size: int, name: str = "weight") -> None
 
 def pack_int4(q: torch.Tensor) -> bytes:
     """ONNX INT4 layout: row-major elements, two per byte, the first in the low nibble."""
-    flat = q.reshape(-1).to(torch.int16) & 0xF
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    pairs = flat.reshape(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8).numpy().tobytes()
+    return b"".join(pack_int4_chunks(q))
+
+
+def pack_int4_chunks(q: torch.Tensor, rows: int = 2048):
+    """pack_int4's bytes in pieces of `rows` rows of q (any 2-D view, e.g. a transpose): the bytes are
+    the same, and no full-size copy of q is made."""
+    q = q.reshape(-1, q.shape[-1]) if q.dim() != 2 else q
+    rows = rows + rows % 2  # an even row count: a byte never spans two pieces
+    for a in range(0, q.shape[0], rows):
+        flat = q[a:a + rows].reshape(-1).to(torch.int16) & 0xF
+        if flat.numel() % 2:  # only the last piece can be odd
+            flat = torch.cat([flat, flat.new_zeros(1)])
+        pairs = flat.reshape(-1, 2)
+        yield (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8).numpy().tobytes()

@@ -17,7 +17,7 @@ import torch
 
 from .archs import ATTN, MLP
 from .layerwise import GPTQLayers, from_result, layer_result, rtn_layer
-from .quant import check_group, pack_int4, rtn
+from .quant import check_group, pack_int4_chunks, rtn
 from .tensors import expected_shapes
 from .weights_file import ALIGNMENT, _LAYER
 from .workdir import WorkDir, maybe_kill
@@ -139,8 +139,8 @@ def _half_chunks(src, name, shape, transpose=False):
 
 
 def _add_quant(w: StreamWriter, module, ql) -> None:
-    q_t, s_t = ql.q.t().contiguous(), ql.scales.t().contiguous()
-    w.add(f"{module}.qweight", "int4", tuple(q_t.shape), [pack_int4(q_t)])
+    q_t, s_t = ql.q.t(), ql.scales.t().contiguous()  # q_t: a view, packed in row pieces
+    w.add(f"{module}.qweight", "int4", tuple(q_t.shape), pack_int4_chunks(q_t))
     w.add(f"{module}.scales", "float16", tuple(s_t.shape), [s_t.numpy().tobytes()])
 
 
@@ -152,12 +152,12 @@ def lm_head_rtn(src, arch, shape, g: int):
     name = arch.lm_head if arch.lm_head in src else arch.embed
     v, h = shape.vocab_size, shape.hidden_size
     check_group(h, g, "lm_head")
-    qs, ss = [], []
-    for a in range(0, v, rows_per_chunk(h)):
-        ql = rtn(src.get(name, (v, h), rows=slice(a, a + rows_per_chunk(h))), g)
-        qs.append(ql.q)
-        ss.append(ql.scales)
-    return QuantizedLinear(torch.cat(qs), torch.cat(ss), g)
+    q, scales = torch.empty(v, h, dtype=torch.int8), torch.empty(v, h // g, dtype=torch.float16)
+    step = rows_per_chunk(h)
+    for a in range(0, v, step):
+        ql = rtn(src.get(name, (v, h), rows=slice(a, a + step)), g)
+        q[a:a + step], scales[a:a + step] = ql.q, ql.scales
+    return QuantizedLinear(q, scales, g)
 
 
 def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts) -> tuple[dict, set, dict]:

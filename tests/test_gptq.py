@@ -76,6 +76,20 @@ def test_int4_packing_matches_onnx_reader():
     np.testing.assert_array_equal(numpy_helper.to_array(t), q.numpy())
 
 
+def test_int4_packing_in_row_pieces_of_a_transposed_view_gives_the_same_bytes():
+    from edge_sdk.converters.quant import pack_int4_chunks
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    g = torch.Generator().manual_seed(2)
+    for out, inp, rows in [(1, 1, 1), (3, 5, 1), (7, 3, 2), (9, 64, 3), (8, 7, 4), (5, 9, 2048)]:
+        q = torch.randint(-8, 8, (out, inp), generator=g, dtype=torch.int8)
+        raw = b"".join(pack_int4_chunks(q.t(), rows))
+        t = onnx.TensorProto(name="q", data_type=onnx.TensorProto.INT4, dims=[inp, out], raw_data=raw)
+        np.testing.assert_array_equal(numpy_helper.to_array(t), q.t().numpy())
+
+
 def test_gptq_unpack_layout():
     vals = torch.arange(16, dtype=torch.int32).reshape(16, 1) % 16  # input channel i holds value i
     packed = torch.zeros(2, 1, dtype=torch.int32)
