@@ -25,7 +25,7 @@ from edge_sdk.errors import ConversionError
 
 from .archs import ATTN, MLP
 from .quant import QMAX, QMIN, QuantizedLinear, check_group, rtn
-from .tensors import embedding_rows, layer_tensors
+from .tensors import embedding_rows, expected_shapes, layer_tensors
 
 SUBSETS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -52,8 +52,13 @@ def from_result(tensors: dict, group_size: int) -> dict[str, QuantizedLinear]:
 
 
 def rtn_layer(src, shape, arch, i: int, opts) -> dict[str, QuantizedLinear]:
-    w = layer_tensors(src, shape, arch, i)
-    return {arch.linear(i, p): rtn(w[f"{arch.linear(i, p)}.weight"], opts.group_size) for p in (*ATTN, *MLP)}
+    """One tensor read at a time (every tensor of the layer is checked, as layer_tensors does)."""
+    out = {}
+    for name, shp in expected_shapes(shape, arch, i).items():
+        w = src.get(name, shp)
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in (*ATTN, *MLP):
+            out[name.removesuffix(".weight")] = rtn(w, opts.group_size)
+    return out
 
 
 class GPTQLayers:

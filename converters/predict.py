@@ -13,7 +13,8 @@ import torch
 
 from .archs import ATTN, MLP
 from .layerwise import check_groups, in_features
-from .streaming import Layers, StreamWriter, _add_quant, default_work_dir, work_identity
+from .quant import pack_int4_chunks
+from .streaming import Layers, StreamWriter, _add_quant, _half_chunks, default_work_dir, lm_head_rtn, work_identity
 from .tensors import TensorSource, expected_shapes
 from .weights_file import ALIGNMENT
 from .workdir import WorkDir
@@ -53,9 +54,38 @@ def _out(shape, p) -> int:
             "down_proj": shape.hidden_size}.get(p, shape.intermediate_size)
 
 
+def eval_windows(eval_tokens: int, window: int = 512) -> int:
+    """How many windows streamed_eval.nll cuts `eval_tokens` held-out tokens into."""
+    return sum(1 for s in range(0, eval_tokens - 1, window - 1) if min(window, eval_tokens - s) >= 2)
+
+
+def _accuracy_costs(ck, shape, src, work, opts, i, lm_q) -> tuple[tuple[float, float], float]:
+    """((build layer i for both models, one window through it), one window's heads), in seconds."""
+    from .decoder import rope_tables
+    from .streamed_eval import StreamedModel
+
+    inv_freq, scale = rope_tables(ck.config, ck.arch)
+    ids = torch.zeros(1, min(512, opts.eval_tokens + 1), dtype=torch.long)
+    build = fwd = head = 0.0
+    for kind in ("quant", "float"):
+        m = StreamedModel(kind, src, work, shape, ck.arch, opts, inv_freq, scale, lm_q if kind == "quant" else None)
+        c, s, mask, e = m.window_inputs(ids)
+        x = m.embed(ids)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            layer = m.layer(i)
+            t1 = time.perf_counter()
+            x = layer(x, c, s, mask, e, e)[0]
+            t2 = time.perf_counter()
+            m.head(x)
+            t3 = time.perf_counter()
+        build, fwd, head = build + t1 - t0, fwd + t2 - t1, head + t3 - t2
+        del layer
+    return (build, fwd), head
+
+
 def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
     from .streamed_convert import gpu_memory_errors, peak_rss, resolve_device
-    from .streamed_eval import StreamedModel
 
     device = resolve_device(opts)
     check_groups(shape, ck.arch, opts.group_size)
@@ -79,26 +109,22 @@ def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
         w.close()
         (work_path / ".dry-run.weights").unlink()
         export_s = time.perf_counter() - t
+        t = time.perf_counter()  # the ends as the export writes them (bytes discarded): their time and memory
+        lm_q = lm_head_rtn(src, ck.arch, shape, opts.group_size) if opts.lm_head_dtype == "int4" else None
+        for _ in (*_half_chunks(src, ck.arch.embed, (shape.vocab_size, shape.hidden_size)),
+                  *(pack_int4_chunks(lm_q.q.t()) if lm_q is not None else ())):
+            pass
+        ends_s = time.perf_counter() - t
     with stages("accuracy"):
-        t = time.perf_counter()
-        from .decoder import rope_tables
-
-        inv_freq, scale = rope_tables(ck.config, ck.arch)
-        ids = torch.zeros(1, min(512, opts.eval_tokens + 1), dtype=torch.long)
-        for kind in ("quant", "float"):
-            m = StreamedModel(kind, src, work, shape, ck.arch, opts, inv_freq, scale)
-            c, s, mask, e = m.window_inputs(ids)
-            with torch.no_grad():
-                x = m.layer(i)(m.embed(ids), c, s, mask, e, e)[0]
-                if kind == "quant":
-                    m.head(x)
-        eval_s = (time.perf_counter() - t) * -(-opts.eval_tokens // 511)
-    n = shape.num_layers
+        layer_s, head_s = _accuracy_costs(ck, shape, src, work, opts, i, lm_q)
+    n, windows = shape.num_layers, eval_windows(opts.eval_tokens)
     load_s = stages.seconds.get("load", 0.0)
+    eval_s = layer_s[0] + windows * layer_s[1]
     predicted = {
         "peak_rss_bytes": peak_rss(),
-        "seconds": round(load_s + n * (quant_s + export_s + eval_s), 3),
+        "seconds": round(load_s + n * (quant_s + export_s + eval_s) + ends_s + windows * head_s, 3),
         "seconds_per_layer": {"quantize": round(quant_s, 3), "export": round(export_s, 3), "accuracy": round(eval_s, 3)},
+        "seconds_once": {"export_embedding_lm_head": round(ends_s, 3), "accuracy_heads": round(windows * head_s, 3)},
         "bundle_weight_bytes": weights_file_bytes(shape, ck.arch, opts),
         "work_dir_bytes": work_dir_bytes(shape, opts),
         "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

@@ -49,11 +49,17 @@ def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, group_size: int)
     return torch.clamp(torch.round(w.float() / s), QMIN, QMAX).to(torch.int8)
 
 
-def rtn(w: torch.Tensor, group_size: int) -> QuantizedLinear:
-    """Round-to-nearest: the baseline GPTQ has to beat."""
-    check_group(w.shape[1], group_size)
-    scales = group_scales(w, group_size)
-    return QuantizedLinear(quantize_with_scales(w, scales, group_size), scales, group_size)
+def rtn(w: torch.Tensor, group_size: int, chunk_elements: int = 2**24) -> QuantizedLinear:
+    """Round-to-nearest: the baseline GPTQ has to beat. Rows are independent (groups run along a row),
+    so it works `chunk_elements` at a time: the fp32 temporaries stay small, the integers are the same."""
+    out, inp = w.shape
+    check_group(inp, group_size)
+    q, scales = torch.empty(out, inp, dtype=torch.int8), torch.empty(out, inp // group_size, dtype=torch.float16)
+    step = max(1, chunk_elements // inp)
+    for a in range(0, out, step):
+        scales[a:a + step] = group_scales(w[a:a + step], group_size)
+        q[a:a + step] = quantize_with_scales(w[a:a + step], scales[a:a + step], group_size)
+    return QuantizedLinear(q, scales, group_size)
 
 
 def check_group(in_features: int, group_size: int, name: str = "weight") -> None:

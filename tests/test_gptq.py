@@ -216,6 +216,17 @@ def test_desc_act_checkpoint_is_refused(gptqmodel_checkpoint, tmp_path):
     assert "o_proj" in str(e.value) and "act_group_aware" in str(e.value)
 
 
+def test_rtn_in_row_chunks_gives_the_whole_matrix_integers():
+    from edge_sdk.converters.quant import group_scales, quantize_with_scales
+
+    g = torch.Generator().manual_seed(3)
+    for rows, chunk in [(7, 300), (1, 1), (33, 2**24), (50, 3 * 256)]:
+        w = torch.randn(rows, 256, generator=g).to(torch.bfloat16)
+        scales = group_scales(w, 128)
+        ql = rtn(w, 128, chunk_elements=chunk)
+        assert torch.equal(ql.scales, scales) and torch.equal(ql.q, quantize_with_scales(w, scales, 128))
+
+
 def test_rtn_roundtrip_is_within_half_a_step():
     w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
     ql: QuantizedLinear = rtn(w, 128)
