@@ -35,12 +35,25 @@ class StreamedModel:
         lin = {}
         for p in (*ATTN, *MLP):
             n = self.arch.linear(i, p)
-            w = q[n].dequantize() if q is not None else self._t(f"{n}.weight", exp[f"{n}.weight"])
             b = self._t(f"{n}.bias", exp[f"{n}.bias"]) if f"{n}.bias" in exp else None
-            lin[p] = Linear(w.t().contiguous(), b)
+            lin[p] = Linear(self._weight_t(n, exp[f"{n}.weight"], q.pop(n) if q is not None else None), b)
         norms = (self._t(self.arch.norm(i, "input_norm"), exp[self.arch.norm(i, "input_norm")]),
                  self._t(self.arch.norm(i, "post_attn_norm"), exp[self.arch.norm(i, "post_attn_norm")]))
         return Layer(self.s, norms, lin).eval()
+
+    def _weight_t(self, name, shp, ql=None) -> torch.Tensor:
+        """fp32 [in, out] of one linear, filled in row chunks of [out, in] (no full-size temporaries):
+        the values of dequantize() / the source weight, transposed."""
+        out, inp = shp
+        w_t = torch.empty(inp, out, dtype=torch.float32)
+        step = rows_per_chunk(inp)
+        for a in range(0, out, step):
+            if ql is not None:
+                rows = ql.q[a:a + step].float() * ql.scales[a:a + step].float().repeat_interleave(ql.group_size, dim=1)
+            else:
+                rows = self._t(f"{name}.weight", shp, rows=slice(a, a + step))
+            w_t[:, a:a + step] = rows.t()
+        return w_t
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         shp = (self.s.vocab_size, self.s.hidden_size)

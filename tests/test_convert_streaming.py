@@ -243,3 +243,12 @@ def test_tiny_bundles_keep_their_recorded_bytes(tiny_model_dir, tiny_bundle, tmp
     for method, bundle in (("gptq", tiny_bundle(arch)), ("rtn", tmp_path / "rtn")):
         d = digests(bundle)
         assert (d["model.weights"], d["model.onnx"]) == TINY_DIGESTS[f"{arch}-{method}"], method
+
+
+def test_row_chunks_do_not_change_the_accuracy_numbers(tiny_model_dir, tmp_path, monkeypatch):
+    from edge_sdk.converters import streamed_eval
+
+    whole = convert(tiny_model_dir("qwen2"), tmp_path / "a", **RTN)["accuracy"]
+    monkeypatch.setattr(streamed_eval, "rows_per_chunk", lambda cols: 7)  # embedding, layers, lm_head in 7-row pieces
+    chunked = convert(tiny_model_dir("qwen2"), tmp_path / "b", **RTN)["accuracy"]
+    assert chunked == whole
