@@ -377,3 +377,36 @@ def test_streamed_tool_calls_through_the_openai_client(server):
     assert final.choices[0].finish_reason == "tool_calls"
     assert [(x.function.name, x.function.arguments) for x in final.choices[0].message.tool_calls] == want
     assert [(starts[i], fragments.get(i, "")) for i in range(len(starts))] == want
+
+
+def test_streamed_content_beside_tools_is_the_visible_text():
+    """Content is sent as the text without special tokens (as without tools); calls are read from the raw text."""
+    from edge_sdk.runtime.server import tools as T
+
+    vocab = ["Hi", "<｜User｜>", " there", T.CALLS_BEGIN, T.CALL_BEGIN, "function", T.SEP, "move\n```json\n", '{"a": ',
+             "1}", "\n```", T.CALL_END, T.CALLS_END, T.EOS]
+    special = {1, 3, 4, 6, 11, 12, 13}
+    raw = lambda ids: "".join(vocab[i] for i in ids)  # noqa: E731
+    visible = lambda ids: "".join(vocab[i] for i in ids if i not in special)  # noqa: E731
+    stream, deltas = T.CallStream(), []
+    ids = list(range(len(vocab)))
+    for n in range(1, len(ids) + 1):
+        deltas += stream.feed_ids(ids[:n], raw, visible, final=n == len(ids))
+    assert "".join(d.get("content", "") for d in deltas) == "Hi there"
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert calls[0]["function"] == {"name": "move", "arguments": ""}
+    assert [c["function"]["arguments"] for c in calls[1:]] == ['{"a": ', "1}"] and stream.calls == 1
+
+
+def test_a_streamed_reply_without_calls_matches_the_plain_one(server):
+    c = client(server.url)
+    kw = dict(model="", messages=[{"role": "user", "content": "Hello"}], tools=TOOLS, max_tokens=24, temperature=0)
+    plain = c.chat.completions.create(**kw).choices[0]
+    content, reasoning, reason = "", "", None
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        reason = chunk.choices[0].finish_reason or reason
+    assert not plain.message.tool_calls and reason == plain.finish_reason
+    assert (content, reasoning) == (plain.message.content or "", getattr(plain.message, "reasoning_content", None) or "")

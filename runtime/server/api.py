@@ -328,7 +328,7 @@ def create_app(state: ServerState) -> Starlette:
 
         def deltas(calls: CallStream, final: bool) -> list[dict]:
             out = []
-            for d in calls.feed(raw_text(list(req.completion_ids)), final):
+            for d in calls.feed_ids(list(req.completion_ids), raw_text, state.model.decode, final):
                 out += think_deltas(think, d["content"], False) if "content" in d else [d]
             return out + (think_deltas(think, "", True) if final else [])
 

@@ -192,16 +192,29 @@ class CallStream:
 
     def __init__(self):
         self.calls = 0  # calls whose block closed
+        self._start: int | None = None  # tokens up to the one that completes CALLS_BEGIN
         self._sent = 0  # characters of content, or of the call block, already turned into deltas
         self._in_block = False
         self._state = "between"  # in the block: "between" calls, "args" of call number self._index
         self._index = -1
 
-    def feed(self, raw: str, final: bool = False) -> list[dict]:
+    def feed_ids(self, ids: list[int], raw, visible, final: bool = False) -> list[dict]:
+        """ids: the completion so far; raw(ids) its text with special tokens written, visible(ids) without
+        them (content is sent as visible text, as without tools)."""
+        text = raw(ids)
+        if self._start is None and CALLS_BEGIN in text:
+            lo, hi = 1, len(ids)  # the shortest prefix whose text holds the marker
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if CALLS_BEGIN in raw(ids[:mid]) else (mid + 1, hi)
+            self._start = lo
+        return self.feed(text, final, visible(ids if self._start is None else ids[:self._start]))
+
+    def feed(self, raw: str, final: bool = False, visible: str | None = None) -> list[dict]:
         head, sep, block = raw.partition(CALLS_BEGIN)
         out = []
         if not self._in_block:
-            content = head.partition(EOS)[0]
+            content = (head if visible is None else visible.partition(CALLS_BEGIN)[0]).partition(EOS)[0]
             end = len(content) if sep or final or EOS in head else len(content) - _held(content, CALLS_BEGIN, EOS)
             if end > self._sent:
                 out.append({"content": content[self._sent:end]})
