@@ -41,6 +41,9 @@ ARCHS: dict[str, ArchTable] = {
     "Qwen2ForCausalLM": ArchTable("Qwen2ForCausalLM", qkv_bias_default=True,
                                     rotary="transformers.models.qwen2.modeling_qwen2:Qwen2RotaryEmbedding"),
     "LlamaForCausalLM": ArchTable("LlamaForCausalLM", rotary="transformers.models.llama.modeling_llama:LlamaRotaryEmbedding"),
+    # MLA + MoE: its own graph and conversion (mla.py, deepseek_v2.py); this row names the checkpoint's ends
+    "DeepseekV2ForCausalLM": ArchTable("DeepseekV2ForCausalLM",
+                                         rotary="transformers.models.deepseek_v2.modeling_deepseek_v2:DeepseekV2RotaryEmbedding"),
 }
 
 
@@ -50,7 +53,7 @@ def arch_for(config: dict, source: str = "config.json") -> ArchTable:
     if name not in ARCHS:
         raise UnsupportedArchitectureError(
             f"{source}: architecture {name!r} cannot be converted",
-            hint=f"supported: {', '.join(ARCHS)} (DeepSeek-R1-Distill-Qwen/-Llama, deepseek-llm, deepseek-coder)",
+            hint=f"supported: {', '.join(ARCHS)} (DeepSeek-R1-Distill-Qwen/-Llama, deepseek-llm, deepseek-coder, DeepSeek-V2-Lite)",
         )
     return ARCHS[name]
 

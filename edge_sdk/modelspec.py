@@ -158,7 +158,28 @@ def shape_from_config(cfg: dict, source: str = "config.json") -> ModelShape:
             router_bias=arch == "DeepseekV3ForCausalLM",
         )
         common["num_kv_heads"] = heads
+        _check_mla(cfg, common, source)
     return ModelShape(**common)
+
+
+def _check_mla(cfg: dict, c: dict, source: str) -> None:
+    """MLA and MoE dimensions that must agree with each other (one line naming the disagreement)."""
+    q = c["q_lora_rank"]
+    if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q <= 0):
+        raise ConfigError(f"{source}: 'q_lora_rank' must be null or a positive integer, got {q!r}")
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    if cfg.get("qk_head_dim") not in (None, qk):
+        raise ConfigError(f"{source}: qk_head_dim {cfg['qk_head_dim']} is not qk_nope_head_dim + qk_rope_head_dim = {qk}",
+                          hint="the query/key head is the no-rope part followed by the rope part")
+    if cfg.get("head_dim") not in (None, c["qk_rope_head_dim"]):
+        raise ConfigError(f"{source}: head_dim {cfg['head_dim']} is not qk_rope_head_dim {c['qk_rope_head_dim']}",
+                          hint="for MLA models head_dim is the rotary dimension")
+    if c["qk_rope_head_dim"] % 2:
+        raise ConfigError(f"{source}: qk_rope_head_dim {c['qk_rope_head_dim']} is odd", hint="rotary pairs need an even dimension")
+    e, k = c["n_routed_experts"], c["num_experts_per_tok"]
+    if e and not 1 <= k <= e:
+        raise ConfigError(f"{source}: num_experts_per_tok {k} must be between 1 and n_routed_experts {e}",
+                          hint="each token is routed to num_experts_per_tok of the n_routed_experts experts")
 
 
 # --- parameter counts -------------------------------------------------------------------------
