@@ -215,3 +215,9 @@ def test_prefill_logits_close_to_torch(pair):
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPTS[1]])).logits.numpy()
     np.testing.assert_allclose(logits, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_fused_graph_refused_with_one_line_and_auto_runs_standard(bundle):
+    with pytest.raises(ConfigError, match="architecture DeepseekV2ForCausalLM has no fused form"):
+        edge_sdk.load(bundle, provider="cpu", graph="fused")
+    assert edge_sdk.load(bundle, provider="cpu").backend.describe()["graph_form"] == "standard"
