@@ -26,11 +26,13 @@ def convert(model_dir, output, **options):
     return _convert(model_dir, output, **options)
 
 
-def load(bundle, *, key=None, **options):
+def load(bundle, *, key=None, draft=None, **options):
     """Load a verified bundle for generation (needs ``edge-sdk[runtime]``).
 
     ``key``: trusted ed25519 public key file; the bundle's manifest.sig must verify against it (the same
-    setting as ``--key`` of verify, run, bench and serve)."""
+    setting as ``--key`` of verify, run, bench and serve).
+    ``draft``: a smaller bundle with the same tokenizer, loaded with the same options, that
+    `generate` speculates with (docs/runtime.md, Speculative decoding)."""
     from .errors import ConfigError, require
 
     if key is not None:
@@ -40,7 +42,10 @@ def load(bundle, *, key=None, **options):
     require("onnxruntime", "runtime")
     from .runtime import load as _load
 
-    return _load(bundle, **options)
+    model = _load(bundle, **options)
+    if draft is not None:
+        model.attach_draft(_load(draft, **{k: v for k, v in options.items() if k not in ("max_batch", "kv_budget_bytes")}))
+    return model
 
 
 __all__ = ["Board", "PowerMode", "EdgeSDKError", "Plan", "QuantSpec", "board_names", "convert", "get_board", "load", "plan", "__version__"]

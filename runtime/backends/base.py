@@ -28,6 +28,19 @@ class Backend(Protocol):
     def describe(self) -> dict:
         """Provider, threads, graph file, options: shown by `bench` and logged at load."""
 
+    # optional: True when cache.rollback(length) works on this backend's caches (speculative decoding)
+    can_rollback: bool
+
+
+def can_rollback(backend) -> bool:
+    """Whether speculative decoding can drop rejected tokens from this backend's caches: host caches
+    (onnxruntime's CPU provider, resident or paged) roll back by setting the length (the fused graph's
+    shared buffer) or by swapping buffers back; device caches (CUDA, TensorRT) do not implement it."""
+    flag = getattr(backend, "can_rollback", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(backend, "provider", "") == "CPUExecutionProvider"
+
 
 def check_step(input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Validate one step's inputs; return (input_ids, new_mask) as contiguous int64."""

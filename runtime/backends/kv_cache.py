@@ -90,8 +90,29 @@ class KVCache:
 
     def advance(self, new_mask: np.ndarray) -> None:
         """After a step wrote `present`: swap buffers and extend the mask by new_mask [B, S]."""
+        self._step_start = self.length  # the other buffer still holds the cache of this length
         self.current = 1 - self.current
         self.mask = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
+
+    def rollback(self, length: int) -> None:
+        """Keep the first `length` positions (speculative decoding drops rejected tokens).
+
+        Back to the start of the last step: swap the buffers back (the other one still holds that
+        cache), no copy. Within the last step: the rows' layout [B, H, length, D] depends on the length,
+        so the kept tokens are copied into the other buffer (what the graph's Concat does every step)."""
+        if not 0 <= length <= self.length:
+            raise ConfigError(f"cannot roll a KV cache of {self.length} tokens back to {length}")
+        if length == self.length:
+            return
+        if length == getattr(self, "_step_start", -1):
+            self.current = 1 - self.current
+        else:
+            for layer in range(self.io.num_layers):
+                for kind in range(2):
+                    self._view(self.buffers[layer][kind][1 - self.current], length)[...] = self.past(layer, kind)[:, :, :length]
+            self.current = 1 - self.current
+        self._step_start = -1
+        self.mask = self.mask[:, :length]
 
     def step_inputs(self, new_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """attention_mask [B, length + S] and position_ids [B, S] for the next S tokens."""
@@ -203,6 +224,13 @@ class SharedKVCache(KVCache):
 
     def advance(self, new_mask: np.ndarray) -> None:
         self.mask = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
+
+    def rollback(self, length: int) -> None:
+        """Keep the first `length` positions: the rows are laid out at capacity, so this sets the length
+        (the dropped positions are overwritten by the next step); no copy."""
+        if not 0 <= length <= self.length:
+            raise ConfigError(f"cannot roll a KV cache of {self.length} tokens back to {length}")
+        self.mask = self.mask[:, :length]
 
     def _empty(self, batch: int, capacity: int) -> "KVCache":
         return SharedKVCache(self.io, batch, capacity)

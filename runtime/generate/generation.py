@@ -68,6 +68,9 @@ class Timings:
     first_token_s: float = 0.0  # time to first token (prefill + first sampling)
     decode_s: float = 0.0  # forward passes after the first token
     decode_steps: int = 0
+    decode_tokens: int | None = None  # speculative decoding: tokens after the first (a step yields several)
+    spec_proposed: int = 0  # draft tokens checked by the target
+    spec_accepted: int = 0  # of which accepted
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -75,7 +78,12 @@ class Timings:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+        n = self.decode_steps if self.decode_tokens is None else self.decode_tokens
+        return n / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
 
 
 @dataclass
@@ -99,9 +107,11 @@ class Generator:
         self.max_seq_len = max_seq_len or backend.io.max_positions
         self.kv_budget_bytes = kv_budget_bytes
         self.timings = Timings()
+        self.draft = None  # a draft model's Backend for speculative decoding (Model.attach_draft)
 
-    def stream(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[Chunk]:
-        """Generate for a batch of tokenized prompts; yields chunks in step order, row by row."""
+    def stream(self, prompts: list[list[int]], cfg: GenerationConfig, speculative=None) -> Iterator[Chunk]:
+        """Generate for a batch of tokenized prompts; yields chunks in step order, row by row.
+        `speculative`: a speculative.SpeculativeConfig (one prompt at a time)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt must have at least one token", hint="pass non-empty text")
         batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -113,6 +123,9 @@ class Generator:
         eos = set(self.tokenizer.eos_token_ids if cfg.eos_token_ids is None else cfg.eos_token_ids)
         if cfg.ignore_eos:
             eos = set()
+        if speculative is not None:
+            yield from self._speculate(prompts, cfg, speculative, eos, capacity)
+            return
         pad = self.tokenizer.pad_token_id
         ids = np.full((batch, longest), pad, np.int64)
         mask = np.zeros((batch, longest), np.int64)
@@ -153,6 +166,19 @@ class Generator:
             logits = self.backend.forward(feed, cache)[:, -1, :]
             t.decode_s += time.perf_counter() - s
             t.decode_steps += 1
+
+    def _speculate(self, prompts, cfg, spec, eos, capacity) -> Iterator[Chunk]:
+        from . import speculative
+
+        if len(prompts) != 1:
+            raise ConfigError(f"speculative decoding runs one prompt at a time, got {len(prompts)}",
+                              hint="generate the prompts one by one, or turn speculation off for a batch")
+        if not spec.prompt_lookup and self.draft is not None and self.kv_budget_bytes is not None:
+            need = self.kv_bytes(1, capacity) + getattr(self.draft, "kv_copies", 2) * self.draft.io.kv_bytes_per_token() * capacity
+            if need > self.kv_budget_bytes:
+                raise MemoryBudgetError(f"the target's and the draft's KV caches for {capacity} tokens need {need / 2**20:.1f} MiB; "
+                                        f"the memory plan leaves {self.kv_budget_bytes / 2**20:.1f} MiB", hint="lower max_new_tokens")
+        yield from speculative.stream(self, prompts[0], cfg, spec, eos, capacity, self.draft)
 
     def _matchers(self, batch: int, cfg: GenerationConfig) -> list:
         """One constrain.Matcher per row (None without a constraint)."""
