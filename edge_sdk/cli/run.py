@@ -21,6 +21,9 @@ def _load_options(p) -> None:
     p.add_argument("--max-seq-len", type=int_at_least(2), help="KV capacity per sequence (tokens)")
     p.add_argument("--key", help="trusted ed25519 public key: the bundle's signature must verify")
     p.add_argument("--board", help="board the bundle runs on (checked against the bundle)")
+    p.add_argument("--draft", metavar="BUNDLE", help="speculate with this smaller bundle (same tokenizer)")
+    p.add_argument("--prompt-lookup", action="store_true", help="speculate with n-grams copied from the prompt")
+    p.add_argument("--spec-k", type=int_at_least(1), default=4, help="draft tokens per speculative step (adapts from here)")
     p.add_argument("--memory-budget", metavar="BYTES|PERCENT",
                    help="memory for weights, e.g. 2000000000 or 50%%; when the weights exceed it, layers stream from storage")
     add_device_options(p)
@@ -56,10 +59,23 @@ def register(sub) -> None:
 def _load(args, max_batch: int = 1):
     from edge_sdk.runtime import load
 
-    return load(args.bundle, provider=args.provider, threads=args.threads, accuracy_level=args.accuracy_level,
-                max_seq_len=args.max_seq_len, public_key=args.key, board=args.board,
-                emulate=None if args.board else args.emulate, root=args.root, max_batch=max_batch,
-                memory_budget=args.memory_budget, graph=args.graph, huge_pages=not args.no_huge_pages)
+    kw = dict(provider=args.provider, threads=args.threads, accuracy_level=args.accuracy_level,
+              max_seq_len=args.max_seq_len, public_key=args.key, board=args.board,
+              emulate=None if args.board else args.emulate, root=args.root,
+              memory_budget=args.memory_budget, graph=args.graph, huge_pages=not args.no_huge_pages)
+    model = load(args.bundle, max_batch=max_batch, **kw)
+    if getattr(args, "draft", None):
+        model.attach_draft(load(args.draft, **kw))
+    return model
+
+
+def _speculative(args):
+    """The `speculative=` setting the flags ask for (None: off)."""
+    if getattr(args, "prompt_lookup", False):
+        return {"prompt_lookup": True, "k": args.spec_k}
+    if getattr(args, "draft", None):
+        return {"k": args.spec_k}
+    return None
 
 
 def run(args) -> int:
@@ -68,7 +84,7 @@ def run(args) -> int:
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     kw = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, speculative=_speculative(args))
     if args.json:
         c = model.generate(prompt, **kw)
         t = c.timings
@@ -90,8 +106,9 @@ def run(args) -> int:
         sys.stdout.write("\033[0m")
     sys.stdout.write("\n")
     t = model.last_timings
+    spec = "" if t.acceptance_rate is None else f", {t.acceptance_rate:.0%} of draft tokens accepted"
     print(f"[{model.backend.provider}: {t.generated_tokens} tokens, first after {t.first_token_s * 1000:.0f} ms, "
-          f"decode {t.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+          f"decode {t.decode_tokens_per_s:.1f} tokens/s{spec}]", file=sys.stderr)
     return 0
 
 
@@ -106,6 +123,8 @@ def bench(args) -> int:
     load_s = time.perf_counter() - start
     result = run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats)
     result["load_s"] = round(load_s, 3)
+    if _speculative(args) is not None:
+        result["speculative"] = _bench_speculative(model, _speculative(args), args.new_tokens)
     board = args.board or args.emulate
     if board:
         result["board_roofline"] = board_roofline(model.manifest, board, args.prompt_tokens + args.new_tokens)
@@ -140,5 +159,22 @@ def bench(args) -> int:
         r = result["board_roofline"]
         modes = ", ".join(f"{k} {v}" for k, v in r["modes"].items())
         print(f"board roofline    {r['board']}: {modes} tokens/s (planner)")
+    if "speculative" in result:
+        r = result["speculative"]
+        print(f"speculative       {r['decode_tokens_per_s']:.1f} vs {r['plain_decode_tokens_per_s']:.1f} tokens/s plain "
+              f"(x{r['speedup']:.2f}), {r['acceptance_rate']:.0%} of {r['proposed']} draft tokens accepted, same output: {r['same_output']}")
     print(f"load average      {' '.join(f'{x:.2f}' for x in result['load_average'])}")
     return 0
+
+
+SPEC_PROMPT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n" * 4
+
+
+def _bench_speculative(model, spec, new_tokens: int) -> dict:
+    """Greedy decode of one repetitive code prompt without and with speculation, side by side."""
+    plain = model.generate(SPEC_PROMPT, max_new_tokens=new_tokens, speculative=False, ignore_eos=True)
+    fast = model.generate(SPEC_PROMPT, max_new_tokens=new_tokens, speculative=spec, ignore_eos=True)
+    a, b = plain.timings, fast.timings
+    return {"decode_tokens_per_s": b.decode_tokens_per_s, "plain_decode_tokens_per_s": a.decode_tokens_per_s,
+            "speedup": b.decode_tokens_per_s / a.decode_tokens_per_s if a.decode_tokens_per_s else 0.0,
+            "acceptance_rate": b.acceptance_rate or 0.0, "proposed": b.spec_proposed, "same_output": plain.token_ids == fast.token_ids}
