@@ -42,6 +42,31 @@ def _int(data: dict, key: str, default: int | None, lo: int) -> int | None:
     return v
 
 
+# Fields each endpoint honours. A field outside these is refused rather than silently ignored;
+# OpenAI fields we do not implement pass only at their neutral value.
+COMMON_FIELDS = frozenset({"model", "max_tokens", "stop", "n", "stream", "stream_options", "seed", "temperature", "top_p",
+                           "logprobs", "response_format", "json_schema", "regex", "grammar", "user"})
+ENDPOINT_FIELDS = {
+    "completions": COMMON_FIELDS | {"prompt", "echo"},
+    "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"},
+}
+NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "best_of": (1,),
+           "suffix": ("",), "parallel_tool_calls": (True, False)}
+
+
+def check_fields(data: dict, endpoint: str) -> None:
+    """Refuse a field this endpoint does not honour (one line naming it), in a stable order."""
+    for key in sorted(data, key=str):
+        if key in ENDPOINT_FIELDS[endpoint] or data[key] is None:
+            continue
+        if key in NEUTRAL:
+            if any(type(data[key]) is type(v) and data[key] == v for v in NEUTRAL[key]):
+                continue
+            raise BadRequest(f"'{key}' is not supported by this server (send it only as {NEUTRAL[key][0]!r}, or leave it out)", key)
+        raise BadRequest(f"unknown field {key!r} for /v1/{'chat/' if endpoint == 'chat' else ''}completions: "
+                         "this server refuses what it would not honour", key)
+
+
 def _common(data: dict, max_tokens_default: int) -> tuple[SamplingParams, bool, bool]:
     least = 0 if data.get("echo") is True else 1  # echo with max_tokens 0 scores the prompt alone
     max_tokens = _int(data, "max_completion_tokens", None, 1) or _int(data, "max_tokens", max_tokens_default, least)
@@ -81,6 +106,7 @@ def _common(data: dict, max_tokens_default: int) -> tuple[SamplingParams, bool, 
 
 def parse_completion(data: dict, max_tokens_default: int):
     """(prompt text or token ids, params, stream, include_usage)."""
+    check_fields(data, "completions")
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -121,6 +147,7 @@ def _content(msg: dict, i: int) -> str:
 
 def parse_chat(data: dict, max_tokens_default: int):
     """(messages as [{"role", "content"}], params, stream, include_usage)."""
+    check_fields(data, "chat")
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' is required: a non-empty list of {role, content} objects", "messages")
