@@ -2,7 +2,7 @@
 
     python benchmarks/bench_lm_eval.py [--model DIR] [--workdir DIR] [--limit 100] [--json]
 
-Needs `pip install lm-eval` (0.4.x) and edge-sdk[convert]. Everything is local: the model is the
+Needs `pip install "lm-eval[api]"` (0.4.x) and edge-sdk[convert]. Everything is local: the model is the
 trained tiny Qwen2 (scripts/train_tiny.py), the tasks are two YAML files written next to a JSON-lines
 dataset cut from its held-out text (tests/data/corpus, Python source), so no hub is reached:
 
