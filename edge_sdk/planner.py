@@ -37,6 +37,13 @@ PREFILL_EFFICIENCY = 0.35  # fraction of dense FP16 tensor throughput reached by
 # Jetson AGX Orin results for TensorRT-LLM reach about 88 %. [unverified on this SDK's own engines;
 # `edge-sdk bench --board` prints the measured share beside the planner's bound]
 DECODE_EFFICIENCY = 0.88
+# Speculative verify: checking k draft tokens in one forward costs (1 + k * VERIFY_TOKEN_COST) single-token
+# steps while the step stays bandwidth-bound (the weights are read once; each extra token adds dequant and
+# attention work), and never less than the compute time of k + 1 tokens at the prefill rate. [unverified on a
+# Jetson; benchmarks/bench_speculative.py measures the ratio on the machine it runs on]
+VERIFY_TOKEN_COST = 0.04
+SPEC_ACCEPTANCE = (0.5, 0.7, 0.9)  # acceptance rates the plan tabulates
+SPEC_K_MAX = 8
 
 # Units: memory sizes in binary units (GiB = 2**30 bytes, MiB = 2**20), rates in decimal ones (GB/s = 1e9 bytes/s).
 GIB = 2**30
@@ -152,6 +159,7 @@ class Plan:
     storage: str
     paged: dict | None = None
     notes: list[str] = field(default_factory=list)
+    speculative: dict | None = None  # with a draft: see speculative_estimate
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,8 +221,18 @@ def plan(
     storage: str | None = None,
     quant: QuantSpec | None = None,
     prefill_chunk: int = 512,
+    draft: str | Path | dict | None = None,
 ) -> Plan:
-    """Size `model` on `board`: memory, verdict, decode/prefill speed bound per power mode."""
+    """Size `model` on `board`: memory, verdict, decode/prefill speed bound per power mode.
+    With `draft`: the speculative-decoding speedup per mode as a function of the acceptance rate."""
+    if draft is not None:
+        target = plan(model, board, context=context, batch=batch, bits=bits, group_size=group_size, mode=mode,
+                      storage=storage, quant=quant, prefill_chunk=prefill_chunk)
+        d = plan(draft, board, context=context, batch=1, bits=bits, group_size=group_size, mode=mode,
+                 storage=storage, quant=quant, prefill_chunk=prefill_chunk)
+        vocab = tuple(shape_from_config(*resolve_model(x)).vocab_size for x in (model, draft))
+        target.speculative = speculative_estimate(target, d, vocab)
+        return target
     if context <= 0 or batch <= 0:
         raise ConfigError(f"context and batch must be positive (got context={context}, batch={batch})")
     cfg, name = resolve_model(model)
@@ -339,6 +357,67 @@ def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budge
     }
 
 
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one verify step yields with k draft tokens each accepted with probability `acceptance`
+    (independently): E = (1 - a^(k+1)) / (1 - a), from 1 (a = 0) to k + 1 (a = 1)."""
+    if not 0 <= acceptance <= 1 or k < 0:
+        raise ConfigError(f"acceptance must be in [0, 1] and k >= 0, got {acceptance}, {k}")
+    return float(k + 1) if acceptance == 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+def speculative_speedup(acceptance: float, k: int, draft_ratio: float, verify_ratio: float) -> float:
+    """Decode speedup over plain decode: E tokens per (verify step + k draft steps), all in units of one
+    plain target step. draft_ratio: a draft step's time / a target step's; verify_ratio: a k-token verify's."""
+    return expected_tokens(acceptance, k) / (verify_ratio + k * draft_ratio)
+
+
+def _verify_ratio(k: int, target: "ModeEstimate", compute_s_per_token: float) -> float:
+    step = 1 / target.decode_tokens_per_s
+    return max(1 + k * VERIFY_TOKEN_COST, (k + 1) * compute_s_per_token / step)
+
+
+def speculative_estimate(target: Plan, draft: Plan, vocab: tuple[int, int] | None = None) -> dict:
+    """Per power mode of the target's board: for each acceptance rate in SPEC_ACCEPTANCE, the k (1..SPEC_K_MAX)
+    that maximises the speedup, the speedup and the decode tok/s; and the lowest acceptance at which
+    speculation pays at all. The draft's own reads count: k draft steps per verify step."""
+    if draft.weight_bytes["total"] >= target.weight_bytes["total"]:
+        raise ConfigError(f"the draft {draft.model} ({_gib(draft.weight_bytes['total'])} of weights) is not smaller than "
+                          f"the target {target.model} ({_gib(target.weight_bytes['total'])})",
+                          hint="a draft must be a smaller model of the same family, e.g. deepseek-r1-distill-qwen-1.5b")
+    dmodes = {m.mode: m for m in draft.modes}
+    modes = []
+    for m in target.modes:
+        dm = dmodes[m.mode]
+        if not m.decode_tokens_per_s or not dm.decode_tokens_per_s:
+            modes.append({"mode": m.mode, "mode_id": m.mode_id, "feasible": False})
+            continue
+        ratio = m.decode_tokens_per_s / dm.decode_tokens_per_s  # a draft step / a target step
+        compute = 1 / m.prefill_tokens_per_s if not target.paged and m.prefill_tokens_per_s else 0.0
+
+        def best(a: float) -> tuple[int, float]:
+            return max(((k, speculative_speedup(a, k, ratio, _verify_ratio(k, m, compute))) for k in range(1, SPEC_K_MAX + 1)),
+                       key=lambda ks: ks[1])
+
+        rows = []
+        for a in SPEC_ACCEPTANCE:
+            k, sp = best(a)
+            rows.append({"acceptance": a, "k": k, "tokens_per_step": round(expected_tokens(a, k), 3), "speedup": round(sp, 3),
+                         "decode_tokens_per_s": round(m.decode_tokens_per_s * sp, 2), "pays": sp > 1})
+        pays_from = next((a / 100 for a in range(0, 100) if best(a / 100)[1] > 1), None)
+        modes.append({"mode": m.mode, "mode_id": m.mode_id, "feasible": True, "draft_step_ratio": round(ratio, 4),
+                      "base_decode_tokens_per_s": m.decode_tokens_per_s, "rows": rows, "pays_from_acceptance": pays_from})
+    extra = draft.weight_bytes["total"] + draft.kv_bytes + draft.workspace_bytes
+    notes = []
+    if vocab and abs(vocab[0] - vocab[1]) > 256:
+        notes.append(f"the draft's vocabulary ({vocab[1]}) differs from the target's ({vocab[0]}) by more than padding: "
+                     "the runtime refuses a draft whose tokenizer differs")
+    if not (target.total_bytes + extra <= target.usable_bytes):
+        notes.append(f"target and draft together do not fit in memory (the draft adds {_gib(extra)})")
+    return {"draft": draft.model, "draft_weight_bytes": draft.weight_bytes["total"], "draft_bytes_read_per_token": draft.bytes_read_per_token,
+            "extra_bytes": extra, "fits_with_draft": target.total_bytes + extra <= target.usable_bytes,
+            "verify_token_cost": VERIFY_TOKEN_COST, "modes": modes, "notes": notes}
+
+
 def recommend(model, *, context: int = 4096, batch: int = 1, bits: int = 4, group_size: int = 128) -> list[tuple[Plan, ModeEstimate]]:
     """Boards and modes on which the model fits, fastest decode first."""
     out = []
@@ -391,4 +470,28 @@ def render(p: Plan) -> str:
         else:
             lines.append("  paged: not feasible (embeddings + lm_head + KV + two layer buffers exceed the budget)")
     lines += [f"  note: {n}" for n in p.notes]
+    if p.speculative:
+        lines += _speculative_table(p.speculative)
     return "\n".join(lines)
+
+
+def _speculative_table(sp: dict) -> list[str]:
+    """Per mode: speedup x, best k and tok/s at each tabulated acceptance; the acceptance from which it pays."""
+    lines = [f"  speculative decoding with draft {sp['draft']} (+{_gib(sp['extra_bytes'])} of memory"
+             + ("" if sp["fits_with_draft"] else ", DOES NOT FIT beside the target") + ")",
+             "  mode          plain tok/s " + "".join(f"{f'acceptance {a}':>24}" for a in SPEC_ACCEPTANCE) + "   pays from"]
+    for m in sp["modes"]:
+        if not m["feasible"]:
+            lines.append(f"  {m['mode']:<12} {'-':>12}  (no decode estimate for target or draft)")
+            continue
+        cells = "".join(f"{r['speedup']:>8.2f}x k={r['k']} {r['decode_tokens_per_s']:>7.1f}/s" for r in m["rows"])
+        pays = f"a >= {m['pays_from_acceptance']:.2f}" if m["pays_from_acceptance"] is not None else "never"
+        lines.append(f"  {m['mode']:<12} {m['base_decode_tokens_per_s']:>12.1f} {cells}   {pays}")
+        for r in m["rows"]:
+            if not r["pays"]:
+                lines.append(f"    {m['mode']}: at acceptance {r['acceptance']} speculation does not pay "
+                             f"({r['speedup']:.2f}x < 1): decode without the draft")
+    lines.append(f"  speedup = E / (verify + k x draft step), E = (1 - a^(k+1)) / (1 - a) tokens per verify; a k-token verify "
+                 f"costs 1 + {sp['verify_token_cost']} k plain steps [unverified], k = 1..{SPEC_K_MAX}")
+    lines += [f"  note: {n}" for n in sp["notes"]]
+    return lines

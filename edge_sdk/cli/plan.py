@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--mode", default=None, help="power mode id or name (default: the board's default mode)")
     p.add_argument("--storage", default=None, help="storage the weights are paged from when they do not fit")
+    p.add_argument("--draft", default=None, metavar="DRAFT_MODEL",
+                   help="speculative decoding with this draft model: expected speedup per mode by acceptance rate")
     p.add_argument("--recommend", action="store_true", help="list boards and modes on which the model fits, fastest first")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -42,7 +44,7 @@ def run(args) -> int:
         print(f"decode: {DECODE_EFFICIENCY:.0%} of the memory-roofline bound (TensorRT-LLM on AGX Orin, published)")
         return 0
     p = plan(args.model, args.board, context=args.context, batch=args.batch, bits=args.bits,
-             group_size=args.group_size, mode=args.mode, storage=args.storage)
+             group_size=args.group_size, mode=args.mode, storage=args.storage, draft=args.draft)
     if args.json:
         print_json(p.to_dict())
     else:
