@@ -187,7 +187,7 @@ def verify_pick(sampler: Sampler, previous: np.ndarray, draft: int | None, q: np
 
 def check_draft(target, draft) -> None:
     """Refuse a draft whose tokenizer differs from the target's in content, or which is larger."""
-    a, b = target.tokenizer._tok.get_vocab(with_added_tokens=True), draft.tokenizer._tok.get_vocab(with_added_tokens=True)
+    a, b = target.tokenizer.vocab(), draft.tokenizer.vocab()
     if a != b:
         diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:1]
         where = f" (first difference: {diff[0][0]!r} -> {diff[0][1]})" if diff else ""

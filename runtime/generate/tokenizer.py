@@ -51,6 +51,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def vocab(self) -> dict[str, int]:
+        """Token -> id, added tokens included (what two tokenizers must share to be interchangeable)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise ConfigError(f"a prompt must be a string, got {type(text).__name__}")
