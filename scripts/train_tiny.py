@@ -28,6 +28,11 @@ DEFAULT_OUT = Path(os.environ.get("EDGE_SDK_CACHE", Path.home() / ".cache" / "ed
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "corpus"
 PARTS = ("train", "eval", "calib")  # calib is a slice of the training text; eval is held out
 RECIPE = 2  # bump when training changes, so a cached model from an older recipe is retrained
+# --size large: a bigger model on the same corpus and tokenizer (a speculative-decoding target for
+# the default model as draft), cached beside it; the default size adds nothing to the fingerprint
+SIZES = {"small": {}, "large": {"hidden_size": 384, "intermediate_size": 768, "num_hidden_layers": 4,
+                                "num_attention_heads": 6, "num_key_value_heads": 2}}
+LARGE_OUT = DEFAULT_OUT.parent / "tiny-trained-qwen2-large"
 
 
 def corpus_text(part: str) -> str:
@@ -38,6 +43,8 @@ def fingerprint(args) -> str:
     """What the trained model is a function of: corpus bytes, recipe, hyperparameters."""
     h = hashlib.sha256(f"recipe={RECIPE} steps={args.steps} batch={args.batch} seqlen={args.seqlen} "
                        f"vocab={args.vocab} seed={args.seed}".encode())
+    if getattr(args, "size", "small") != "small":
+        h.update(f" size={args.size} {sorted(SIZES[args.size].items())}".encode())
     for part in PARTS:
         h.update((CORPUS / f"{part}.txt.xz").read_bytes())
     return h.hexdigest()
@@ -53,7 +60,8 @@ def is_current(args) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT} ({LARGE_OUT} with --size large)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="small", help="large: hidden 384, 4 layers, same tokenizer")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=128)
@@ -62,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="exit 0 if the cached model matches this recipe, 1 if not")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = LARGE_OUT if args.size == "large" else DEFAULT_OUT
     if args.check:
         return 0 if is_current(args) else 1
 
@@ -77,7 +87,7 @@ def main(argv=None) -> int:
     train, held_out = corpus_text("train"), corpus_text("eval")
     tok = build_tokenizer([train], vocab_size=args.vocab)
     ids = torch.tensor(tok.encode(train).ids)
-    cfg = tiny_config("qwen2", tok.get_vocab_size())
+    cfg = tiny_config("qwen2", tok.get_vocab_size(), **SIZES[args.size])
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"},
                                                                   architectures=cfg["architectures"]), dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
