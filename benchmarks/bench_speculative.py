@@ -104,6 +104,10 @@ def part_pair(work: Path, args) -> dict:
     text = corpus_text("eval")
     prompts = [text[i:i + 600] for i in (20_000, 40_000, 60_000)]  # held-out, 3 places
     r = side_by_side(model, prompts, args.new_tokens, {"k": 4}, args.repeats)
+    alone = [load(draft).generate(p, max_new_tokens=args.new_tokens, speculative=False, ignore_eos=True).timings.decode_tokens_per_s
+             for p in prompts]
+    r["draft_plain_decode_tokens_per_s"] = round(statistics.median(alone), 1)
+    r["draft_step_ratio"] = round(r["plain_decode_tokens_per_s"] / r["draft_plain_decode_tokens_per_s"], 3)  # a draft step / a target step
     r["target_weight_mib"] = round(sum(f.stat().st_size for f in (work / "large-rtn").glob("*.weights")) / 2**20, 2)
     r["draft_weight_mib"] = round(sum(f.stat().st_size for f in draft.glob("*.weights")) / 2**20, 2)
     return r
