@@ -11,6 +11,8 @@ weights cannot. A few minutes on one CPU core.
 
     python scripts/train_tiny.py [--steps 400] [--out DIR]
     python scripts/train_tiny.py --check      # exit 0 when the cached model is current
+    python scripts/train_tiny.py --size large # hidden 384, 4 layers, same tokenizer: a target for the
+                                              # default model as speculative draft (tiny-trained-qwen2-large/)
 """
 
 from __future__ import annotations

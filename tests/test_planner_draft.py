@@ -80,3 +80,8 @@ def test_cli_plan_draft_json_and_text(capsys):
     assert main(["plan", T14, "--draft", D15, "--board", "orin-nano-8gb"]) == 0
     text = capsys.readouterr().out
     assert "speculative decoding with draft" in text and "DOES NOT FIT beside the target" in text
+
+
+def test_recommend_with_a_draft_is_refused_not_ignored(capsys):
+    assert main(["plan", T14, "--draft", D15, "--recommend"]) != 0
+    assert "--recommend does not take --draft" in capsys.readouterr().err

@@ -27,6 +27,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..planner import DECODE_EFFICIENCY, plan, recommend, render
 
+    if args.recommend and args.draft:
+        from ..errors import ConfigError
+
+        raise ConfigError("--recommend does not take --draft", hint="plan the pair on one board: edge-sdk plan TARGET --draft DRAFT --board B")
     if args.recommend:
         rows = recommend(args.model, context=args.context, batch=args.batch, bits=args.bits, group_size=args.group_size)
         if args.json:
