@@ -222,27 +222,32 @@ def test_per_layer_onnx_check_names_the_layer_that_differs(tiny_model_dir, tmp_p
     assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
 
 
-# model.weights and model.onnx of the tiny bundles (TINY_CONVERT; the manifest carries the SDK version and
-# the measured accuracy, so it is left out). Recorded with the torch the installer pins and GPTQModel 7.6:
-# a change here means a change in the bytes every conversion writes, which has to be explained.
+# model.weights and model.onnx of the tiny bundles converted with round-to-nearest (TINY_CONVERT; the manifest
+# carries the SDK version and the measured accuracy, so it is left out): a change here means a change in the
+# bytes every conversion writes, which has to be explained. The tiny checkpoint comes from torch's random
+# generator, whose bytes may differ with the CPU's vector paths, so the digests are compared only where the
+# checkpoint itself has the recorded bytes. GPTQ's integers also depend on the BLAS, so they are not pinned:
+# tests/test_gptq.py compares the chunked paths with the whole-matrix ones instead.
+TINY_SOURCE = {"qwen2": "7f088d96fd856a5fbcb6bdf14d83f091a10ca1e27d475f98975ee91442e322d8",
+               "llama": "414cf88e16bcde3ebf3e31a690475463cff218d666fb72686051e95e173f2a64"}
 TINY_DIGESTS = {
-    "qwen2-gptq": ("11edf6f5767e87242a1c014c43517091126ca9594a3d3f8a75e8ebe6cf6f2523",
-                   "e3f4f53f7eb42ceb277f6b5ecbd86ec3d80b8a49c400a686ff21bc7427ff6e27"),
-    "qwen2-rtn": ("6c942c7bb342e96a6962e3a93c15ab2aa8f847529e70ba62c2052ec68ac6924a",
-                  "e3f4f53f7eb42ceb277f6b5ecbd86ec3d80b8a49c400a686ff21bc7427ff6e27"),
-    "llama-gptq": ("bbfb187d2187561d5fd676b76f3063e93882f8b061c63a86dea896fcce67a0ea",
-                   "9acd663eec4e445440a2571d615289f8c7b2a98309baeea0f519ce6fd89d6542"),
-    "llama-rtn": ("395c211f659125f02498a2dc7590eb9d770bb0fc409101785a0d9def2e458a22",
-                  "9acd663eec4e445440a2571d615289f8c7b2a98309baeea0f519ce6fd89d6542"),
+    "qwen2": ("6c942c7bb342e96a6962e3a93c15ab2aa8f847529e70ba62c2052ec68ac6924a",
+              "e3f4f53f7eb42ceb277f6b5ecbd86ec3d80b8a49c400a686ff21bc7427ff6e27"),
+    "llama": ("395c211f659125f02498a2dc7590eb9d770bb0fc409101785a0d9def2e458a22",
+              "9acd663eec4e445440a2571d615289f8c7b2a98309baeea0f519ce6fd89d6542"),
 }
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_tiny_bundles_keep_their_recorded_bytes(tiny_model_dir, tiny_bundle, tmp_path, arch):
-    convert(tiny_model_dir(arch), tmp_path / "rtn", **RTN)
-    for method, bundle in (("gptq", tiny_bundle(arch)), ("rtn", tmp_path / "rtn")):
-        d = digests(bundle)
-        assert (d["model.weights"], d["model.onnx"]) == TINY_DIGESTS[f"{arch}-{method}"], method
+def test_tiny_rtn_bundles_keep_their_recorded_bytes(tiny_model_dir, tmp_path, arch):
+    src = tiny_model_dir(arch)
+    source = hashlib.sha256((src / "model.safetensors").read_bytes() + (src / "tokenizer.json").read_bytes()).hexdigest()
+    if source != TINY_SOURCE[arch]:
+        pytest.skip(f"the tiny {arch} checkpoint built here has other bytes than the recorded one ({source[:12]}): "
+                    "torch's random generator differs on this CPU")
+    convert(src, tmp_path / "rtn", **RTN)
+    d = digests(tmp_path / "rtn")
+    assert (d["model.weights"], d["model.onnx"]) == TINY_DIGESTS[arch]
 
 
 def test_row_chunks_do_not_change_the_accuracy_numbers(tiny_model_dir, tmp_path, monkeypatch):
