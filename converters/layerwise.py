@@ -61,14 +61,23 @@ def rtn_layer(src, shape, arch, i: int, opts) -> dict[str, QuantizedLinear]:
     return out
 
 
+def to_device(name: str) -> torch.device:
+    return torch.device(name)
+
+
 class GPTQLayers:
-    """The calibration activations and the GPTQModel settings, carried from one layer to the next."""
+    """The calibration activations and the GPTQModel settings, carried from one layer to the next.
+
+    With several --devices, layer i runs on devices[i % n]: its weights, its GPTQ tasks and the
+    calibration activations move there (tensor.to) before it starts; otherwise every layer runs on
+    `device`. GPTQModel spreads modules over GPUs only inside its own whole-model looper."""
 
     def __init__(self, ck, shape, src, calib, opts, device: torch.device):
         gm = _gptqmodel()
         from transformers import AutoConfig
 
         self.ck, self.shape, self.src, self.opts, self.device = ck, shape, src, opts, device
+        self.devices = tuple(opts.devices) if len(opts.devices) > 1 else (str(device),)
         self.qc = gm.QuantizeConfig(bits=opts.bits, group_size=opts.group_size, sym=True, desc_act=False,
                                     act_group_aware=opts.act_order == "act_group_aware", damp_percent=opts.damp_percent)
         self.hf_cfg = AutoConfig.for_model(**{k: v for k, v in ck.config.items() if k not in ("architectures", "transformers_version")})
@@ -83,8 +92,18 @@ class GPTQLayers:
         for ids in self.ids:
             pos = torch.arange(ids.shape[1]).unsqueeze(0)
             cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
-            self.kw.append({"attention_mask": None, "position_ids": pos.to(device),
-                            "position_embeddings": (cos.to(device), sin.to(device))})
+            self.kw.append({"attention_mask": None, "position_ids": pos, "position_embeddings": (cos, sin)})
+        self._kw_on: dict[str, list[dict]] = {}
+
+    def device_for(self, i: int) -> torch.device:
+        return to_device(self.devices[i % len(self.devices)])
+
+    def _kw(self, dev: torch.device) -> list[dict]:
+        if str(dev) not in self._kw_on:
+            self._kw_on[str(dev)] = [{"attention_mask": None, "position_ids": kw["position_ids"].to(dev),
+                                      "position_embeddings": tuple(t.to(dev) for t in kw["position_embeddings"])}
+                                     for kw in self.kw]
+        return self._kw_on[str(dev)]
 
     def embed(self) -> list[torch.Tensor]:
         """Layer 0's inputs: the calibration rows of the embedding, fp32 [1, T, hidden] each."""
@@ -94,22 +113,24 @@ class GPTQLayers:
         rows = embedding_rows(self.src, self.ck.arch.embed, shp, torch.cat([ids[0] for ids in self.ids]), rows_per_chunk(shp[1]))
         return [r.float().unsqueeze(0).to(self.device) for r in rows.split([ids.shape[1] for ids in self.ids])]
 
-    def _hf_layer(self, i: int, w: dict):
+    def _hf_layer(self, i: int, w: dict, dev: torch.device):
         layer = self.layer_cls(self.hf_cfg, layer_idx=i)
         prefix = self.ck.arch.layer_prefix.format(i=i) + "."
         layer.load_state_dict({k.removeprefix(prefix): v.float() for k, v in w.items()}, strict=True)
-        return layer.to(self.device).eval()
+        return layer.to(dev).eval()
 
-    def _forward(self, layer, xs):
+    def _forward(self, layer, xs, dev):
         with torch.no_grad():
-            return [_out(layer(x, **kw)) for x, kw in zip(xs, self.kw)]
+            return [_out(layer(x, **kw)) for x, kw in zip(xs, self._kw(dev))]
 
     def layer(self, i: int, xs: list[torch.Tensor]) -> tuple[dict[str, QuantizedLinear], list[torch.Tensor]]:
         from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
         from gptqmodel.quantization.gptq import GPTQ
 
         arch = self.ck.arch
-        layer = self._hf_layer(i, layer_tensors(self.src, self.shape, arch, i))
+        dev = self.device_for(i)
+        xs = [x.to(dev, non_blocking=False) for x in xs]
+        layer = self._hf_layer(i, layer_tensors(self.src, self.shape, arch, i), dev)
         out: dict[str, QuantizedLinear] = {}
         for subset in SUBSETS:
             mods = {p: layer.get_submodule(f"{arch.attn if p in ATTN else arch.mlp}.{p}") for p in subset}
@@ -123,7 +144,7 @@ class GPTQLayers:
             for p, m in mods.items():
                 hooks.append(m.register_forward_hook(_hook(tasks[p], self)))
             try:
-                self._forward(layer, xs)
+                self._forward(layer, xs, dev)
             finally:
                 for h in hooks:
                     h.remove()
@@ -132,7 +153,7 @@ class GPTQLayers:
                 tasks[p].free()
                 out[arch.linear(i, p)] = _integers(wq, scales, zeros, self.opts.group_size)
                 m.weight.data = wq
-        nxt = self._forward(layer, xs)
+        nxt = self._forward(layer, xs, dev)
         del layer
         return out, nxt
 

@@ -27,9 +27,16 @@ WHOLE_GRAPH_CHECK_PARAMS = 200_000_000  # above this the fp32 reference of the w
 
 
 def resolve_device(opts) -> torch.device:
+    """The first device; every one --devices lists is checked (layer i runs on devices[i % n])."""
+    for d in opts.devices[1:]:
+        _check_device(d)
     want = (opts.devices[0] if opts.devices else None) or opts.device or "auto"
     if want == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _check_device(want)
+
+
+def _check_device(want: str) -> torch.device:
     dev = torch.device(want)
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

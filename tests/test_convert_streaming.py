@@ -257,3 +257,19 @@ def test_row_chunks_do_not_change_the_accuracy_numbers(tiny_model_dir, tmp_path,
     monkeypatch.setattr(streamed_eval, "rows_per_chunk", lambda cols: 7)  # embedding, layers, lm_head in 7-row pieces
     chunked = convert(tiny_model_dir("qwen2"), tmp_path / "b", **RTN)["accuracy"]
     assert chunked == whole
+
+
+def test_devices_spread_layers_round_robin_and_keep_the_bytes(tiny_model_dir, tiny_bundle, tmp_path, monkeypatch):
+    """--devices cuda:0,cuda:1: layer i on devices[i % 2]. Here both names stand for the CPU, so the bundle
+    must equal the one-device bundle byte for byte; the order of devices the layers asked for is checked."""
+    from edge_sdk.converters import layerwise, streamed_convert
+
+    asked = []
+    monkeypatch.setattr(streamed_convert, "_check_device", lambda name: torch.device("cpu"))
+    monkeypatch.setattr(layerwise, "to_device", lambda name: asked.append(name) or torch.device("cpu"))
+    src = tiny_model_dir("qwen2")
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    assert layers >= 2
+    s = convert(src, tmp_path / "b", devices=("cuda:0", "cuda:1"), **TINY_CONVERT)
+    assert asked == [f"cuda:{i % 2}" for i in range(layers)] and len(s["layer_seconds"]) == layers
+    assert digests(tmp_path / "b") == digests(tiny_bundle("qwen2"))
