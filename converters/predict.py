@@ -3,11 +3,18 @@
 Every stage after loading works one decoder layer at a time, so the whole run costs about
 load + layers x (quantize + export + evaluate one layer), and its peak memory is the peak of one
 layer's work. The layer quantized here stays in the work directory: the real run continues from it.
+
+Reading the checkpoint is predicted apart from the compute: the measured layer is read once before it
+is timed (so its compute is timed with its bytes in the page cache, whatever the cache held before),
+and every layer's read costs READS_PER_LAYER x its bytes / the read speed of a sample of the largest
+shard taken with the page cache bypassed (posix_fadvise DONTNEED drops the sample's pages first).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,6 +61,52 @@ def _out(shape, p) -> int:
             "down_proj": shape.hidden_size}.get(p, shape.intermediate_size)
 
 
+READ_SAMPLE_BYTES = 256 << 20
+READS_PER_LAYER = 2  # quantize reads the layer; the accuracy stage reads it again for the float model
+
+
+def cold_read_speed(path: Path, sample: int = READ_SAMPLE_BYTES, clock=time.perf_counter) -> float | None:
+    """Bytes per second reading the last `sample` bytes of `path` after dropping them from the page
+    cache; None where the OS offers no posix_fadvise (the read time is then left out)."""
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    size = Path(path).stat().st_size
+    n, got = min(sample, size), 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, size - n, n, os.POSIX_FADV_DONTNEED)
+        t = clock()
+        while got < n:
+            b = os.pread(fd, min(n - got, 16 << 20), size - n + got)
+            if not b:
+                break
+            got += len(b)
+        dt = clock() - t
+        os.posix_fadvise(fd, size - n, n, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return got / dt if got and dt > 0 else None
+
+
+def warm_layer(src, shape, arch, i: int) -> int:
+    """Read layer i's tensors one at a time (into the page cache); -> their bytes in the checkpoint."""
+    total = 0
+    for name, shp in expected_shapes(shape, arch, i).items():
+        t = src.get(name, shp)
+        total += t.numel() * t.element_size()
+        del t
+    return total
+
+
+def read_seconds(layer_bytes: int, bytes_per_s: float | None, reads: int = READS_PER_LAYER) -> float:
+    """Seconds one layer spends reading the checkpoint, at the cold read speed."""
+    return reads * layer_bytes / bytes_per_s if bytes_per_s else 0.0
+
+
+def predicted_seconds(load_s, layers, per_layer_s, read_s, once_s) -> float:
+    return load_s + layers * (per_layer_s + read_s) + once_s
+
+
 def eval_windows(eval_tokens: int, window: int = 512) -> int:
     """How many windows streamed_eval.nll cuts `eval_tokens` held-out tokens into."""
     return sum(1 for s in range(0, eval_tokens - 1, window - 1) if min(window, eval_tokens - s) >= 2)
@@ -94,11 +147,13 @@ def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
     work = WorkDir(work_path, work_identity(ck, opts, calib))
     layers = Layers(ck, shape, src, calib, opts, work, device)
     first = work.first_missing_layer(shape.num_layers)
+    i = min(first, shape.num_layers - 1)
     with stages("quantize"), gpu_memory_errors(device, opts):
+        layer_bytes = warm_layer(src, shape, ck.arch, i)
+        speed = cold_read_speed(max(ck.safetensors, key=lambda f: f.stat().st_size))
         t = time.perf_counter()
         layers.run(stop_after=1)
         quant_s = time.perf_counter() - t
-    i = min(first, shape.num_layers - 1)
     with stages("export"):
         t = time.perf_counter()
         w = StreamWriter(work_path / ".dry-run.weights")
@@ -120,10 +175,13 @@ def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
     n, windows = shape.num_layers, eval_windows(opts.eval_tokens)
     load_s = stages.seconds.get("load", 0.0)
     eval_s = layer_s[0] + windows * layer_s[1]
+    read_s = read_seconds(layer_bytes, speed)
     predicted = {
         "peak_rss_bytes": peak_rss(),
-        "seconds": round(load_s + n * (quant_s + export_s + eval_s) + ends_s + windows * head_s, 3),
-        "seconds_per_layer": {"quantize": round(quant_s, 3), "export": round(export_s, 3), "accuracy": round(eval_s, 3)},
+        "seconds": round(predicted_seconds(load_s, n, quant_s + export_s + eval_s, read_s, ends_s + windows * head_s), 3),
+        "seconds_per_layer": {"quantize": round(quant_s, 3), "export": round(export_s, 3), "accuracy": round(eval_s, 3),
+                              "read_checkpoint": round(read_s, 3)},
+        "checkpoint_read_bytes_per_second": round(speed) if speed else None,
         "seconds_once": {"export_embedding_lm_head": round(ends_s, 3), "accuracy_heads": round(windows * head_s, 3)},
         "bundle_weight_bytes": weights_file_bytes(shape, ck.arch, opts),
         "work_dir_bytes": work_dir_bytes(shape, opts),

@@ -151,6 +151,8 @@ def test_dry_run_predicts_the_weights_file_to_the_byte_and_leaves_no_bundle(tiny
     assert s["dry_run"] and not (tmp_path / "b").exists() and (tmp_path / "w" / "layer-0000.safetensors").exists()
     p = s["predicted"]
     assert p["seconds"] > 0 and p["peak_rss_bytes"] > 0 and p["disk_bytes"] >= p["bundle_weight_bytes"]
+    if hasattr(os, "posix_fadvise"):  # the checkpoint's read time is predicted apart from the compute
+        assert p["checkpoint_read_bytes_per_second"] > 0 and p["seconds_per_layer"]["read_checkpoint"] > 0
     real = convert(tiny_model_dir("llama"), tmp_path / "b", work_dir=tmp_path / "w", **RTN)
     assert p["bundle_weight_bytes"] == (tmp_path / "b" / "model.weights").stat().st_size
     assert list(real["layer_seconds"]) == [1]  # the real run continued from the dry run's layer
