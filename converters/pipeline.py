@@ -16,7 +16,8 @@ from edge_sdk.errors import ConversionError
 from . import accuracy, calibration, onnx_export
 from .checkpoint import TOKENIZER_FILES, open_checkpoint
 from .options import ConvertOptions
-from .thirdparty_log import default_log_path, third_party_output
+from .thirdparty_log import keep_log, third_party_output, work_log_path
+from .workdir import default_work_dir
 from .weights_file import write_weights
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,12 @@ def tokenizer_section(ck) -> dict:
 def convert(model_dir, output, *, log_file=None, **options) -> dict:
     """Convert a Hugging Face checkpoint directory into a release bundle at `output`; return the summary.
 
-    What the libraries underneath print goes to `log_file` (default: see thirdparty_log), named in the
+    What the libraries underneath print goes to `log_file` (default: the work directory's log, moved
+    under the cache when the conversion ends well; see thirdparty_log), named in the
     summary as "log"; the terminal shows the progress bar only."""
     opts = options if isinstance(options, ConvertOptions) else ConvertOptions(**options)
-    log_path = Path(log_file) if log_file else default_log_path()
+    work_log = None if log_file else work_log_path(opts.work_dir or default_work_dir(output))
+    log_path = Path(log_file) if log_file else work_log
     try:
         with third_party_output(log_path) as terminal:
             stages = Stages(opts.progress, terminal, log_path)
@@ -128,6 +131,8 @@ def convert(model_dir, output, *, log_file=None, **options) -> dict:
         if exc.__cause__ is not None:  # a library failed: its own account is in the log
             exc.args = (f"{exc} [library output: {log_path}]",)
         raise
+    if work_log is not None and work_log.exists():
+        log_path = keep_log(work_log)
     return summary | {"log": str(log_path)}
 
 

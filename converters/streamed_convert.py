@@ -8,7 +8,6 @@ enough to hold in fp32 · accuracy: streamed float and int4 models · package: m
 from __future__ import annotations
 
 import resource
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .checkpoint import TOKENIZER_FILES
 from .layerwise import check_groups, from_result
 from .streaming import Layers, default_work_dir, lm_head_rtn, quant_section, quantize_layers, work_identity, write_weights_streamed
 from .tensors import TensorSource, expected_shapes
-from .workdir import WorkDir
+from .workdir import WorkDir, remove_work_dir
 
 WHOLE_GRAPH_CHECK_PARAMS = 200_000_000  # above this the fp32 reference of the whole-graph check is not built
 
@@ -139,7 +138,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_fre
         with stages("package"):
             manifest = _package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report)
     if not opts.keep_work:
-        shutil.rmtree(work_path, ignore_errors=True)
+        remove_work_dir(work_path)
     return manifest, report, extra | {"weights": wsec}
 
 

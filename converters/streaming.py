@@ -20,7 +20,7 @@ from .layerwise import GPTQLayers, from_result, layer_result, rtn_layer
 from .quant import check_group, pack_int4_chunks, rtn
 from .tensors import expected_shapes
 from .weights_file import ALIGNMENT, _LAYER
-from .workdir import WorkDir, maybe_kill
+from .workdir import WorkDir, default_work_dir, maybe_kill  # noqa: F401 (default_work_dir: imported from here)
 
 CHUNK_BYTES = 256 * 2**20  # fp32 bytes of one embedding / lm_head row chunk
 
@@ -33,11 +33,6 @@ def work_identity(ck, opts, calib) -> dict:
     return {"format": "edge-sdk-convert-work/1", "source": ck.files, "method": opts.method, "bits": opts.bits,
             "group_size": opts.group_size, "damp_percent": opts.damp_percent, "act_order": opts.act_order,
             "seed": opts.seed, "calibration": calib.sha256}
-
-
-def default_work_dir(output) -> Path:
-    out = Path(output).absolute()
-    return out.with_name(out.name + ".work")
 
 
 class Layers:

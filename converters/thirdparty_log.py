@@ -8,18 +8,23 @@ and 2 at the log file catches all of them; our own progress bar writes to a copy
 stderr taken before the switch. Logging configuration a library makes on import (tokenicer calls
 logging.basicConfig(level=INFO)) is undone on the way out, so it does not outlive the conversion.
 
-The log is `$EDGE_SDK_CACHE/logs/convert-<UTC time>-<pid>.log` (EDGE_SDK_CACHE defaults to
-~/.cache/edge-sdk), one file per process, appended to by every conversion step of that process.
+While converting, the log is `library-output.log` in the conversion's work directory (appended to,
+so a run resuming a failed or killed one continues it). When the conversion ends well it is moved
+(appended) to `$EDGE_SDK_CACHE/logs/convert-<UTC time>-<pid>.log` (EDGE_SDK_CACHE defaults to
+~/.cache/edge-sdk), one file per process, and the work directory goes once empty.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from .workdir import LIBRARY_LOG
 
 _process_log: Path | None = None
 
@@ -31,6 +36,25 @@ def default_log_path() -> Path:
         cache = Path(os.environ.get("EDGE_SDK_CACHE") or Path.home() / ".cache" / "edge-sdk")
         _process_log = cache / "logs" / f"convert-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
     return _process_log
+
+
+def work_log_path(work_dir: str | Path) -> Path:
+    return Path(work_dir) / LIBRARY_LOG
+
+
+def keep_log(work_log: Path) -> Path:
+    """After a finished conversion: append the work directory's log to the process's log under the
+    cache, delete it, and remove the work directory if nothing else is left in it."""
+    final = default_log_path()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(work_log, "rb") as src, open(final, "ab") as dst:
+        shutil.copyfileobj(src, dst)
+    work_log.unlink()
+    try:
+        work_log.parent.rmdir()
+    except OSError:  # results kept (--keep-work, --dry-run): the directory stays
+        pass
+    return final
 
 
 @contextmanager

@@ -5,6 +5,8 @@ Layout: work.json (what the results belong to: source hashes and quantization se
 layer-NNNN.safetensors + layer-NNNN.sha256 (int4 integers and fp16 scales of one decoder layer),
 acts-NNNN.safetensors + .sha256 (calibration activations after layer NNNN: the next layer's input).
 A result whose hash does not match is removed and recomputed, never reused.
+library-output.log: what the libraries print while converting (thirdparty_log), kept here until the
+conversion finishes, so a failed or killed run leaves it beside its results and a resumed run appends.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 from edge_sdk.errors import ConversionError
 
+LIBRARY_LOG = "library-output.log"
 KILL_AFTER_ENV = "EDGE_SDK_CONVERT_KILL_AFTER_LAYER"  # test hook: SIGKILL this process after layer N is saved
 
 
@@ -107,3 +111,20 @@ def maybe_kill(layer: int) -> None:
     v = os.environ.get(KILL_AFTER_ENV)
     if v is not None and v.strip() == str(layer):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def default_work_dir(output) -> Path:
+    out = Path(output).absolute()
+    return out.with_name(out.name + ".work")
+
+
+def remove_work_dir(path: Path) -> None:
+    """Everything but the library log, which is still open (the pipeline moves it when the run ends)."""
+    path = Path(path)
+    for p in (path.iterdir() if path.is_dir() else ()):
+        if p.name != LIBRARY_LOG:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass

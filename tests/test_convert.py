@@ -142,8 +142,8 @@ THIRD_PARTY_LINES = ("GPT-QModel", "INFO ", "WARN", "Failed to load", "_pytree",
 
 
 def test_cli_convert_prints_progress_and_result_only(tiny_model_dir, tmp_path):
-    """Library output (GPTQModel banners, torchao, torch warnings) goes to one log file under
-    EDGE_SDK_CACHE/logs, never to the terminal or a logs/ folder in the current directory."""
+    """Library output (GPTQModel banners, torchao, torch warnings) goes to one log file, in the work
+    directory while converting and under EDGE_SDK_CACHE/logs once done, never to the terminal."""
     import os
 
     cwd, cache = tmp_path / "cwd", tmp_path / "cache"
@@ -158,5 +158,5 @@ def test_cli_convert_prints_progress_and_result_only(tiny_model_dir, tmp_path):
     assert [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("convert: ")] == []  # our progress bar only
     (log,) = (cache / "logs").glob("convert-*.log")
     assert f"library log   {log}" in r.stdout
-    assert f"(library output: {log})" in r.stderr  # the progress bar points at it
+    assert f"(library output: {cwd / 'b.work' / 'library-output.log'})" in r.stderr  # the bar points at it while converting
     assert "GPT-QModel" in log.read_text(errors="replace")

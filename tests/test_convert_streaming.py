@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -114,20 +116,25 @@ def test_kill_9_after_a_layer_then_the_same_command_gives_the_same_bundle(tiny_m
     cmd = [sys.executable, "-m", "edge_sdk.cli.main", "convert", str(src), "-o", str(out), "--work-dir", str(work), "--json",
            "--nsamples", str(TINY_CONVERT["nsamples"]), "--seqlen", str(TINY_CONVERT["seqlen"]),
            "--eval-tokens", str(TINY_CONVERT["eval_tokens"])]
-    env = os.environ | {"EDGE_SDK_CONVERT_KILL_AFTER_LAYER": "0"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    env = os.environ | {"EDGE_SDK_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(cmd, env=env | {"EDGE_SDK_CONVERT_KILL_AFTER_LAYER": "0"}, capture_output=True, text=True)
     assert r.returncode == -9 and not out.exists()
+    killed_log = (work / "library-output.log").read_text(errors="replace")  # the library log stays with the results
+    assert killed_log
     assert (work / "layer-0000.safetensors").exists() and not (work / "layer-0001.safetensors").exists()
     assert (work / "acts-0000.safetensors").exists()
     # a half-written layer (no matching hash) is never reused
     (work / "layer-0001.safetensors").write_bytes(b"partial")
     (work / "layer-0001.sha256").write_text("0" * 64)
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert list(summary["layer_seconds"]) == ["1"]  # layer 0 came from the work directory
     assert digests(out) == digests(tiny_bundle("qwen2"))
     assert not work.exists()
+    log = Path(summary["log"])  # the resumed run appended to the killed run's log, then moved it under the cache
+    assert log.parent == tmp_path / "cache" / "logs" and log.read_text(errors="replace").startswith(killed_log)
+    assert len(log.read_text(errors="replace")) > len(killed_log)
 
 
 def test_work_dir_of_another_conversion_is_refused(tiny_model_dir, tmp_path):

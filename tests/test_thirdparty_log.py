@@ -38,3 +38,23 @@ def test_default_log_is_one_file_per_process_under_the_cache(tmp_path, monkeypat
     p = thirdparty_log.default_log_path()
     assert p.parent == tmp_path / "logs" and p.name.startswith("convert-") and p.suffix == ".log"
     assert thirdparty_log.default_log_path() == p
+
+
+def test_finished_conversion_moves_the_work_log_under_the_cache(tmp_path, monkeypatch):
+    from edge_sdk.converters import thirdparty_log
+
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(thirdparty_log, "_process_log", None)
+    final = thirdparty_log.default_log_path()
+    final.parent.mkdir(parents=True)
+    final.write_text("earlier conversion\n")
+    for keep in (False, True):
+        work = tmp_path / f"b{keep}.work"
+        log = thirdparty_log.work_log_path(work)
+        work.mkdir()
+        log.write_text(f"run {keep}\n")
+        if keep:
+            (work / "layer-0000.safetensors").write_bytes(b"x")  # --keep-work: the results stay
+        assert thirdparty_log.keep_log(log) == final
+        assert not log.exists() and work.exists() == keep
+    assert final.read_text() == "earlier conversion\nrun False\nrun True\n"
