@@ -222,7 +222,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, **_) ->
 
 
 def package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report, r) -> dict:
-    from edge_sdk import __version__
+    from .manifest import bundle_manifest
     from edge_sdk.bundle import write_manifest
 
     from .pipeline import architecture_section
@@ -235,21 +235,8 @@ def package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report, r) -> dict:
                 "num_experts_per_tok": shape.num_experts_per_tok, "moe_intermediate_size": shape.moe_intermediate_size,
                 "first_k_dense_replace": shape.first_k_dense_replace, "routing": r,
                 "formulation": "every routed expert computed, weighted by its routing weight (0 outside the top-k)"}}
-    manifest = {
-        "format": "edge-sdk-bundle",
-        "created_by": f"edge-sdk {__version__}",
-        "source": {"name": ck.name, "config": ck.config, "files": ck.files},
-        "architecture": arch,
-        "quantization": quant_section(opts, calib) | {
-            "lm_head_dtype": opts.lm_head_dtype, "embed_dtype": opts.embed_dtype, "scale_dtype": "fp16", "other_dtype": "fp16",
-            "router_dtype": "fp16", "scales_in_file": "float16; the fp32 graph casts them to float32",
-            "layout": "qweight int4 [in, out], scales [in / group_size, out], DequantizeLinear axis 0"},
-        "graphs": graphs,
-        "weights": wsec,
-        "io": io_section(shape),
-        "tokenizer": tk,
-        "accuracy": report,
-        "opset": onnx_export.OPSET,
-        "ir_version": onnx_export.IR_VERSION,
-    }
+    quantization = quant_section(opts, calib) | {"lm_head_dtype": opts.lm_head_dtype, "embed_dtype": opts.embed_dtype,
+                                                 "router_dtype": "fp16"}
+    manifest = bundle_manifest(ck, architecture=arch, quantization=quantization, graphs=graphs, weights=wsec,
+                               io=io_section(shape), tokenizer=tk, accuracy=report)
     return write_manifest(tmp, manifest, sign_key=opts.sign_key)

@@ -9,12 +9,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge_sdk.version import __version__
 from edge_sdk.bundle import staged_directory, write_manifest
 from edge_sdk.errors import ConversionError
 
 from . import accuracy, calibration, onnx_export
 from .checkpoint import TOKENIZER_FILES, open_checkpoint
+from .manifest import bundle_manifest
 from .options import ConvertOptions
 from .thirdparty_log import keep_log, third_party_output, work_log_path
 from .workdir import default_work_dir
@@ -215,23 +215,10 @@ def _convert(model_dir, output, opts: ConvertOptions, stages: Stages) -> dict:
         report["min_top1_agreement"] = opts.min_top1_agreement
         accuracy.gate(report, opts.max_ppl_increase, opts.min_top1_agreement)
         with stages("package"):
-            manifest = {
-                "format": "edge-sdk-bundle",
-                "created_by": f"edge-sdk {__version__}",
-                "source": {"name": ck.name, "config": ck.config, "files": ck.files},
-                "architecture": architecture_section(ck.config, shape),
-                "quantization": qr.section | {"lm_head_dtype": opts.lm_head_dtype if "lm_head" in quantized else "fp16",
-                                              "embed_dtype": opts.embed_dtype, "scale_dtype": "fp16", "other_dtype": "fp16",
-                                              "scales_in_file": "float16; the fp32 graph casts them to float32",
-                                              "layout": "qweight int4 [in, out], scales [in / group_size, out], DequantizeLinear axis 0"},
-                "graphs": graphs,
-                "weights": wsec,
-                "io": io_section(shape),
-                "tokenizer": tk,
-                "accuracy": report,
-                "opset": onnx_export.OPSET,
-                "ir_version": onnx_export.IR_VERSION,
-            }
+            quantization = qr.section | {"lm_head_dtype": opts.lm_head_dtype if "lm_head" in quantized else "fp16",
+                                         "embed_dtype": opts.embed_dtype}
+            manifest = bundle_manifest(ck, architecture=architecture_section(ck.config, shape), quantization=quantization,
+                                       graphs=graphs, weights=wsec, io=io_section(shape), tokenizer=tk, accuracy=report)
             manifest = write_manifest(tmp, manifest, sign_key=opts.sign_key)
     summary |= {
         "files": {k: v["size"] for k, v in manifest["files"].items()},

@@ -168,26 +168,12 @@ def _verify(tmp, ck, shape, src, work, opts, calib, inv_freq, rope_scale, lm_q) 
 
 
 def _package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report) -> dict:
-    from edge_sdk import __version__
     from edge_sdk.bundle import write_manifest
 
+    from .manifest import bundle_manifest
     from .pipeline import architecture_section, io_section
 
-    manifest = {
-        "format": "edge-sdk-bundle",
-        "created_by": f"edge-sdk {__version__}",
-        "source": {"name": ck.name, "config": ck.config, "files": ck.files},
-        "architecture": architecture_section(ck.config, shape),
-        "quantization": quant_section(opts, calib) | {
-            "lm_head_dtype": opts.lm_head_dtype, "embed_dtype": opts.embed_dtype, "scale_dtype": "fp16", "other_dtype": "fp16",
-            "scales_in_file": "float16; the fp32 graph casts them to float32",
-            "layout": "qweight int4 [in, out], scales [in / group_size, out], DequantizeLinear axis 0"},
-        "graphs": graphs,
-        "weights": wsec,
-        "io": io_section(shape),
-        "tokenizer": tk,
-        "accuracy": report,
-        "opset": onnx_export.OPSET,
-        "ir_version": onnx_export.IR_VERSION,
-    }
+    quantization = quant_section(opts, calib) | {"lm_head_dtype": opts.lm_head_dtype, "embed_dtype": opts.embed_dtype}
+    manifest = bundle_manifest(ck, architecture=architecture_section(ck.config, shape), quantization=quantization, graphs=graphs,
+                               weights=wsec, io=io_section(shape), tokenizer=tk, accuracy=report)
     return write_manifest(tmp, manifest, sign_key=opts.sign_key)
