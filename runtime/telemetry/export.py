@@ -20,6 +20,8 @@ from pathlib import Path
 
 from edge_sdk.errors import ConfigError, require
 
+from .cursor import ExportCursor
+
 log = logging.getLogger(__name__)
 
 
@@ -62,20 +64,12 @@ class OtlpExporter:
             raise ConfigError(f"{url!r} is not an OTLP/HTTP URL", hint="use http://collector:4318")
         self.endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1/metrics") else "/v1/metrics")
         self.source = Path(source)
-        self.cursor_file = self.source.with_name(self.source.name + ".otlp-offset")
+        self.cursor = ExportCursor(self.source, "otlp-offset")
         self.batch, self.timeout_s = batch, timeout_s
         self.exported = 0
 
     def offset(self) -> int:
-        try:
-            return int(self.cursor_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    def _save(self, offset: int) -> None:
-        tmp = self.cursor_file.with_name(self.cursor_file.name + ".tmp")
-        tmp.write_text(str(offset))
-        os.replace(tmp, self.cursor_file)
+        return self.cursor.offset()
 
     def _post(self, body: bytes) -> bool:
         req = urllib.request.Request(self.endpoint, data=body, headers={"Content-Type": "application/x-protobuf"})
@@ -106,7 +100,7 @@ class OtlpExporter:
         req, _ = metrics_request(rows)
         if req is not None and not self._post(req.SerializeToString()):
             return 0
-        self._save(offset + sum(len(ln) for ln in lines))
+        self.cursor.save(offset + sum(len(ln) for ln in lines))
         self.exported += len(rows)
         return len(rows)
 

@@ -33,6 +33,7 @@ from edge_sdk.errors import ConfigError, TelemetryError, require
 
 from . import wire
 from .commands import Status
+from .cursor import ExportCursor
 from .link import LinkStats
 from .queue import TelemetryQueue
 from .records import KINDS, SCHEMA_KIND, decode_record, decode_values
@@ -291,21 +292,13 @@ class MqttExporter:
     def __init__(self, url: str, source: str | os.PathLike, *, batch: int = 256, ack_timeout_s: float = 10.0):
         self.url = parse_url(url)
         self.source = Path(source)
-        self.cursor_file = self.source.with_name(self.source.name + ".mqtt-offset")
+        self.cursor = ExportCursor(self.source, "mqtt-offset")
         self.batch, self.ack_timeout_s = batch, ack_timeout_s
         self.exported = 0
         self.conn = Connection(self.url, f"edge-sdk-export-{uuid.uuid4().hex[:8]}")
 
     def offset(self) -> int:
-        try:
-            return int(self.cursor_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    def _save(self, offset: int) -> None:
-        tmp = self.cursor_file.with_name(self.cursor_file.name + ".tmp")
-        tmp.write_text(str(offset))
-        os.replace(tmp, self.cursor_file)
+        return self.cursor.offset()
 
     def step(self) -> int:
         """Publish the next complete rows; returns how many the broker acknowledged (0: nothing new, or broker away)."""
@@ -326,7 +319,7 @@ class MqttExporter:
                 log.warning("%s: row at byte %d is not a telemetry row: skipped", self.source, offset)
         if not lines or (messages and not self.conn.publish_all(messages, self.ack_timeout_s)):
             return 0
-        self._save(offset + sum(len(ln) for ln in lines))
+        self.cursor.save(offset + sum(len(ln) for ln in lines))
         self.exported += len(messages)
         return len(messages)
 
