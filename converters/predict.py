@@ -180,7 +180,7 @@ def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
         "peak_rss_bytes": peak_rss(),
         "seconds": round(predicted_seconds(load_s, n, quant_s + export_s + eval_s, read_s, ends_s + windows * head_s), 3),
         "seconds_per_layer": {"quantize": round(quant_s, 3), "export": round(export_s, 3), "accuracy": round(eval_s, 3),
-                              "read_checkpoint": round(read_s, 3)},
+                              "read_checkpoint": round(read_s, 6)},
         "checkpoint_read_bytes_per_second": round(speed) if speed else None,
         "seconds_once": {"export_embedding_lm_head": round(ends_s, 3), "accuracy_heads": round(windows * head_s, 3)},
         "bundle_weight_bytes": weights_file_bytes(shape, ck.arch, opts),
