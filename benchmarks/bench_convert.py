@@ -21,6 +21,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from edge_sdk.paths import cache_dir
+
 
 def build(cfg_name: str, work: Path, layers: int | None, shard_bytes: int = 2 * 2**30) -> Path:
     """A sharded bf16 checkpoint with model.safetensors.index.json, written one tensor at a time."""
@@ -86,7 +88,7 @@ def build(cfg_name: str, work: Path, layers: int | None, shard_bytes: int = 2 * 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="deepseek-r1-distill-qwen-1.5b")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGE_SDK_CACHE", Path.home() / ".cache" / "edge-sdk")) / "bench")
+    ap.add_argument("--work", type=Path, default=cache_dir() / "bench")
     ap.add_argument("--layers", type=int, help="fewer decoder layers (a partial measurement)")
     ap.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
     ap.add_argument("--nsamples", type=int, default=32)

@@ -15,7 +15,6 @@ conversion, signed-format bundle, onnxruntime with KV cache, batching daemon, SS
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import signal
@@ -79,9 +78,9 @@ def ask(url: str) -> None:
 
 def default_dir() -> Path:
     """$EDGE_SDK_CACHE/demo, else $XDG_CACHE_HOME/edge-sdk/demo, else ~/.cache/edge-sdk/demo."""
-    cache = os.environ.get("EDGE_SDK_CACHE")
-    base = Path(cache) if cache else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-sdk"
-    return base / "demo"
+    from edge_sdk.paths import cache_dir
+
+    return cache_dir() / "demo"
 
 
 def next_commands(bundle: Path, board: str) -> list[str]:

@@ -22,11 +22,12 @@ import hashlib
 import json
 import lzma
 import math
-import os
 import time
 from pathlib import Path
 
-DEFAULT_OUT = Path(os.environ.get("EDGE_SDK_CACHE", Path.home() / ".cache" / "edge-sdk")) / "tiny-trained-qwen2"
+from edge_sdk.paths import cache_dir
+
+DEFAULT_OUT = cache_dir() / "tiny-trained-qwen2"
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "corpus"
 PARTS = ("train", "eval", "calib")  # calib is a slice of the training text; eval is held out
 RECIPE = 2  # bump when training changes, so a cached model from an older recipe is retrained
