@@ -19,29 +19,15 @@ import edge_sdk
 from edge_sdk.bundle import (
     MANIFEST_MAX_BYTES,
     dumps_manifest,
-    generate_keypair,
     parse_manifest,
     sign,
     staged_directory,
     verify_bundle,
 )
 from edge_sdk.errors import BundleError, BundleIntegrityError
+from test_bundle import bundle, keys  # noqa: F401  (fixtures: a copied tiny bundle, two signing keypairs)
 
 CPU = dict(provider="cpu", threads=1, accuracy_level=1, log_provider=False)
-
-
-@pytest.fixture
-def bundle(tmp_path, tiny_bundle):
-    dst = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle("qwen2"), dst)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    pytest.importorskip("cryptography")
-    d = tmp_path_factory.mktemp("trust-keys")
-    return generate_keypair(d / "a"), generate_keypair(d / "b")
 
 
 def manifest_of(b: Path) -> dict:
