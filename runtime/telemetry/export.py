@@ -81,14 +81,7 @@ class OtlpExporter:
             return False
 
     def step(self) -> int:
-        offset = self.offset()
-        try:
-            with open(self.source, "rb") as f:
-                f.seek(offset)
-                lines = [f.readline() for _ in range(self.batch)]
-        except FileNotFoundError:
-            return 0
-        lines = [ln for ln in lines if ln.endswith(b"\n")]
+        offset, lines = self.cursor.complete_rows(self.batch)
         rows = []
         for line in lines:
             try:

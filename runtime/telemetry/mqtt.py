@@ -302,14 +302,7 @@ class MqttExporter:
 
     def step(self) -> int:
         """Publish the next complete rows; returns how many the broker acknowledged (0: nothing new, or broker away)."""
-        offset = self.offset()
-        try:
-            with open(self.source, "rb") as f:
-                f.seek(offset)
-                lines = [f.readline() for _ in range(self.batch)]
-        except FileNotFoundError:
-            return 0
-        lines = [ln for ln in lines if ln.endswith(b"\n")]  # a row still being written waits
+        offset, lines = self.cursor.complete_rows(self.batch)
         messages = []
         for line in lines:
             try:
