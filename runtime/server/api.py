@@ -208,7 +208,7 @@ def create_app(state: ServerState) -> Starlette:
             watcher.cancel()
             if not handed_over and req.finish_reason is None:
                 req.cancel()
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(req.completion_ids), "total_tokens": len(ids) + len(req.completion_ids)}
+        usage = usage_of(req)
         want_lp = opts is not None and opts.logprobs is not None
         if chat:
             message = {"role": "assistant", **answer_fields(text, ids)}
@@ -302,13 +302,11 @@ def create_app(state: ServerState) -> Starlette:
                     yield chunk(None, ev.finish_reason, lps=ev.logprobs or None)
                     break
                 else:
-                    yield f"data: {json.dumps(api_error_from(ev.error).body())}\n\n"
+                    yield error_line(ev.error)
                     break
                 ev = await req.events.get()
             if include_usage:
-                n_in, n_out = len(req.prompt_ids), len(req.completion_ids)
-                usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
-                yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': state.model_id, 'choices': [], 'usage': usage})}\n\n"
+                yield usage_line(req, rid, created, obj)
             yield "data: [DONE]\n\n"
         finally:
             if req.finish_reason is None:
@@ -340,19 +338,30 @@ def create_app(state: ServerState) -> Starlette:
                     yield chunk(d)
                 ev = await req.events.get()
             if ev.kind == "error":
-                yield f"data: {json.dumps(api_error_from(ev.error).body())}\n\n"
+                yield error_line(ev.error)
             else:
                 for d in deltas(calls, True):
                     yield chunk(d)
                 yield chunk({}, "tool_calls" if calls.calls else ev.finish_reason)
                 if include_usage:
-                    n_in, n_out = len(req.prompt_ids), len(req.completion_ids)
-                    usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
-                    yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': created, 'model': state.model_id, 'choices': [], 'usage': usage})}\n\n"
+                    yield usage_line(req, rid, created, "chat.completion.chunk")
             yield "data: [DONE]\n\n"
         finally:
             if req.finish_reason is None:
                 req.cancel()
+
+    def error_line(err: Exception) -> str:
+        """A failure mid-stream: the API error body as one SSE event (the status line went out already)."""
+        return f"data: {json.dumps(api_error_from(err).body())}\n\n"
+
+    def usage_of(req: Request) -> dict:
+        n_in, n_out = len(req.prompt_ids), len(req.completion_ids)
+        return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+    def usage_line(req: Request, rid: str, created: int, obj: str) -> str:
+        """stream_options.include_usage: the last chunk, no choices, the request's token counts."""
+        body = {"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [], "usage": usage_of(req)}
+        return f"data: {json.dumps(body)}\n\n"
 
     def raw_text(ids: list[int]) -> str:
         """The completion with its special tokens (the tool-call markers)."""
