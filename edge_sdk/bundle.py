@@ -12,6 +12,7 @@ Nothing in a bundle is trusted before ``verify_bundle`` has checked it.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -34,11 +35,11 @@ _STAGING = re.compile(r"^\..+\.(partial|old)-")
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_fd(fd: int) -> str:
@@ -351,16 +352,12 @@ def staged_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
 def remove_stale_staging(target: Path) -> list[Path]:
     """Remove `.NAME.partial-PID-*` / `.NAME.old-PID` left beside target by a writer that no longer runs."""
     removed = []
-    for p in target.parent.glob(f".{glob_escape(target.name)}.*"):
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
         m = re.fullmatch(rf"\.{re.escape(target.name)}\.(?:partial|old)-(\d+)?.*", p.name)
         if m and p.is_dir() and not p.is_symlink() and not _alive(m.group(1)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?[])", r"[\1]", name)
 
 
 def _alive(pid: str | None) -> bool:
