@@ -30,6 +30,21 @@ def apply_schema_row(schemas: dict, row: dict) -> None:
     merge_schema(schemas, row["schema"], row.get("start", 0), row["fields"])
 
 
+def record_row(stream: int, record, schemas: dict[int, tuple[str, ...]]) -> dict:
+    """The row `telemetry listen` writes for a record (the MQTT uplink publishes the same)."""
+    row = {"stream": f"{stream:08x}", "seq": record.seq, "time_ms": record.time_ms,
+           "kind": KINDS.get(record.kind, str(record.kind)), "priority": record.priority}
+    try:
+        if record.kind == SCHEMA_KIND:
+            schema_id, start, *names = decode_values(record.body)
+            row.update(schema=schema_id, start=start, fields=names)
+        else:
+            row["data"] = decode_record(record.body, schemas)
+    except TelemetryError as exc:
+        row.update(error=str(exc), body=record.body.hex())
+    return row
+
+
 @dataclass
 class StreamState:
     ack: int = 0
@@ -196,18 +211,11 @@ class GroundStation:
         self._send_ack(frame.stream, state.ack, 0)
 
     def _row(self, stream: int, state: StreamState, record) -> dict:
-        row = {"stream": f"{stream:08x}", "seq": record.seq, "time_ms": record.time_ms,
-               "kind": KINDS.get(record.kind, str(record.kind)), "priority": record.priority}
-        try:
-            if record.kind == SCHEMA_KIND:
-                schema_id, start, *names = decode_values(record.body)
-                row.update(schema=schema_id, start=start, fields=names)
-                apply_schema_row(state.schemas, row)
-            else:
-                row["data"] = decode_record(record.body, state.schemas)
-        except TelemetryError as exc:
+        row = record_row(stream, record, state.schemas)
+        if "error" in row:
             self.stats.undecodable += 1
-            row.update(error=str(exc), body=record.body.hex())
+        elif record.kind == SCHEMA_KIND:
+            apply_schema_row(state.schemas, row)
         return row
 
     def _send_ack(self, stream: int, ack: int, flags: int) -> None:

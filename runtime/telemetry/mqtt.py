@@ -35,8 +35,9 @@ from . import wire
 from .commands import Status
 from .cursor import ExportCursor
 from .link import LinkStats
+from .ground import record_row
 from .queue import TelemetryQueue
-from .records import KINDS, SCHEMA_KIND, decode_record, decode_values
+from .records import KINDS
 
 log = logging.getLogger(__name__)
 QOS = 1
@@ -140,21 +141,6 @@ class Connection:
         except RuntimeError:  # published in the instant the connection dropped: the batch goes again
             return False
         return True
-
-
-def record_row(stream: int, record, schemas: dict[int, tuple[str, ...]]) -> dict:
-    """The row `telemetry listen` writes for a record (runtime/telemetry/ground.py)."""
-    row = {"stream": f"{stream:08x}", "seq": record.seq, "time_ms": record.time_ms,
-           "kind": KINDS.get(record.kind, str(record.kind)), "priority": record.priority}
-    try:
-        if record.kind == SCHEMA_KIND:
-            schema_id, start, *names = decode_values(record.body)
-            row.update(schema=schema_id, start=start, fields=names)
-        else:
-            row["data"] = decode_record(record.body, schemas)
-    except TelemetryError as exc:
-        row.update(error=str(exc), body=record.body.hex())
-    return row
 
 
 def _dumps(row: dict) -> bytes:
