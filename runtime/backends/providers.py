@@ -59,10 +59,9 @@ def trt_ep_options(cache_root: Path, key: EngineKey, *, workspace_bytes: int | N
     }
     if workspace_bytes:
         opts["trt_max_workspace_size"] = str(int(workspace_bytes))
-    for i, which in enumerate(("min", "opt", "max")):
-        if profiles:
-            opts[f"trt_profile_{which}_shapes"] = ",".join(
-                f"{name}:{'x'.join(map(str, dims[i]))}" for prof in profiles for name, dims in prof.items())
+    for i, which in enumerate(("min", "opt", "max") if profiles else ()):
+        opts[f"trt_profile_{which}_shapes"] = ",".join(
+            f"{name}:{'x'.join(map(str, dims[i]))}" for prof in profiles for name, dims in prof.items())
     return opts
 
 
@@ -73,15 +72,14 @@ def parse_profile_shapes(text: str) -> dict[str, list[tuple[int, ...]]]:
         name, _, dims = item.rpartition(":")
         if not name or not dims:
             raise ConfigError(f"profile shape {item!r} is not name:dims", hint="e.g. input_ids:1x128")
-        out.setdefault(name, []).append(tuple(int(x) for x in dims.split("x")))
+        try:
+            shape = tuple(int(x) for x in dims.split("x"))
+        except ValueError:
+            raise ConfigError(f"profile shape {item!r} has a dimension that is not an integer", hint="e.g. input_ids:1x128") from None
+        out.setdefault(name, []).append(shape)
     return out
 
 
 def with_options(providers: list[str], options: dict[str, dict]) -> list:
     """InferenceSession's `providers=` form: (name, options) where options exist."""
     return [(p, options[p]) if p in options else p for p in providers]
-
-
-def describe(providers: list[str], session_providers: list[str] | None = None) -> str:
-    active = session_providers or providers
-    return " > ".join(active)
