@@ -10,51 +10,17 @@ redeliveries. Every loop is bounded in count and time; loopback only.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Broker:
-    def __init__(self, d: Path):
-        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.port = free_port()
-        self.conf = d / "mosquitto.conf"
-        # `user`: run as root, mosquitto would drop to `mosquitto`, fail to save its persistence file here,
-        # and forget on restart every session and every message it had acknowledged but not delivered
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\npersistence true\n"
-                             f"persistence_location {d}/\nmax_queued_messages 0\nmax_inflight_messages 0\n")
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("mosquitto did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-        if not (self.conf.parent / "mosquitto.db").exists():
-            raise SystemExit("mosquitto did not save its persistence file: a restart would lose what it acknowledged")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from mqtt_broker import Broker  # noqa: E402 (the tests' mosquitto: one place starts it)
 
 
 class Ground:
@@ -97,7 +63,7 @@ def main() -> int:
     from edge_sdk.runtime.telemetry.queue import TelemetryQueue
 
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
-    broker = Broker(work)
+    broker = Broker(work, "max_inflight_messages 0\n")
     broker.start()
     ground = Ground(broker.port, work / "ground.jsonl")
     devices, stop = [], threading.Event()

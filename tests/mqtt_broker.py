@@ -1,5 +1,5 @@
 """A real mosquitto broker on a free loopback port, started and stopped by the tests (skipped with the
-reason when mosquitto or paho-mqtt is not installed)."""
+reason when mosquitto or paho-mqtt is not installed); benchmarks/bench_fleet.py starts the same one."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 
 class Broker:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, conf: str = ""):
         exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if exe is None:
             pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run installs it)")
@@ -33,7 +33,7 @@ class Broker:
         # save fails, the restart forgets every session): `user` keeps the tests' own user.
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
                              f"persistence true\npersistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\n"
-                             "max_queued_messages 0\n")
+                             "max_queued_messages 0\n" + conf)
         self.proc = None
 
     @property
