@@ -407,14 +407,15 @@ def speculative_estimate(target: Plan, draft: Plan, vocab: tuple[int, int] | Non
         modes.append({"mode": m.mode, "mode_id": m.mode_id, "feasible": True, "draft_step_ratio": round(ratio, 4),
                       "base_decode_tokens_per_s": m.decode_tokens_per_s, "rows": rows, "pays_from_acceptance": pays_from})
     extra = draft.weight_bytes["total"] + draft.kv_bytes + draft.workspace_bytes
+    fits = target.total_bytes + extra <= target.usable_bytes
     notes = []
     if vocab and abs(vocab[0] - vocab[1]) > 256:
         notes.append(f"the draft's vocabulary ({vocab[1]}) differs from the target's ({vocab[0]}) by more than padding: "
                      "the runtime refuses a draft whose tokenizer differs")
-    if not (target.total_bytes + extra <= target.usable_bytes):
+    if not fits:
         notes.append(f"target and draft together do not fit in memory (the draft adds {_gib(extra)})")
     return {"draft": draft.model, "draft_weight_bytes": draft.weight_bytes["total"], "draft_bytes_read_per_token": draft.bytes_read_per_token,
-            "extra_bytes": extra, "fits_with_draft": target.total_bytes + extra <= target.usable_bytes,
+            "extra_bytes": extra, "fits_with_draft": fits,
             "verify_token_cost": VERIFY_TOKEN_COST, "modes": modes, "notes": notes}
 
 
