@@ -181,7 +181,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, **_) ->
     """-> (manifest, report, extra summary), as streamed_convert.run. Writes the bundle at `output`."""
     from edge_sdk.bundle import staged_directory
 
-    from .pipeline import GRAPH_FILES
+    from .pipeline import export_graphs
     from .tensors import TensorSource
 
     src = TensorSource(ck.path, ck.safetensors)
@@ -194,11 +194,9 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, **_) ->
         with stages("export"):
             wsec, fp16_names, groups = write_weights(tmp / "model.weights", shape, weights, quantized)
             small, stub = stub_weights(shape)
-            model = onnx_export.trace(MLADecoder(small, stub, r, inv_freq, rope_scale, scale).eval(), shape.num_layers)
-            onnx_export.rewrite(model, groups, fp16_names, "float32", wsec, "model.weights", shape.vocab_size)
-            fname, act = GRAPH_FILES["fp32"]
-            onnx_export.save(model, tmp / fname)
-            graphs = {"fp32": {"file": fname, "activation_dtype": act}}
+            graphs = export_graphs(tmp, ["fp32"], lambda _dtype: MLADecoder(small, stub, r, inv_freq, rope_scale, scale).eval(),
+                                   shape, groups, fp16_names, wsec)
+            fname = graphs["fp32"]["file"]
             for f in TOKENIZER_FILES:
                 (tmp / f).write_bytes((ck.path / f).read_bytes())
         quant_model = MLADecoder(shape, stored(weights, quantized), r, inv_freq, rope_scale, scale).eval()

@@ -188,14 +188,8 @@ def _convert(model_dir, output, opts: ConvertOptions, stages: Stages) -> dict:
             tensors, fp16_names = onnx_export.stored_tensors(weights, quantized, ck.arch, shape.num_layers)
             wsec = write_weights(tmp / "model.weights", tensors)
             del tensors  # 1.2 GB of bytes for a 1.5B model
-            graphs = {}
-            for g in opts.graphs:
-                fname, act = GRAPH_FILES[g]
-                stub = trace_stub(shape, ck.arch, inv_freq, rope_scale, torch.float32 if g == "fp32" else torch.float16)
-                model = onnx_export.trace(stub, shape.num_layers)
-                onnx_export.rewrite(model, quantized, fp16_names, act, wsec, "model.weights", shape.vocab_size)
-                onnx_export.save(model, tmp / fname)
-                graphs[g] = {"file": fname, "activation_dtype": act}
+            graphs = export_graphs(tmp, opts.graphs, lambda dtype: trace_stub(shape, ck.arch, inv_freq, rope_scale, dtype),
+                                   shape, quantized, fp16_names, wsec)
             for f in TOKENIZER_FILES:
                 (tmp / f).write_bytes((ck.path / f).read_bytes())
         report: dict = {}
@@ -230,6 +224,21 @@ def _convert(model_dir, output, opts: ConvertOptions, stages: Stages) -> dict:
         "signed": opts.sign_key is not None,
     }
     return summary
+
+
+def export_graphs(tmp, names, stub, shape, quantized, fp16_names, wsec) -> dict:
+    """Each graph `names` lists, traced from stub(dtype) (the model at a small size) with its initializers
+    pointed at model.weights, saved in `tmp` -> the manifest's graphs section."""
+    import torch
+
+    graphs = {}
+    for g in names:
+        fname, act = GRAPH_FILES[g]
+        model = onnx_export.trace(stub(torch.float32 if g == "fp32" else torch.float16), shape.num_layers)
+        onnx_export.rewrite(model, quantized, fp16_names, act, wsec, "model.weights", shape.vocab_size)
+        onnx_export.save(model, tmp / fname)
+        graphs[g] = {"file": fname, "activation_dtype": act}
+    return graphs
 
 
 def io_section(shape) -> dict:

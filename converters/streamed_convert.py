@@ -15,7 +15,7 @@ import torch
 
 from edge_sdk.errors import ConfigError, ConversionError
 
-from . import accuracy, onnx_export
+from . import accuracy
 from .checkpoint import TOKENIZER_FILES
 from .layerwise import check_groups, from_result
 from .streaming import Layers, default_work_dir, lm_head_rtn, quant_section, quantize_layers, work_identity, write_weights_streamed
@@ -90,6 +90,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_fre
     from edge_sdk.bundle import staged_directory
 
     from .decoder import trace_stub
+    from .pipeline import export_graphs
 
     device = resolve_device(opts)
     check_groups(shape, ck.arch, opts.group_size)
@@ -107,16 +108,8 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_fre
     with staged_directory(output, overwrite=opts.overwrite) as tmp:
         with stages("export"):
             wsec, fp16_names, groups = write_weights_streamed(tmp / "model.weights", src, work, shape, ck.arch, opts)
-            graphs = {}
-            for g in opts.graphs:
-                from .pipeline import GRAPH_FILES
-
-                fname, act = GRAPH_FILES[g]
-                stub = trace_stub(shape, ck.arch, inv_freq, rope_scale, torch.float32 if g == "fp32" else torch.float16)
-                model = onnx_export.trace(stub, shape.num_layers)
-                onnx_export.rewrite(model, groups, fp16_names, act, wsec, "model.weights", shape.vocab_size)
-                onnx_export.save(model, tmp / fname)
-                graphs[g] = {"file": fname, "activation_dtype": act}
+            graphs = export_graphs(tmp, opts.graphs, lambda dtype: trace_stub(shape, ck.arch, inv_freq, rope_scale, dtype),
+                                   shape, groups, fp16_names, wsec)
             for f in TOKENIZER_FILES:
                 (tmp / f).write_bytes((ck.path / f).read_bytes())
         lm_q = lm_head_rtn(src, ck.arch, shape, opts.group_size) if opts.lm_head_dtype == "int4" else None
