@@ -71,12 +71,6 @@ def ep_build_settings(io: ModelIO, options: RuntimeOptions):
                                opt_past=min(512, top - 1))
 
 
-def trt_profiles(settings, io: ModelIO) -> list:
-    from .backends.tensorrt.build import profiles
-
-    return profiles(settings, io)
-
-
 def bundle_file(manifest: dict, rel: str, root: Path) -> Path:
     """Path of a file the manifest lists and verification hashed (parse_manifest binds every field
     that names a file to `files`; this refuses anything else)."""
@@ -100,10 +94,12 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
     providers = prov.choose(options.provider, ort.get_available_providers())
     ep_options = {}
     if prov.TRT_EP in providers:
+        from .backends.tensorrt.build import profiles
+
         settings = ep_build_settings(io, options)
         key = EngineKey(options.target_board or "local", tensorrt_version(), manifest_digest(root, manifest),
                         settings_hash(asdict(settings)))
-        ep_options[prov.TRT_EP] = prov.trt_ep_options(options.engine_root(root), key, profiles=trt_profiles(settings, io))
+        ep_options[prov.TRT_EP] = prov.trt_ep_options(options.engine_root(root), key, profiles=profiles(settings, io))
     path = graph_file(manifest, prov.graph_kind(providers), root)
     from .paging.select import paging_options
 

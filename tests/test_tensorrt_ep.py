@@ -26,7 +26,7 @@ def ep_options(bundle, tmp_path, **kw):
     manifest = json.loads((bundle / "manifest.json").read_text())
     io = ModelIO.from_manifest(manifest)
     settings = loader.ep_build_settings(io, RuntimeOptions(**kw))
-    opts = prov.trt_ep_options(tmp_path, EngineKey("local", "ep", "0" * 64), profiles=loader.trt_profiles(settings, io))
+    opts = prov.trt_ep_options(tmp_path, EngineKey("local", "ep", "0" * 64), profiles=profiles(settings, io))
     return manifest, io, settings, opts
 
 
