@@ -107,6 +107,8 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     (["bench", "B", "--batch", "0"], "--batch: must be >= 1"),
     (["bench", "B", "--repeats", "0"], "--repeats: must be >= 1"),
     (["bench", "B", "--max-seq-len", "1"], "--max-seq-len: must be >= 2"),
+    (["device", "boot-check", "--max-boots", "0"], "--max-boots: must be >= 1"),
+    (["device", "health", "--health-timeout", "0"], "--health-timeout: must be > 0"),
 ])
 def test_run_and_bench_flags_are_checked_before_the_model_loads(args, flag, capsys, monkeypatch):
     import edge_sdk.runtime

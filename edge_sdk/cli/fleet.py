@@ -14,6 +14,8 @@ from pathlib import Path
 
 from edge_sdk.errors import ConfigError, PlatformError
 
+from ._common import int_at_least, number_in
+
 DEVICE_CONFIG = "/etc/edge-sdk/edge-sdk.toml"
 RESTART = "systemctl restart edge-sdk"
 log = logging.getLogger("edge_sdk.fleet")
@@ -36,7 +38,7 @@ def register_slots(dsub) -> None:
     h.set_defaults(func=run_health)
     b = dsub.add_parser("boot-check", help="before each daemon start (systemd ExecStartPre): count a trial start, give it up past --max-boots")
     _common(b)
-    b.add_argument("--max-boots", type=int, default=3, help="starts a new slot gets before the previous one serves again (default 3)")
+    b.add_argument("--max-boots", type=int_at_least(1), default=3, help="starts a new slot gets before the previous one serves again (default 3)")
     b.add_argument("--give-up", action="store_true", help="switch back from a slot on trial now; exit 1 when none is (OnFailure= unit)")
     b.set_defaults(func=run_boot_check)
 
@@ -49,7 +51,7 @@ def _common(p) -> None:
     p.add_argument("--emulate", metavar="BOARD", default=os.environ.get("EDGE_SDK_EMULATE"), help="board the device is (default: the config's, else detected)")
     p.add_argument("--restart-command", default=RESTART, help=f"how the daemon is restarted after a switch (default: {RESTART})")
     p.add_argument("--no-restart", action="store_true", help="switch slots only (staging an image: no daemon to restart or check)")
-    p.add_argument("--health-timeout", type=float, default=300.0, help="seconds the restarted daemon has to become healthy (default 300)")
+    p.add_argument("--health-timeout", type=number_in(0, low_open=True), default=300.0, help="seconds the restarted daemon has to become healthy (default 300)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
