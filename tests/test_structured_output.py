@@ -177,6 +177,22 @@ def test_echo_scores_the_prompt_and_chat_logprobs_match(server, model):
 
 # --- the daemon: openai client helpers, tools, bad input ----------------------------------------
 
+def test_token_text_bytes_rebuild_the_text_and_markers_map_to_added_ids(model):
+    """logprobs' per-token bytes concatenate to the text's UTF-8 (a character split over tokens included);
+    the tool-call grammar writes a marker as its added token's id, and ordinary text as None."""
+    from edge_sdk.runtime.server.logprobs import TokenText
+
+    tok, text = model.tokenizer, "héllo wörld, 東京 <tag>"
+    ids = tok.encode(text, add_special_tokens=False)
+    text_of = TokenText(tok)
+    assert b"".join(bytes(text_of(t)[1]) for t in ids) == text.encode("utf-8")
+    assert tok.added_token_ids
+    for tid in tok.added_token_ids:
+        assert tok.added_token_id(tok.id_to_token(tid)) == tid
+        assert text_of(tid)[0] == tok.decode([tid], skip_special_tokens=False)
+    assert tok.added_token_id("hello") is None and tok.added_token_id("no such token at all") is None
+
+
 def test_openai_parse_with_a_pydantic_model(server):
     class Reading(pydantic.BaseModel):
         sensor: str = pydantic.Field(max_length=6)

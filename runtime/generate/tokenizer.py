@@ -55,6 +55,20 @@ class Tokenizer:
         """Token -> id, added tokens included (what two tokenizers must share to be interchangeable)."""
         return self._tok.get_vocab(with_added_tokens=True)
 
+    @property
+    def added_token_ids(self) -> frozenset[int]:
+        """Ids of the added (special) tokens: markers written whole, never as byte pieces."""
+        return frozenset(self._tok.get_added_tokens_decoder())
+
+    def added_token_id(self, text: str) -> int | None:
+        """The id of `text` when the tokenizer holds it as one added token, else None."""
+        tid = self._tok.token_to_id(text)
+        return tid if tid is not None and tid in self.added_token_ids else None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary piece of an id (byte-level BPE: bytes written as printable characters)."""
+        return self._tok.id_to_token(int(token_id))
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise ConfigError(f"a prompt must be a string, got {type(text).__name__}")

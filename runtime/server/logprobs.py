@@ -30,8 +30,7 @@ class TokenText:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._cache: dict[int, tuple[str, list[int]]] = {}
-        inner = getattr(tokenizer, "_tok", None)
-        self._added = set(inner.get_added_tokens_decoder()) if inner is not None else set()
+        self._added = getattr(tokenizer, "added_token_ids", frozenset())
 
     def __call__(self, token: int) -> tuple[str, list[int]]:
         hit = self._cache.get(token)
@@ -41,9 +40,9 @@ class TokenText:
 
     def _lookup(self, token: int) -> tuple[str, list[int]]:
         raw = None
-        inner = getattr(self.tokenizer, "_tok", None)
-        if inner is not None:
-            piece = inner.id_to_token(int(token))
+        id_to_token = getattr(self.tokenizer, "id_to_token", None)
+        if id_to_token is not None:
+            piece = id_to_token(int(token))
             table = _byte_decoder()
             if piece is not None and all(ch in table for ch in piece) and int(token) not in self._added:
                 raw = bytes(table[ch] for ch in piece)

@@ -130,10 +130,8 @@ def chat_ids(model, messages: list[dict], tools, opts: RequestOptions) -> list[i
     if tools is not None and tools.constrained:
         if opts.constraint is not None:
             raise BadRequest("tool_choice required or named already constrains the reply; drop response_format", "response_format")
-        inner = getattr(tok, "_tok", None)
-        added = set(inner.get_added_tokens_decoder().values()) if inner is not None else set()
-        names = {str(a.content) if hasattr(a, "content") else str(a) for a in added}
-        opts.constraint = toolkit.constraint(tools, lambda s: inner.token_to_id(s) if s in names else None)
+        marker_id = getattr(tok, "added_token_id", None)
+        opts.constraint = toolkit.constraint(tools, marker_id or (lambda s: None))
     if toolkit.uses_tools(messages, tools):
         if tok is None:
             raise BadRequest("this model cannot render tool calls (no tokenizer)", "tools")
