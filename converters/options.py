@@ -11,6 +11,11 @@ METHODS = ("gptq", "rtn")
 GRAPH_DTYPES = ("fp32", "fp16")
 
 
+def is_cuda_name(device: str) -> bool:
+    """cuda or cuda:N, the names torch.device accepts for a CUDA device."""
+    return device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     method: str = "gptq"  # "gptq" (GPTQModel) or "rtn" (round-to-nearest, a fast baseline)
@@ -75,9 +80,9 @@ class ConvertOptions:
             raise ConfigError(f"min_top1_agreement must be a fraction in [0, 1], got {self.min_top1_agreement}",
                               hint="0.9 means 90 % of held-out tokens keep the float model's top-1 prediction")
 
-        if self.device != "auto" and not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+        if self.device not in ("auto", "cpu") and not is_cuda_name(self.device):
             raise ConfigError(f"device {self.device!r}: choose auto, cpu, cuda or cuda:N")
-        bad = [d for d in self.devices if not d.startswith("cuda")]
+        bad = [d for d in self.devices if not is_cuda_name(d)]
         if bad:
             raise ConfigError(f"devices {bad}: --devices lists CUDA devices (cuda:0,cuda:1)", hint="use --device cpu for the CPU")
 

@@ -95,6 +95,10 @@ def test_bad_options_are_config_errors(tiny_model_dir, tmp_path):
         convert(tiny_model_dir("qwen2"), tmp_path / "o", act_order="desc_act")
     with pytest.raises(ConversionError, match="not a multiple of group_size 512"):
         convert(tiny_model_dir("qwen2"), tmp_path / "o", group_size=512, method="rtn")
+    for kw in ({"device": "cuda:x"}, {"device": "cuda:"}, {"devices": ("cudafoo",)}, {"devices": ("cuda:0", "cuda:one")}):
+        with pytest.raises(ConfigError, match="device"):
+            convert(tiny_model_dir("qwen2"), tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_convert_json_and_signature(tiny_model_dir, tmp_path):
