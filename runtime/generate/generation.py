@@ -132,7 +132,7 @@ class Generator:
         for r, p in enumerate(prompts):
             ids[r, longest - len(p):] = p  # left padding
             mask[r, longest - len(p):] = 1
-        matchers = self._matchers(len(prompts), cfg)
+        matchers = self.matchers(len(prompts), cfg)
         rows = [_Row(Sampler(cfg.sampling(r)), list(p), TokenAccept(self.tokenizer, max_tokens=cfg.max_new_tokens, stop=cfg.stop,
                                                                    eos=eos, matcher=m))
                 for r, (p, m) in enumerate(zip(prompts, matchers))]
@@ -180,7 +180,7 @@ class Generator:
                                         f"the memory plan leaves {self.kv_budget_bytes / 2**20:.1f} MiB", hint="lower max_new_tokens")
         yield from speculative.stream(self, prompts[0], cfg, spec, eos, capacity, self.draft)
 
-    def _matchers(self, batch: int, cfg: GenerationConfig) -> list:
+    def matchers(self, batch: int, cfg: GenerationConfig) -> list:
         """One constrain.Matcher per row (None without a constraint)."""
         if cfg.constraint is None:
             return [None] * batch

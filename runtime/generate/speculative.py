@@ -221,7 +221,7 @@ def stream(gen, prompt: list[int], cfg, spec: SpeculativeConfig, eos: set, capac
         raise ConfigError(f"{ROLLBACK_REFUSED} (this one runs on {gen.backend.provider})",
                           hint="run on onnxruntime's CPU provider, or turn speculation off")
     sampler = Sampler(cfg.sampling(0))
-    accept = TokenAccept(gen.tokenizer, max_tokens=cfg.max_new_tokens, stop=cfg.stop, eos=eos, matcher=gen._matchers(1, cfg)[0])
+    accept = TokenAccept(gen.tokenizer, max_tokens=cfg.max_new_tokens, stop=cfg.stop, eos=eos, matcher=gen.matchers(1, cfg)[0])
     if spec.prompt_lookup:
         proposer = PromptLookup(spec)
     else:
