@@ -21,10 +21,10 @@ import torch
 from .archs import ATTN, MLP
 from .layerwise import check_groups, in_features
 from .quant import pack_int4_chunks
-from .streaming import Layers, StreamWriter, _add_quant, _half_chunks, default_work_dir, lm_head_rtn, work_identity
+from .streaming import Layers, StreamWriter, _add_quant, _half_chunks, lm_head_rtn, work_identity
 from .tensors import TensorSource, expected_shapes
 from .weights_file import ALIGNMENT
-from .workdir import WorkDir
+from .workdir import WorkDir, default_work_dir
 
 
 def weights_file_bytes(shape, arch, opts) -> int:
@@ -143,7 +143,7 @@ def dry_run(ck, shape, output, opts, stages, *, calib) -> dict:
     device = resolve_device(opts)
     check_groups(shape, ck.arch, opts.group_size)
     src = TensorSource(ck.path, ck.safetensors)
-    work_path = __import__("pathlib").Path(opts.work_dir) if opts.work_dir else default_work_dir(output)
+    work_path = Path(opts.work_dir) if opts.work_dir else default_work_dir(output)
     work = WorkDir(work_path, work_identity(ck, opts, calib))
     layers = Layers(ck, shape, src, calib, opts, work, device)
     first = work.first_missing_layer(shape.num_layers)

@@ -18,9 +18,9 @@ from edge_sdk.errors import ConfigError, ConversionError
 from . import accuracy
 from .checkpoint import TOKENIZER_FILES
 from .layerwise import check_groups, from_result
-from .streaming import Layers, default_work_dir, lm_head_rtn, quant_section, quantize_layers, work_identity, write_weights_streamed
+from .streaming import Layers, lm_head_rtn, quant_section, quantize_layers, work_identity, write_weights_streamed
 from .tensors import TensorSource, expected_shapes
-from .workdir import WorkDir, remove_work_dir
+from .workdir import WorkDir, default_work_dir, remove_work_dir
 
 WHOLE_GRAPH_CHECK_PARAMS = 200_000_000  # above this the fp32 reference of the whole-graph check is not built
 

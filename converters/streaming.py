@@ -20,7 +20,7 @@ from .layerwise import GPTQLayers, from_result, layer_result, rtn_layer
 from .quant import check_group, pack_int4_chunks, rtn
 from .tensors import expected_shapes
 from .weights_file import ALIGNMENT, _LAYER
-from .workdir import WorkDir, default_work_dir, maybe_kill  # noqa: F401 (default_work_dir: imported from here)
+from .workdir import WorkDir, maybe_kill
 
 CHUNK_BYTES = 256 * 2**20  # fp32 bytes of one embedding / lm_head row chunk
 
