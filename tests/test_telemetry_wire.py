@@ -6,6 +6,8 @@ import random
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_sdk.errors import TelemetryError
 from edge_sdk.runtime.telemetry import records, wire
@@ -134,3 +136,15 @@ def test_truncated_batch_is_an_error():
     raw = records.encode_batch(records.DataBatch(0, 1, 0, recs), 5)
     with pytest.raises(TelemetryError):
         records.decode_batch(raw[:-2], 5)
+
+
+@given(st.binary(max_size=64))
+def test_any_record_body_decodes_or_is_one_telemetry_error(body):
+    """A record or command body (authenticated, yet written by another build) never raises past TelemetryError."""
+    try:
+        records.decode_values(body)
+        records.decode_record(body, {0: ("a",), 1: ("a", "b")})
+    except TelemetryError:
+        pass
+    with pytest.raises(TelemetryError):
+        records.decode_values(bytes([records.T_F64]) + body[:7])  # a float cut short

@@ -97,10 +97,12 @@ def get_value(buf: bytes, i: int) -> tuple[Any, int]:
     if tag == T_INT:
         n, i = get_varint(buf, i)
         return _unzigzag(n), i
-    if tag == T_F32:
-        return _round7(_F32.unpack_from(buf, i)[0]), i + 4
-    if tag == T_F64:
-        return _F64.unpack_from(buf, i)[0], i + 8
+    if tag in (T_F32, T_F64):
+        fmt = _F32 if tag == T_F32 else _F64
+        if i + fmt.size > len(buf):
+            raise TelemetryError("truncated float")
+        v = fmt.unpack_from(buf, i)[0]
+        return (_round7(v) if tag == T_F32 else v), i + fmt.size
     if tag == T_STR:
         n, i = get_varint(buf, i)
         if i + n > len(buf):
