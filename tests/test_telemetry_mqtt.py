@@ -9,10 +9,12 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_sdk.runtime.telemetry import wire
 from edge_sdk.runtime.telemetry.collector import Telemetry
-from edge_sdk.runtime.telemetry.commands import CommandHandler, Status, decode_result, encode_command
+from edge_sdk.runtime.telemetry.commands import COMMANDS, CommandHandler, Status, decode_result, encode_command
 from edge_sdk.runtime.telemetry.queue import TelemetryQueue
 from mqtt_broker import Broker, Subscriber
 
@@ -208,3 +210,55 @@ def test_rows_decode_with_the_queues_schema_table_after_a_reopen(tmp_path):
     assert schema_rows == table  # the table is what the schema records announce
     assert [r["data"] for r in rows if r["kind"] != "schema"] == [{"event": "boot", "version": "1.2"}, {"a": 1, "b": 2.5}]
     q.close()
+
+
+def _signed(body: bytes) -> bytes:
+    """Bytes as the broker would deliver them: a frame with a valid MAC and CRC around any header and payload."""
+    import struct
+
+    body += wire.mac(KEY, body)
+    return wire.cobs_encode(body + struct.pack(">I", wire.crc32c(body)))
+
+
+_HEADERS = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+                     st.binary(min_size=6, max_size=6))
+_PAYLOADS = (st.binary(max_size=200)
+             | st.tuples(_HEADERS, st.binary(max_size=120)).map(lambda t: _signed(wire.HEADER.pack(*t[0]) + t[1]))
+             | st.tuples(st.sampled_from([code for code, _ in COMMANDS.values()] + [0, 99]), st.binary(max_size=40),
+                         st.integers(1, 2**32 - 1)).map(lambda t: (bytes([t[0]]) + t[1], t[2])))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payloads=st.lists(_PAYLOADS, min_size=1, max_size=4))
+def test_any_command_or_result_payload_is_run_or_rejected_never_raised(tmp_path, payloads):
+    """What a broker delivers (any bytes, signed frames with any header, signed COMMANDs with any arguments):
+    the device runs or rejects it and the ground drops what is not a result, neither raises."""
+    pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install 'edge-sdk[runtime]')")
+    from edge_sdk.runtime.telemetry.mqtt import MqttCommander, MqttSender
+
+    q = TelemetryQueue(tmp_path / f"fuzz-{time.monotonic_ns()}.sqlite")
+    handler = CommandHandler(q, {"snapshot": lambda: None, "set-interval": lambda s: None, "set-power-mode": lambda m: None})
+    sender = MqttSender("mqtt://127.0.0.1:1/fleet", KEY, q, on_command=handler, report=lambda k, **f: None)
+    commander = object.__new__(MqttCommander)  # its message handler only: no connection is opened
+    commander.key, commander._results, commander._cv = KEY, {}, threading.Condition()
+    try:
+        raw = []
+        for p in payloads:
+            if isinstance(p, tuple):  # (command payload, counter): a signed COMMAND for this device, any argument bytes
+                p = wire.encode(wire.Frame(wire.FrameType.COMMAND, q.stream_id, p[1], 0, p[0]), KEY).strip(b"\x00")
+            raw.append(p)
+            sender._on_message("fleet/x/command", p)
+            commander._on_message("fleet/x/result", p)
+        sender._run_commands()
+        valid = 0
+        for p in raw:
+            try:
+                f = wire.decode(p, KEY)
+                valid += f.type == wire.FrameType.COMMAND and f.stream == q.stream_id
+            except wire.FrameError:
+                pass
+        assert sender.rejected_commands == len(raw) - valid
+        assert handler.executed + handler.rejected <= valid
+    finally:
+        sender.conn.client.loop_stop()
+        q.close()
