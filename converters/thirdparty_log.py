@@ -10,8 +10,8 @@ logging.basicConfig(level=INFO)) is undone on the way out, so it does not outliv
 
 While converting, the log is `library-output.log` in the conversion's work directory (appended to,
 so a run resuming a failed or killed one continues it). When the conversion ends well it is moved
-(appended) to `$EDGE_SDK_CACHE/logs/convert-<UTC time>-<pid>.log` (EDGE_SDK_CACHE defaults to
-~/.cache/edge-sdk), one file per process, and the work directory goes once empty.
+(appended) to `<cache>/logs/convert-<UTC time>-<pid>.log` (<cache>: edge_sdk.paths.cache_dir, $EDGE_SDK_CACHE
+when set), one file per process, and the work directory goes once empty.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from edge_sdk.paths import cache_dir
+
 from .workdir import LIBRARY_LOG
 
 _process_log: Path | None = None
@@ -33,8 +35,7 @@ def default_log_path() -> Path:
     """One log file per process, never in the current directory."""
     global _process_log
     if _process_log is None:
-        cache = Path(os.environ.get("EDGE_SDK_CACHE") or Path.home() / ".cache" / "edge-sdk")
-        _process_log = cache / "logs" / f"convert-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
+        _process_log = cache_dir() / "logs" / f"convert-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
     return _process_log
 
 
