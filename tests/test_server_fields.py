@@ -44,6 +44,19 @@ def test_fields_not_honoured_are_refused_by_name(field, value, says):
         assert e.value.param == field
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("user", 5, "'user' must be a string"),
+    ("stream_options", [], "'stream_options' must be an object"),
+    ("stream_options", 0, "'stream_options' must be an object"),
+    ("stream_options", {"include_usage": "false"}, "include_usage' must be true or false"),
+])
+def test_honoured_fields_of_the_wrong_type_are_refused(field, value, says):
+    for parse, body in ((parse_chat, CHAT), (parse_completion, PROMPT)):
+        with pytest.raises(BadRequest, match=says) as e:
+            parse(body | {field: value, "stream": True}, 16)
+        assert e.value.param == field
+
+
 @pytest.mark.parametrize("parse, body, field", [(parse_completion, PROMPT, "top_logprobs"), (parse_completion, PROMPT, "tools"),
                                                 (parse_chat, CHAT, "echo"), (parse_chat, CHAT, "prompt")])
 def test_fields_of_the_other_endpoint_are_refused(parse, body, field):

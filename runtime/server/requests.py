@@ -86,9 +86,15 @@ def _common(data: dict, max_tokens_default: int) -> tuple[SamplingParams, bool, 
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
-    opts = data.get("stream_options") or {}
+    opts = data.get("stream_options")
+    opts = {} if opts is None else opts
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
+    if not isinstance(opts.get("include_usage", False), bool):
+        raise BadRequest(f"'stream_options.include_usage' must be true or false, got {opts['include_usage']!r}", "stream_options")
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise BadRequest(f"'user' must be a string, got {user!r}", "user")
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
