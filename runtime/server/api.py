@@ -251,9 +251,10 @@ def create_app(state: ServerState) -> Starlette:
 
     def answer_fields(text: str, ids: list[int]) -> dict:
         """A chat reply as DeepSeek's API returns it: the reasoning in `reasoning_content`, the answer in `content`."""
-        if not starts_in_think(ids) and THINK_OPEN not in text:
+        in_think = starts_in_think(ids)
+        if not in_think and THINK_OPEN not in text:
             return {"content": text}
-        reasoning, answer = split_think(text, starts_in_think(ids))
+        reasoning, answer = split_think(text, in_think)
         return {"content": answer, "reasoning_content": reasoning}
 
     def think_deltas(think: ThinkSplit, text: str, final: bool) -> list[dict]:
