@@ -54,3 +54,22 @@ def test_any_state_file_reads_well_formed_and_every_step_runs(content, active, s
             store.commit(store.inactive())
         _well_formed(store.state())
         assert store.active() in (*SLOTS, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(status=st.sampled_from([200, 500, 503]), health=JSON, reply=JSON | st.fixed_dictionaries(
+    {}, optional={"choices": JSON, "usage": JSON | st.fixed_dictionaries({"completion_tokens": JSON}), "error": JSON}))
+def test_any_daemon_answer_is_healthy_or_one_health_check_error(status, health, reply):
+    """Whatever JSON the daemon answers /health and /v1/completions with: a result, or HealthCheckError."""
+    from unittest import mock
+
+    from edge_sdk.runtime.fleet import health as h
+
+    check = h.HealthCheck("http://127.0.0.1:1", timeout_s=1.0, poll_s=0.0)
+    clock = iter(range(100)).__next__  # a bounded wait: one /health request per tick
+    with mock.patch.object(h, "_request", side_effect=lambda c, path, *a, **k: (status, health if path == "/health" else reply)):
+        try:
+            h.wait_healthy(check, clock=clock, sleep=lambda s: None)
+            assert isinstance(h.generate(check), str)
+        except h.HealthCheckError:
+            pass

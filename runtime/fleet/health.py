@@ -55,9 +55,10 @@ def wait_healthy(check: HealthCheck, clock=time.monotonic, sleep=time.sleep) -> 
     while clock() < deadline:
         try:
             status, body = _request(check, "/health", timeout=min(10.0, check.timeout_s))
-            if status == 200 and body.get("status") == "ok":
+            said = body.get("status", "") if isinstance(body, dict) else ""
+            if status == 200 and said == "ok":
                 return body
-            last = f"/health {status} {body.get('status', '')}".strip()
+            last = f"/health {status} {said}".strip()
         except (urllib.error.URLError, OSError, ValueError) as exc:
             last = str(getattr(exc, "reason", exc))
         sleep(check.poll_s)
@@ -71,13 +72,14 @@ def generate(check: HealthCheck) -> str:
         status, reply = _request(check, "/v1/completions", body, timeout=max(30.0, check.timeout_s))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise HealthCheckError(f"generation through the new bundle failed ({exc})", hint="see `journalctl -u edge-sdk`") from None
-    choices = reply.get("choices") if isinstance(reply, dict) else None
-    tokens = (reply.get("usage") or {}).get("completion_tokens", 0) if isinstance(reply, dict) else 0
-    if status != 200 or not choices or not isinstance(tokens, int) or tokens < 1:
-        message = ((reply or {}).get("error") or {}).get("message", "") if isinstance(reply, dict) else ""
+    reply = reply if isinstance(reply, dict) else {}
+    choices, usage, error = reply.get("choices"), reply.get("usage"), reply.get("error")
+    tokens = usage.get("completion_tokens", 0) if isinstance(usage, dict) else 0
+    if status != 200 or not isinstance(choices, list) or not choices or not isinstance(tokens, int) or tokens < 1:
+        message = error.get("message", "") if isinstance(error, dict) else str(error or "")
         raise HealthCheckError(f"generation through the new bundle failed: HTTP {status} {message}".strip(),
                                hint="see `journalctl -u edge-sdk`")
-    return choices[0].get("text", "")
+    return choices[0].get("text", "") if isinstance(choices[0], dict) else ""
 
 
 def run_check(check: HealthCheck) -> dict:
