@@ -56,7 +56,7 @@ def fetch(source: str, staging: Path, settings: FetchSettings, hook: Hook = lamb
     staging.mkdir(parents=True, exist_ok=True)
     if is_url(source) and is_tarball(source):
         tarball = staging.with_name(staging.name + ".tar")
-        download(source, tarball, None, None, settings, hook)
+        download(source, tarball, None, settings, hook)
         manifest = from_tarball(tarball, staging, settings, hook)
         tarball.unlink(missing_ok=True)
         return manifest
@@ -273,7 +273,7 @@ class _RangeIgnored(Exception):
     pass
 
 
-def download(url: str, path: Path, size: int | None, receiver: Receiver | None, settings: FetchSettings, hook: Hook) -> None:
+def download(url: str, path: Path, receiver: Receiver | None, settings: FetchSettings, hook: Hook) -> None:
     """GET url into path (or through a Receiver), resuming with Range after a cut connection."""
     last = None
     for attempt in range(settings.attempts):
@@ -329,7 +329,7 @@ def from_url(base: str, staging: Path, settings: FetchSettings, hook: Hook) -> d
     _keep_manifest(staging, data, signature)
     for rel, meta in manifest["files"].items():
         r = Receiver(staging, rel, meta, hook)
-        download(f"{base}/{urllib.request.quote(rel)}", r.path, meta["size"], r, settings, hook)
+        download(f"{base}/{urllib.request.quote(rel)}", r.path, r, settings, hook)
         r.finish()
     fsync_path(staging)
     return manifest
