@@ -78,10 +78,16 @@ class Subscriber:
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         self.client.reconnect_delay_set(1, 2)
+        self.subscribed = threading.Event()
         self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect_async(u.host, u.port)
         self.client.loop_start()
+        # a message published before the broker has the subscription is not this consumer's: wait for SUBACK
+        if not self.subscribed.wait(15):
+            self.close()
+            raise AssertionError(f"no SUBACK for {topic} from {url} within 15 s")
 
     def _on_message(self, client, userdata, msg):
         with self.lock:
