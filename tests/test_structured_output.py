@@ -316,7 +316,7 @@ class _WithEos:
     """A tokenizer whose manifest names extra EOS ids."""
 
     def __init__(self, tok, extra):
-        self._tok, self.vocab_size, self.eos_token_ids = tok._tok, tok.vocab_size, tuple(tok.eos_token_ids) + tuple(extra)
+        self.serialized, self.vocab_size, self.eos_token_ids = tok.serialized, tok.vocab_size, tuple(tok.eos_token_ids) + tuple(extra)
 
 
 # --- streamed tool calls ----------------------------------------------------------------------

@@ -119,8 +119,8 @@ class GrammarCompiler:
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int) -> "GrammarCompiler":
-        """From a runtime Tokenizer (its tokenizers.Tokenizer serialised: the bundle's tokenizer.json)."""
-        return cls(tokenizer._tok.to_str(), vocab_size, tuple(tokenizer.eos_token_ids), tokenizer.vocab_size)
+        """From a runtime Tokenizer (serialised: the bundle's tokenizer.json)."""
+        return cls(tokenizer.serialized(), vocab_size, tuple(tokenizer.eos_token_ids), tokenizer.vocab_size)
 
     def matcher(self, c: Constraint) -> "Matcher":
         """A fresh matcher for one sequence; ConfigError when the grammar does not compile or matches nothing."""

@@ -65,6 +65,10 @@ class Tokenizer:
         tid = self._tok.token_to_id(text)
         return tid if tid is not None and tid in self.added_token_ids else None
 
+    def serialized(self) -> str:
+        """The tokenizer as tokenizer.json text (what a grammar engine builds its token view from)."""
+        return self._tok.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary piece of an id (byte-level BPE: bytes written as printable characters)."""
         return self._tok.id_to_token(int(token_id))

@@ -107,7 +107,7 @@ def compile_for(model, opts: RequestOptions, param: str | None = None) -> None:
         compiler = _COMPILERS.get(model)
         if compiler is None:
             tok = getattr(model, "tokenizer", None)
-            if tok is None or not hasattr(tok, "_tok"):
+            if tok is None or not hasattr(tok, "serialized"):
                 raise BadRequest("this model serves no tokenizer that constrained decoding can use", param)
             compiler = _COMPILERS[model] = GrammarCompiler.for_tokenizer(tok, int(getattr(model, "vocab_size", 0)))
         opts.matcher = compiler.matcher(opts.constraint)
