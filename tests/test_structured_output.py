@@ -426,3 +426,20 @@ def test_a_streamed_reply_without_calls_matches_the_plain_one(server):
         reason = chunk.choices[0].finish_reason or reason
     assert not plain.message.tool_calls and reason == plain.finish_reason
     assert (content, reasoning) == (plain.message.content or "", getattr(plain.message, "reasoning_content", None) or "")
+
+
+def test_the_grammar_compiler_is_built_once_in_the_background(bundle):
+    from edge_sdk.runtime.server import structured
+
+    model = edge_sdk.load(bundle, provider="cpu", threads=1)
+    structured.warm(model).join(120)
+    built = structured._COMPILERS.get(model)
+    assert built is not None and structured.compiler_for(model) is built
+    opts = structured.parse_options({"response_format": {"type": "json_object"}}, chat=False)
+    structured.compile_for(model, opts)
+    assert opts.matcher is not None and structured._COMPILERS.get(model) is built
+    bare = type("NoTokenizer", (), {})()
+    structured.warm(bare).join(10)  # no tokenizer: nothing built, nothing raised
+    assert structured._COMPILERS.get(bare) is None
+    with pytest.raises(structured.BadRequest, match="no tokenizer"):
+        structured.compiler_for(bare, "response_format")

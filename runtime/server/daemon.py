@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from .api import ServerState, create_app
+from .structured import warm as warm_grammar
 from .config import ServeConfig, load_config, reload_changes
 from .memory import MemoryManager, plan_layout, process_rss_bytes
 from .metrics import Metrics
@@ -161,6 +162,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_terminate, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         self.service.state.scheduler.start()
+        warm_grammar(self.service.state.model)  # the first constrained request does not wait for the tokenizer view
         serving = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started and not serving.done():
             await asyncio.sleep(0.02)

@@ -5,6 +5,8 @@ then drives the request's matcher (runtime/generate/accept.py) and logprobs toke
 
 from __future__ import annotations
 
+import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -16,6 +18,8 @@ from ..generate.logprobs import TOP_LOGPROBS_MAX, log_softmax, prompt_logprobs, 
 from .requests import BadRequest
 
 _COMPILERS: "weakref.WeakKeyDictionary[object, GrammarCompiler]" = weakref.WeakKeyDictionary()
+_BUILDING = threading.Lock()  # one tokenizer view per model, however many requests ask at once
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,12 +108,7 @@ def compile_for(model, opts: RequestOptions, param: str | None = None) -> None:
         return
     param = param or opts.param
     try:
-        compiler = _COMPILERS.get(model)
-        if compiler is None:
-            tok = getattr(model, "tokenizer", None)
-            if tok is None or not hasattr(tok, "serialized"):
-                raise BadRequest("this model serves no tokenizer that constrained decoding can use", param)
-            compiler = _COMPILERS[model] = GrammarCompiler.for_tokenizer(tok, int(getattr(model, "vocab_size", 0)))
+        compiler = compiler_for(model, param)
         opts.matcher = compiler.matcher(opts.constraint)
     except MissingDependencyError as exc:
         raise BadRequest(f"constrained decoding needs llguidance: {exc.hint}", param) from None
@@ -117,6 +116,32 @@ def compile_for(model, opts: RequestOptions, param: str | None = None) -> None:
         raise
     except ConfigError as exc:
         raise BadRequest(exc.message, param) from None
+
+
+def compiler_for(model, param: str | None = None) -> GrammarCompiler:
+    """The model's grammar compiler, built once (its tokenizer view takes seconds on a large vocabulary)."""
+    with _BUILDING:
+        compiler = _COMPILERS.get(model)
+        if compiler is None:
+            tok = getattr(model, "tokenizer", None)
+            if tok is None or not hasattr(tok, "serialized"):
+                raise BadRequest("this model serves no tokenizer that constrained decoding can use", param)
+            compiler = _COMPILERS[model] = GrammarCompiler.for_tokenizer(tok, int(getattr(model, "vocab_size", 0)))
+        return compiler
+
+
+def warm(model) -> threading.Thread:
+    """Build the grammar compiler in the background at daemon start, so the first constrained request
+    does not wait for it; without llguidance (or a tokenizer) nothing is built and requests say why."""
+    def build():
+        try:
+            compiler_for(model)
+        except (MissingDependencyError, BadRequest, ConfigError) as exc:
+            log.debug("constrained decoding not prepared: %s", exc)
+
+    t = threading.Thread(target=build, name="grammar-warm", daemon=True)
+    t.start()
+    return t
 
 
 def chat_ids(model, messages: list[dict], tools, opts: RequestOptions) -> list[int]:
