@@ -8,57 +8,105 @@ The graph is mla.MLADecoder traced at stub size and pointed at the weights file 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from edge_sdk.errors import ConfigError, ConversionError
 
 from . import accuracy, onnx_export
 from .checkpoint import TOKENIZER_FILES
-from .mla import MLADecoder, attention_linears, attention_norms, attention_scale, mlp_linears, rope_tables, stub_weights
+from .mla import MLADecoder, attention_linears, attention_norms, attention_scale, interleave, mlp_linears, rope_tables, stub_weights
 from .quant import QuantizedLinear, check_group, pack_int4_chunks, rtn
 
 ARCH = "DeepseekV2ForCausalLM"
-ROUTING_METHODS = ("greedy", "group_limited_greedy")
+CORRECTION_BIAS = "e_score_correction_bias"  # V3's per-expert router bias, added to the scores for selection only
+# What transformers computes per architecture (its DeepseekV2 ignores norm_topk_prob; its DeepseekV3 always
+# scores by sigmoid with noaux_tc selection), and the defaults its config classes give to absent keys.
+ROUTING = {
+    "DeepseekV2ForCausalLM": {"topk_method": ("greedy", "group_limited_greedy"), "scoring_func": ("softmax",), "norm_topk_prob": (False,),
+                              "defaults": {"topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
+                                           "norm_topk_prob": False, "routed_scaling_factor": 1.0}},
+    "DeepseekV3ForCausalLM": {"topk_method": ("noaux_tc",), "scoring_func": ("sigmoid",), "norm_topk_prob": (False, True),
+                              "defaults": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 8, "topk_group": 4,
+                                           "norm_topk_prob": True, "routed_scaling_factor": 2.5}},
+}
+GROUPED = ("group_limited_greedy", "noaux_tc")
 WHOLE_MODEL_PARAMS = 200_000_000  # the checks hold the float and int4 models whole in fp32
 
 
 def routing(cfg: dict) -> dict:
-    return {"topk_method": cfg.get("topk_method") or "greedy", "n_group": int(cfg.get("n_group") or 1),
-            "topk_group": int(cfg.get("topk_group") or 1), "routed_scaling_factor": float(cfg.get("routed_scaling_factor") or 1.0),
-            "scoring_func": cfg.get("scoring_func") or "softmax", "norm_topk_prob": bool(cfg.get("norm_topk_prob", False))}
+    """The routing settings of config.json, absent keys filled as transformers fills them."""
+    d = ROUTING[_arch(cfg)]["defaults"]
+    return {"topk_method": cfg.get("topk_method") or d["topk_method"], "n_group": _number(cfg, "n_group", d, int),
+            "topk_group": _number(cfg, "topk_group", d, int), "routed_scaling_factor": _number(cfg, "routed_scaling_factor", d, float),
+            "scoring_func": cfg.get("scoring_func") or d["scoring_func"], "norm_topk_prob": bool(cfg.get("norm_topk_prob", d["norm_topk_prob"]))}
+
+
+def _number(cfg: dict, key: str, defaults: dict, kind):
+    v = cfg.get(key) or defaults[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or not math.isfinite(v):
+        raise ConfigError(f"config.json: routing {key} {v!r} is not a{'n integer' if kind is int else ' number'}",
+                          hint="write it as the release's config.json does")
+    return kind(v)
+
+
+def _arch(cfg: dict) -> str:
+    name = (cfg.get("architectures") or [ARCH])[0]
+    return name if name in ROUTING else ARCH
 
 
 def check_config(cfg: dict, s, source: str = "config.json") -> dict:
     """Refuse what the graph cannot compute exactly, one line each; returns the routing settings."""
-    r = routing(cfg)
-    if r["topk_method"] not in ROUTING_METHODS:
-        raise ConfigError(f"{source}: routing topk_method {r['topk_method']!r} is not supported for {ARCH}",
-                          hint=f"supported: {', '.join(ROUTING_METHODS)} (DeepSeek-V3's noaux_tc routing is not converted yet)")
-    if r["scoring_func"] != "softmax":
-        raise ConfigError(f"{source}: routing scoring_func {r['scoring_func']!r} is not supported for {ARCH}", hint="supported: softmax")
-    if r["norm_topk_prob"]:
-        raise ConfigError(f"{source}: norm_topk_prob true is not supported for {ARCH}",
+    r, arch = routing(cfg), _arch(cfg)
+    allowed = ROUTING[arch]
+    for key in ("topk_method", "scoring_func"):
+        if r[key] not in allowed[key]:
+            raise ConfigError(f"{source}: routing {key} {r[key]!r} is not supported for {arch}",
+                              hint=f"supported: {', '.join(allowed[key])} (what transformers' {arch.removesuffix('ForCausalLM')} computes)")
+    if r["norm_topk_prob"] not in allowed["norm_topk_prob"]:
+        raise ConfigError(f"{source}: norm_topk_prob true is not supported for {arch}",
                           hint="DeepSeek-V2 and V2-Lite ship norm_topk_prob false; transformers' DeepseekV2 ignores it")
+    if arch != ARCH:
+        _check_v3(cfg, source)
     if s.moe_layer_freq != 1:
-        raise ConfigError(f"{source}: moe_layer_freq {s.moe_layer_freq} is not supported for {ARCH}",
+        raise ConfigError(f"{source}: moe_layer_freq {s.moe_layer_freq} is not supported for {arch}",
                           hint="every layer from first_k_dense_replace on is an MoE layer (moe_layer_freq 1)")
     if s.n_routed_experts and s.moe_intermediate_size <= 0:
         raise ConfigError(f"{source}: moe_intermediate_size must be a positive integer with n_routed_experts {s.n_routed_experts}")
-    if r["topk_method"] == "group_limited_greedy":
+    if r["topk_method"] in GROUPED:
         g, tg = r["n_group"], r["topk_group"]
-        if s.n_routed_experts % g or not 1 <= tg <= g or s.num_experts_per_tok > tg * (s.n_routed_experts // g):
+        least = 2 if r["topk_method"] == "noaux_tc" else 1  # noaux_tc ranks a group by the sum of its best two
+        if s.n_routed_experts % g or not 1 <= tg <= g or s.num_experts_per_tok > tg * (s.n_routed_experts // g) \
+                or s.n_routed_experts // g < least:
             raise ConfigError(f"{source}: group-limited routing with n_group {g}, topk_group {tg} does not fit "
                               f"{s.n_routed_experts} experts and num_experts_per_tok {s.num_experts_per_tok}",
-                              hint="n_group must divide n_routed_experts, 1 <= topk_group <= n_group, and the kept groups must hold top-k experts")
+                              hint="n_group must divide n_routed_experts, 1 <= topk_group <= n_group, the kept groups must hold "
+                                   f"top-k experts{' and each group at least 2 (noaux_tc)' if least == 2 else ''}")
     if (s.kv_lora_rank + s.qk_rope_head_dim) % 2:
         raise ConfigError(f"{source}: kv_lora_rank + qk_rope_head_dim = {s.kv_lora_rank + s.qk_rope_head_dim} is odd",
                           hint="the cache stores the latent and rope key as two equal halves")
     return r
 
 
+def _check_v3(cfg: dict, source: str) -> None:
+    """What DeepSeek-V3 adds to the V2 graph: the rope pairs' layout and the dense layers' count."""
+    if cfg.get("rope_interleave", True) is not True:
+        raise ConfigError(f"{source}: rope_interleave {cfg['rope_interleave']!r} is not supported for DeepseekV3ForCausalLM",
+                          hint="the graph rotates interleaved pairs, as DeepSeek-V3 and R1 ship (rope_interleave true)")
+    if cfg.get("first_k_dense_replace") is None:
+        raise ConfigError(f"{source}: first_k_dense_replace is missing for DeepseekV3ForCausalLM",
+                          hint="state it as the release's config.json does (transformers assumes 3 when absent)")
+
+
 def check_experts(src, s) -> None:
     """Every weight config.json implies is in the checkpoint (an expert missing for some layers is named)."""
     missing = [n for i in range(s.num_layers) for n in layer_names(s, i) if n not in src]
+    bias = [n.split(".")[2] for n in missing if n.endswith(CORRECTION_BIAS)]
+    if bias:
+        raise ConversionError(f"{src.path}: the router's {CORRECTION_BIAS} is missing for layer(s) {', '.join(bias)}",
+                              hint=f"{s.architecture} selects experts by sigmoid score + {CORRECTION_BIAS}: "
+                                   "download every shard of the same revision (or convert it as the architecture it is)")
     if missing:
         experts = sorted({n.split(".mlp.experts.")[1].split(".")[0] for n in missing if ".mlp.experts." in n}, key=int)
         what = f"weights of routed expert(s) {', '.join(experts)}" if experts else "weights"
@@ -73,7 +121,7 @@ def layer_names(s, i: int) -> list[str]:
     names += [f"{p}.self_attn.{n}.weight" for n in (*attention_linears(s), *attention_norms(s))]
     names.append(f"{p}.post_attention_layernorm.weight")
     if s.is_moe_layer(i):
-        names.append(f"{p}.mlp.gate.weight")
+        names += [f"{p}.mlp.gate.weight"] + ([f"{p}.mlp.gate.{CORRECTION_BIAS}"] if s.router_bias else [])
     return names + [f"{p}.mlp.{n}.weight" for n in mlp_linears(s, i)]
 
 
@@ -85,18 +133,18 @@ def refuse_early(ck, shape, opts, src) -> dict:
     """All refusals before any heavy work."""
     r = check_config(ck.config, shape, str(ck.path / "config.json"))
     if ck.quantization_config is not None:
-        raise ConversionError(f"{ck.path}: importing a GPTQ checkpoint of {ARCH} is not supported", hint="convert the float checkpoint")
+        raise ConversionError(f"{ck.path}: importing a GPTQ checkpoint of {shape.architecture} is not supported", hint="convert the float checkpoint")
     if opts.method != "rtn":
-        raise ConversionError(f"--method {opts.method} is not supported for {ARCH} yet",
+        raise ConversionError(f"--method {opts.method} is not supported for {shape.architecture} yet",
                               hint="pass --method rtn (round-to-nearest int4 for every expert and projection)")
     if opts.dry_run:
-        raise ConversionError(f"--dry-run is not supported for {ARCH} yet", hint="run the conversion itself")
+        raise ConversionError(f"--dry-run is not supported for {shape.architecture} yet", hint="run the conversion itself")
     if "fp16" in opts.graphs:
-        raise ConversionError(f"the fp16 graph is not built for {ARCH} yet", hint="convert with the fp32 graph only")
+        raise ConversionError(f"the fp16 graph is not built for {shape.architecture} yet", hint="convert with the fp32 graph only")
     check_experts(src, shape)
     params = sum(_numel(src.shape(n)) for n in src.names())
     if params > WHOLE_MODEL_PARAMS:
-        raise ConversionError(f"{ck.path}: {params:,} parameters; {ARCH} conversion holds the whole model in memory, "
+        raise ConversionError(f"{ck.path}: {params:,} parameters; {shape.architecture} conversion holds the whole model in memory, "
                               f"up to {WHOLE_MODEL_PARAMS:,} parameters for now",
                               hint="layer-by-layer conversion of DeepSeek-V2 models is not available yet")
     for i in range(shape.num_layers):
@@ -143,12 +191,26 @@ def write_weights(path, shape, weights, quantized) -> tuple[dict, set[str], dict
         w.add(f"{module}.scales", "float16", tuple(s_t.shape), [s_t.numpy().tobytes()])
         groups[module] = SimpleNamespace(group_size=ql.group_size)
 
+    def stacked(module, qls: list[QuantizedLinear]):
+        q = torch.stack([ql.q for ql in qls])  # [E, out, in]
+        s_t = torch.stack([ql.scales for ql in qls]).contiguous()  # [E, out, in / g]
+        w.add(f"{module}.qweight", "uint8", (*q.shape[:2], q.shape[2] // 2), pack_uint4_chunks(q))
+        w.add(f"{module}.scales", "float16", tuple(s_t.shape), [s_t.numpy().tobytes()])
+        groups[module] = SimpleNamespace(group_size=qls[0].group_size, stacked=True)
+
     half("model.embed_tokens.weight", weights["model.embed_tokens.weight"])
     for i in range(shape.num_layers):
         for n in layer_names(shape, i):
             m = n.removesuffix(".weight")
-            if m in quantized:
+            if ".mlp.experts." in m:
+                if m.endswith(".experts.0.gate_proj"):  # all routed experts of the layer, at the first one's place
+                    p, e = m.removesuffix(".0.gate_proj"), range(shape.n_routed_experts)
+                    stacked(f"{p}.gate_up_proj", [interleaved(quantized[f"{p}.{j}.gate_proj"], quantized[f"{p}.{j}.up_proj"]) for j in e])
+                    stacked(f"{p}.down_proj", [quantized[f"{p}.{j}.down_proj"] for j in e])
+            elif m in quantized:
                 quant(m, quantized[m])
+            elif n.endswith(CORRECTION_BIAS):  # fp32: a large common offset with a small spread that decides the top-k
+                w.add(n, "float32", tuple(weights[n].shape), [weights[n].float().contiguous().numpy().tobytes()])
             else:  # the router feeds MatMul as [hidden, experts]
                 half(n, weights[n].t() if n.endswith(".mlp.gate.weight") else weights[n])
     half("model.norm.weight", weights["model.norm.weight"])
@@ -159,9 +221,22 @@ def write_weights(path, shape, weights, quantized) -> tuple[dict, set[str], dict
     return w.close(), fp16, groups
 
 
+def interleaved(gate: QuantizedLinear, up: QuantizedLinear) -> QuantizedLinear:
+    """One expert's gate and up rows interleaved (gate 0, up 0, gate 1, ...): QMoE's fused SwiGLU fc1."""
+    return QuantizedLinear(interleave(gate.q[None], up.q[None])[0], interleave(gate.scales[None], up.scales[None])[0], gate.group_size)
+
+
+def pack_uint4_chunks(q: torch.Tensor):
+    """int4 values [E, out, in] -> QMoE's uint4 bytes, one expert at a time: q + 8 (zero point 8), two per
+    byte along `in`, the first in the low nibble."""
+    for e in range(q.shape[0]):
+        u = (q[e].to(torch.int16) + 8).reshape(-1, 2)
+        yield (u[:, 0] | (u[:, 1] << 4)).to(torch.uint8).numpy().tobytes()
+
+
 def stored(weights, quantized) -> dict:
     """What the bundle stores, as fp32: q * scale for int4 linears, fp16-rounded values otherwise."""
-    out = {n: t.half().float() for n, t in weights.items()}
+    out = {n: t.float() if n.endswith(CORRECTION_BIAS) else t.half().float() for n, t in weights.items()}
     for m, ql in quantized.items():
         out[f"{m}.weight"] = ql.dequantize()
     return out
@@ -232,9 +307,9 @@ def package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report, r) -> dict:
         "moe": {"n_routed_experts": shape.n_routed_experts, "n_shared_experts": shape.n_shared_experts,
                 "num_experts_per_tok": shape.num_experts_per_tok, "moe_intermediate_size": shape.moe_intermediate_size,
                 "first_k_dense_replace": shape.first_k_dense_replace, "routing": r,
-                "formulation": "every routed expert computed, weighted by its routing weight (0 outside the top-k)"}}
+                "formulation": "com.microsoft QMoE: only each token's top-k experts read and computed"}}
     quantization = quant_section(opts, calib) | {"lm_head_dtype": opts.lm_head_dtype, "embed_dtype": opts.embed_dtype,
-                                                 "router_dtype": "fp16"}
+                                                 "router_dtype": "fp16"} | ({"router_bias_dtype": "fp32"} if shape.router_bias else {})
     manifest = bundle_manifest(ck, architecture=arch, quantization=quantization, graphs=graphs, weights=wsec,
                                io=io_section(shape), tokenizer=tk, accuracy=report)
     return write_manifest(tmp, manifest, sign_key=opts.sign_key)

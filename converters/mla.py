@@ -11,8 +11,9 @@ axis in the `key` and `value` slots ([B, 1, S, (kv_lora_rank + qk_rope_head_dim)
 runtime's two-slot cache holds exactly the latent and no more. Keys and values are expanded from
 the latent through kv_b_proj at every step.
 
-MoE: every routed expert is computed and weighted by its routing weight, zero for experts outside
-the top-k (exact, costs the compute of all experts); the shared experts are added unweighted.
+MoE: onnxruntime's com.microsoft QMoE over each layer's routed experts stacked as stored (uint4,
+fp16 group scales): each token reads and computes only its top-k experts; the router's weights select
+and mix them exactly (see _QMoE). The shared experts are added unweighted.
 """
 
 from __future__ import annotations
@@ -98,41 +99,109 @@ class DenseMLP(nn.Module):
 
 
 class Router(nn.Module):
-    """softmax over the routed experts' logits (fp32), top-k (group-limited when set), times
-    routed_scaling_factor -> dense weights [B, T, E], zero outside the top-k."""
+    """Routing weights [B, T, E], zero outside each token's top-k, from the routed experts' logits (fp32),
+    as transformers computes them. softmax (V2): top-k, group-limited by each group's best score when set.
+    sigmoid with noaux_tc (V3): the correction bias is added for the selection only, groups ranked by the
+    sum of their best two; the weights are the uncorrected scores. Then normalised to sum 1 when
+    norm_topk_prob, times routed_scaling_factor."""
 
-    def __init__(self, weight_in_out: torch.Tensor, s: ModelShape, routing: dict):
+    def __init__(self, weight_in_out: torch.Tensor, s: ModelShape, routing: dict, correction_bias: torch.Tensor | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight_in_out, requires_grad=False)
+        # [E], fp32: a large common offset whose small spread decides the top-k
+        self.e_score_correction_bias = None if correction_bias is None else nn.Parameter(correction_bias.float(), requires_grad=False)
         self.k, self.e = s.num_experts_per_tok, s.n_routed_experts
         self.method, self.groups, self.topk_group = routing["topk_method"], routing["n_group"], routing["topk_group"]
+        self.sigmoid, self.normalise = routing["scoring_func"] == "sigmoid", routing["norm_topk_prob"]
         self.factor = routing["routed_scaling_factor"]
 
     def forward(self, x):
-        scores = torch.softmax(torch.matmul(x.float(), self.weight), dim=-1)  # [B, T, E]; the weight is fp32 already
-        picked = scores
-        if self.method == "group_limited_greedy":
-            grouped = scores.view(*scores.shape[:-1], self.groups, self.e // self.groups)
-            top_groups = torch.topk(grouped.amax(-1), self.topk_group, dim=-1).indices  # [B, T, topk_group]
-            keep = torch.zeros_like(grouped[..., 0]).scatter(-1, top_groups, 1.0)  # [B, T, G]
-            picked = (grouped * keep.unsqueeze(-1)).flatten(-2)
-        w, idx = torch.topk(picked, self.k, dim=-1)
+        logits = torch.matmul(x.float(), self.weight)  # [B, T, E]; the weight is fp32 already
+        scores = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        choice = scores + self.e_score_correction_bias if self.e_score_correction_bias is not None else scores
+        if self.method in ("group_limited_greedy", "noaux_tc"):
+            choice = self.keep_groups(choice)
+        idx = torch.topk(choice, self.k, dim=-1).indices  # [B, T, k]
+        w = torch.gather(scores, -1, idx)
+        if self.normalise:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return torch.zeros_like(scores).scatter(-1, idx, w * self.factor)
+
+    def keep_groups(self, choice):
+        """choice with every expert outside the topk_group best groups at -inf."""
+        grouped = choice.view(*choice.shape[:-1], self.groups, self.e // self.groups)  # [B, T, G, E / G]
+        rank = torch.topk(grouped, 2, dim=-1).values.sum(-1) if self.method == "noaux_tc" else grouped.amax(-1)  # [B, T, G]
+        top = torch.topk(rank, self.topk_group, dim=-1).indices  # [B, T, topk_group]
+        keep = torch.zeros_like(rank).scatter(-1, top, 1.0).unsqueeze(-1) > 0
+        return torch.where(keep, grouped, torch.full_like(grouped, float("-inf"))).flatten(-2)
+
+
+class Stacked(nn.Module):
+    """One weight per routed expert, stacked: [E, out, in] (the experts' layout in QMoE)."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(w, requires_grad=False)
+
+
+def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[E, I, ...] twice -> [E, 2I, ...] with rows a0, b0, a1, b1, ... (QMoE's fused SwiGLU layout)."""
+    return torch.stack((a, b), dim=2).flatten(1, 2)
+
+
+def routed_experts(x, w, gate_up, down):
+    """sum over the experts each token chose of w * down(silu(gate(x)) * up(x)); only chosen experts are
+    computed. x [N, H], w [N, E] (0 outside the top-k), gate_up [E, 2I, H] interleaved, down [E, H, I]."""
+    out = torch.zeros_like(x)
+    for e in torch.nonzero(w.amax(0) > 0).flatten().tolist():
+        rows = torch.nonzero(w[:, e] > 0).flatten()
+        h = torch.matmul(x[rows], gate_up[e].t())  # [n, 2I]
+        y = torch.matmul(nn.functional.silu(h[:, 0::2]) * h[:, 1::2], down[e].t())
+        out = out.index_add(0, rows, y * w[rows, e:e + 1])
+    return out
+
+
+class _QMoE(torch.autograd.Function):
+    """Traced as onnxruntime's com.microsoft QMoE: each token reads and computes only its top-k experts.
+    The router's weights go in twice: as router_probs they select the top-k (the k nonzero entries), as
+    router_weights they mix the outputs as they are, so any routing (group-limited, scaled) is exact.
+    onnx_export.rewrite points gate_up / down at the stored uint4 experts and sets block_size."""
+
+    @staticmethod
+    def forward(ctx, x, w, gate_up, down, k):
+        return routed_experts(x, w, gate_up, down)
+
+    @staticmethod
+    def symbolic(g, x, w, gate_up, down, k):
+        def none():
+            return g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
+
+        out = g.op("com.microsoft::QMoE", x, w, gate_up, none(), none(), down, none(), none(), none(), none(), none(),
+                   none(), none(), none(), w, k_i=k, expert_weight_bits_i=4, activation_type_s="swiglu", swiglu_fusion_i=1,
+                   activation_alpha_f=1.0, activation_beta_f=0.0, normalize_routing_weights_i=0, use_sparse_mixer_i=0,
+                   accuracy_level_i=0)
+        out.setType(x.type())
+        return out
 
 
 class MoE(nn.Module):
+    """Shared experts (unweighted) plus the top-k routed experts of each token, only those computed."""
+
     def __init__(self, router: Router, experts: list[DenseMLP], shared: DenseMLP | None):
         super().__init__()
         self.gate = router
-        self.experts = nn.ModuleList(experts)
+        self.experts = nn.Module()  # Linear weights are [in, out]; QMoE takes [E, out, in]
+        self.experts.gate_up_proj = Stacked(torch.stack([interleave(e.gate_proj.weight.t()[None], e.up_proj.weight.t()[None])[0]
+                                                         for e in experts]))
+        self.experts.down_proj = Stacked(torch.stack([e.down_proj.weight.t() for e in experts]))
         self.shared_experts = shared
 
     def forward(self, x):
         w = self.gate(x).to(x.dtype)  # [B, T, E]
-        out = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            out = out + expert(x) * w[..., e:e + 1]
-        return out
+        flat = x.reshape(-1, x.shape[-1])
+        routed = _QMoE.apply(flat, w.reshape(-1, w.shape[-1]), self.experts.gate_up_proj.weight,
+                             self.experts.down_proj.weight, self.gate.k).reshape(x.shape)
+        return routed + self.shared_experts(x) if self.shared_experts is not None else routed
 
 
 class MLALayer(nn.Module):
@@ -196,7 +265,8 @@ class MLADecoder(nn.Module):
                                {n: RMSNorm(w(f"{p}.self_attn.{n}.weight"), s.rms_norm_eps) for n in attention_norms(s)}, scale)
             if s.is_moe_layer(i):
                 block = lambda prefix: DenseMLP({n: linear(f"{prefix}.{n}") for n in ("gate_proj", "up_proj", "down_proj")})  # noqa: E731
-                mlp = MoE(Router(w(f"{p}.mlp.gate.weight").t().contiguous(), s, routing),
+                bias = w(f"{p}.mlp.gate.e_score_correction_bias") if s.router_bias else None
+                mlp = MoE(Router(w(f"{p}.mlp.gate.weight").t().contiguous(), s, routing, bias),
                           [block(f"{p}.mlp.experts.{e}") for e in range(s.n_routed_experts)],
                           block(f"{p}.mlp.shared_experts") if s.n_shared_experts else None)
             else:
@@ -253,6 +323,8 @@ def stub_weights(s: ModelShape) -> tuple[ModelShape, dict[str, torch.Tensor]]:
             shapes[f"{p}.mlp.{n}.weight"] = (h, inter) if n.endswith("down_proj") else (inter, h)
         if s.is_moe_layer(i):
             shapes[f"{p}.mlp.gate.weight"] = (s.n_routed_experts, h)
+            if s.router_bias:
+                shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (s.n_routed_experts,)
     g = torch.Generator().manual_seed(0)
     # distinct random values, so the exporter never merges two initializers into one
     return small, {k: torch.randn(v, generator=g) for k, v in shapes.items()}

@@ -74,6 +74,7 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
     new_nodes_before: dict[str, list] = {}
     renames: dict[str, str] = {}
     keep = []
+    experts: dict[str, tuple[str, str, int]] = {}
     for init in g.initializer:
         wname = export_name_to_weight(init.name)
         module = wname.rsplit(".", 1)[0]
@@ -86,6 +87,11 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
             if f32:
                 scale_in = f"{sname}_fp32"
                 nodes.append(helper.make_node("Cast", [sname], [scale_in], name=f"{node_path}/scales/Cast", to=TensorProto.FLOAT))
+            if getattr(ql, "stacked", False):  # one MoE layer's experts, fed to QMoE as stored (uint4 bytes, scales)
+                experts[init.name] = (qname, scale_in, ql.group_size)
+                new_nodes_before[init.name] = nodes
+                keep += [_external(qname, TensorProto.UINT8, weights, weights_file), _external(sname, TensorProto.FLOAT16, weights, weights_file)]
+                continue
             out = f"{node_path}/DequantizeLinear/output_0"
             nodes.append(helper.make_node("DequantizeLinear", [qname, scale_in], [out], name=f"{node_path}/DequantizeLinear",
                                           axis=0, block_size=ql.group_size))
@@ -100,6 +106,9 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
                 renames[init.name] = out
             else:
                 renames[init.name] = wname
+        elif weights["tensors"].get(wname, {}).get("dtype") == "float32":  # stored exact (V3's router correction bias)
+            keep.append(_external(wname, TensorProto.FLOAT, weights, weights_file))
+            renames[init.name] = wname
         else:
             keep.append(init)
     del g.initializer[:]
@@ -109,6 +118,8 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
         for k, name in enumerate(n.input):
             if name in renames:
                 n.input[k] = renames[name]
+        if n.op_type == "QMoE":
+            _point_experts(n, experts)
         if n.name.startswith(("/layers.", "/norm", "/embed_tokens")):
             n.name = "/model" + n.name
         nodes.append(n)
@@ -120,10 +131,22 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
     model.ir_version = IR_VERSION
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", OPSET)])
+    if any(n.domain == "com.microsoft" for n in g.node):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     model.producer_name, model.producer_version = "edge-sdk", ""
     g.name = "edge-sdk-decoder"
     del model.graph.value_info[:]
     return model
+
+
+def _point_experts(node, experts: dict[str, tuple[str, str, int]]) -> None:
+    """QMoE's fc1 (input 2) and fc2 (input 5) -> the stored uint4 experts, their scales in the next input."""
+    from onnx import helper
+
+    for k in (2, 5):
+        qname, scales, group = experts[node.input[k]]
+        node.input[k], node.input[k + 1] = qname, scales
+    node.attribute.append(helper.make_attribute("block_size", group))
 
 
 def _external(name: str, dtype, weights: dict, weights_file: str):

@@ -109,12 +109,31 @@ def test_every_projection_and_expert_int4_router_fp16(bundle):
         p = f"model.layers.{i}"
         attn = [f"{p}.self_attn.{n}" for n in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
         mlp = [f"{p}.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")] if i == 0 else \
-            [f"{p}.mlp.{x}.{n}" for x in ("experts.0", "experts.1", "experts.2", "experts.3", "shared_experts")
-             for n in ("gate_proj", "up_proj", "down_proj")]
+            [f"{p}.mlp.shared_experts.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
         for m in attn + mlp:
             assert t[f"{m}.qweight"]["dtype"] == "int4" and t[f"{m}.scales"]["dtype"] == "float16", m
         if i:
             assert t[f"{p}.mlp.gate.weight"] == t[f"{p}.mlp.gate.weight"] | {"dtype": "float16", "shape": [cfg["hidden_size"], 4]}
+            # routed experts stacked as QMoE reads them: uint4 bytes [E, out, in / 2], scales [E, out, in / g]
+            h, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
+            for m, shape in (("gate_up_proj", [4, 2 * inter, h]), ("down_proj", [4, h, inter])):
+                q, sc = t[f"{p}.mlp.experts.{m}.qweight"], t[f"{p}.mlp.experts.{m}.scales"]
+                assert (q["dtype"], q["shape"]) == ("uint8", [*shape[:2], shape[2] // 2])
+                assert (sc["dtype"], sc["shape"]) == ("float16", [*shape[:2], shape[2] // 128])
+            assert not any(".mlp.experts.0." in n for n in t)
+
+
+def test_moe_layers_are_qmoe_nodes_reading_the_stored_experts(bundle):
+    m = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    nodes = [n for n in m.graph.node if n.op_type == "QMoE"]
+    assert [n.domain for n in nodes] == ["com.microsoft"] * 2
+    for i, n in zip((1, 2), nodes):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs | {"k": 2, "block_size": 128, "expert_weight_bits": 4, "swiglu_fusion": 1, "normalize_routing_weights": 0} == attrs
+        assert n.input[2] == f"model.layers.{i}.mlp.experts.gate_up_proj.qweight"
+        assert n.input[5] == f"model.layers.{i}.mlp.experts.down_proj.qweight"
+        assert n.input[1] == n.input[14]  # the router's weights select and mix
+    assert not any(n.op_type == "DequantizeLinear" and ".experts." in n.input[0] for n in m.graph.node)
 
 
 def test_weight_bytes_and_cache_equal_the_planner(bundle):
@@ -142,7 +161,7 @@ def reference_model(model_dir, bundle):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     state = hf.state_dict()
     w = {k.removesuffix(".qweight") + ".weight" if k.endswith(".qweight") else k: torch.from_numpy(np.ascontiguousarray(v))
-         for k, v in dequantized_initializers(bundle / "model.onnx").items()}
+         for k, v in (dequantized_initializers(bundle / "model.onnx") | stacked_experts(bundle / "model.onnx")).items()}
     loaded = set()
     for name, t in w.items():
         if not name.endswith(".weight"):
@@ -170,6 +189,26 @@ def reference_model(model_dir, bundle):
     assert expected <= loaded, sorted(expected - loaded)[:3]
     assert sum(".mlp.experts." in k for k in loaded) == 2 * 4 * 3  # 2 MoE layers x 4 experts x 3 projections
     return hf
+
+
+def stacked_experts(graph_path) -> dict[str, np.ndarray]:
+    """Each QMoE node's experts, dequantized from the stored uint4 bytes and fp16 scales by hand:
+    {model.layers.i.mlp.experts.e.{gate,up,down}_proj.qweight: [in, out]}."""
+    m = onnx.load(str(graph_path), load_external_data=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    out = {}
+    for node in (n for n in m.graph.node if n.op_type == "QMoE"):
+        g = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
+        for k in (2, 5):
+            b = inits[node.input[k]]  # [E, out, in / 2]
+            q = np.stack([b & 0xF, b >> 4], axis=-1).reshape(*b.shape[:2], -1).astype(np.float32) - 8
+            sc = inits[node.input[k + 1].removesuffix("_fp32")].astype(np.float32)  # [E, out, in / g]
+            wt = q * np.repeat(sc, g, axis=2)
+            prefix = node.input[k].rsplit(".", 2)[0]  # model.layers.i.mlp.experts
+            for e in range(wt.shape[0]):
+                parts = {"gate_proj": wt[e, 0::2], "up_proj": wt[e, 1::2]} if k == 2 else {"down_proj": wt[e]}
+                out |= {f"{prefix}.{e}.{p}.qweight": v.T for p, v in parts.items()}
+    return out
 
 
 @pytest.fixture(scope="module")
