@@ -10,6 +10,8 @@ Here kv_b_proj's weight [r, H, nope + v] is split per head into W_UK [H, nope, r
 so nothing of size S x H x head_dim is built. The weight stays the int4 initializer the bundle stores
 (`kv_b_proj.weight`, replaced by DequantizeLinear in onnx_export.rewrite): the weights file and the
 planner's bytes are unchanged, and the result equals the expanded form's up to fp32 summation order.
+onnxruntime dequantizes that weight at every step (it does not constant-fold DequantizeLinear): a
+fixed cost per step, against the expanded form's cost that grows with S (benchmarks/bench_mla.py).
 """
 
 from __future__ import annotations
