@@ -27,6 +27,7 @@ class ArchTable:
     post_attn_norm: str = "post_attention_layernorm"
     qkv_bias_default: bool = False
     rotary: str = ""  # transformers class computing inv_freq (handles every rope_type the architecture has)
+    mla: bool = False  # MLA + MoE: converted by deepseek_v2.py into mla.py's graph
 
     def linear(self, i: int, proj: str) -> str:
         """HF module name of one decoder linear, e.g. model.layers.0.self_attn.q_proj."""
@@ -42,8 +43,11 @@ ARCHS: dict[str, ArchTable] = {
                                     rotary="transformers.models.qwen2.modeling_qwen2:Qwen2RotaryEmbedding"),
     "LlamaForCausalLM": ArchTable("LlamaForCausalLM", rotary="transformers.models.llama.modeling_llama:LlamaRotaryEmbedding"),
     # MLA + MoE: its own graph and conversion (mla.py, deepseek_v2.py); this row names the checkpoint's ends
-    "DeepseekV2ForCausalLM": ArchTable("DeepseekV2ForCausalLM",
+    "DeepseekV2ForCausalLM": ArchTable("DeepseekV2ForCausalLM", mla=True,
                                          rotary="transformers.models.deepseek_v2.modeling_deepseek_v2:DeepseekV2RotaryEmbedding"),
+    # V2's graph with V3's routing (sigmoid + correction bias, noaux_tc groups); deepseek_v2.ROUTING holds the difference
+    "DeepseekV3ForCausalLM": ArchTable("DeepseekV3ForCausalLM", mla=True,
+                                         rotary="transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3RotaryEmbedding"),
 }
 
 
@@ -53,7 +57,7 @@ def arch_for(config: dict, source: str = "config.json") -> ArchTable:
     if name not in ARCHS:
         raise UnsupportedArchitectureError(
             f"{source}: architecture {name!r} cannot be converted",
-            hint=f"supported: {', '.join(ARCHS)} (DeepSeek-R1-Distill-Qwen/-Llama, deepseek-llm, deepseek-coder, DeepSeek-V2-Lite)",
+            hint=f"supported: {', '.join(ARCHS)} (DeepSeek-R1-Distill-Qwen/-Llama, deepseek-llm, deepseek-coder, DeepSeek-V2-Lite, DeepSeek-V3 architecture)",
         )
     return ARCHS[name]
 

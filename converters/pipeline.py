@@ -161,10 +161,10 @@ def _convert(model_dir, output, opts: ConvertOptions, stages: Stages) -> dict:
         bos = tk["bos_token_id"] if tk["add_bos_token"] else None
         calib = calibration.windows(tokens, opts.nsamples, opts.seqlen, bos)
         inv_freq, rope_scale = rope_tables(ck.config, ck.arch)
-    if ck.quantization_config is None or ck.arch.name == "DeepseekV2ForCausalLM":  # float checkpoint: one decoder layer at a time
+    if ck.quantization_config is None or ck.arch.mla:  # float checkpoint: one decoder layer at a time
         from . import streamed_convert
 
-        if ck.arch.name == "DeepseekV2ForCausalLM":  # MLA + MoE (deepseek_v2.py refuses what it does not convert)
+        if ck.arch.mla:  # MLA + MoE, DeepSeek-V2 or V3 (deepseek_v2.py refuses what it does not convert)
             from . import deepseek_v2 as streamed_convert
         elif opts.dry_run:
             from .predict import dry_run

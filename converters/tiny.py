@@ -48,6 +48,18 @@ TINY_CONFIGS = {
         "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
         "norm_topk_prob": False, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
     },
+    # DeepSeek-V3 / R1 routing at the same scale: sigmoid scores plus a correction bias (random here, so it
+    # changes selections), 8 experts in 4 groups of which 2 are kept, top-2, normalised, scaled by 2.5;
+    # q_lora_rank set as in V3 (q_a_proj -> q_a_layernorm -> q_b_proj)
+    "deepseek_v3": {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+        "q_lora_rank": 128, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32,
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 4,
+        "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_interleave": True,
+    },
 }
 
 
@@ -122,6 +134,9 @@ def _build_model_dir(directory, arch, seed, config, tokenizer, texts, init_std, 
                 p.normal_(0, init_std)
             elif "norm" in name:
                 p.normal_(1.0, 0.1)
+        for name, b in model.named_buffers():  # V3's router correction bias (HF initialises it to 0)
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 2 * init_std)
     model.save_pretrained(d, safe_serialization=True)
     write_tokenizer(tok, d, pad_token=pad_token)
     return d

@@ -106,7 +106,8 @@ def weight_bytes(s: ModelShape, q: QuantSpec) -> WeightBytes:
         m_lin = mlp_linears(s, i)
         m = sum(l.count * q.matrix_bytes(l.in_features, l.out_features) for l in m_lin)
         m_active = sum(l.active * q.matrix_bytes(l.in_features, l.out_features) for l in m_lin)
-        r = router_params(s, i) * other
+        bias = s.n_routed_experts if s.router_bias and s.is_moe_layer(i) else 0  # V3's correction bias, stored fp32
+        r = (router_params(s, i) - bias) * other + bias * int(DTYPE_BYTES["fp32"])
         n = layer_norm_params(s) * other
         attn, mlp, router, norms = attn + a, mlp + m, router + r, norms + n
         per_layer.append(a + m + r + n)
