@@ -45,7 +45,7 @@ def routing(cfg: dict) -> dict:
 
 def _number(cfg: dict, key: str, defaults: dict, kind):
     v = cfg.get(key) or defaults[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (kind is int and v != int(v)):
         raise ConfigError(f"config.json: routing {key} {v!r} is not a{'n integer' if kind is int else ' number'}",
                           hint="write it as the release's config.json does")
     return kind(v)

@@ -5,6 +5,7 @@ transformers' DeepseekV3ForCausalLM holding the bundle's own dequantized weights
 group limit each change selections on these prompts; bad routing configs are refused first."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -337,3 +338,32 @@ def test_prefill_logits_close_to_torch_and_far_from_a_biasless_router(pair):
                 b.copy_(s)
     np.testing.assert_allclose(logits, ref, rtol=1e-3, atol=1e-3)
     assert np.abs(logits - biasless).max() > 1e-2  # the graph's routing uses the bias
+
+
+# ---- any routing values: accepted or refused with one line ----------------------------------------
+
+def test_any_routing_values_are_accepted_or_refused_with_one_line():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from edge_sdk.converters.deepseek_v2 import ROUTING, check_config
+
+    value = st.one_of(st.none(), st.booleans(), st.integers(-3, 20), st.floats(allow_nan=True, allow_infinity=True),
+                      st.sampled_from(["noaux_tc", "sigmoid", "softmax", "greedy", "group_limited_greedy", "", "4"]),
+                      st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+    keys = ("topk_method", "scoring_func", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "rope_interleave")
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(arch=st.sampled_from(["deepseek_v2", "deepseek_v3"]), over=st.dictionaries(st.sampled_from(keys), value))
+    def check(arch, over):
+        cfg = tiny_cfg(arch) | over
+        try:
+            r = check_config(cfg, shape_from_config(cfg))
+        except ConfigError as e:
+            assert "\n" not in str(e)
+        else:
+            allowed = ROUTING[cfg["architectures"][0]]
+            assert r["topk_method"] in allowed["topk_method"] and r["scoring_func"] in allowed["scoring_func"]
+            assert type(r["n_group"]) is type(r["topk_group"]) is int and math.isfinite(r["routed_scaling_factor"])
+
+    check()
