@@ -112,6 +112,13 @@ def check_experts(src, s) -> None:
         what = f"weights of routed expert(s) {', '.join(experts)}" if experts else "weights"
         raise ConversionError(f"{src.path}: {len(missing)} {what} missing from the checkpoint, e.g. {missing[0]}",
                               hint=f"config.json says n_routed_experts {s.n_routed_experts}: download every shard of the same revision")
+    router = {f"model.layers.{i}.mlp.gate.{n}": shp for i in range(s.num_layers) if s.is_moe_layer(i)
+              for n, shp in (("weight", [s.n_routed_experts, s.hidden_size]), (CORRECTION_BIAS, [s.n_routed_experts]))
+              if n == "weight" or s.router_bias}
+    for n, want in router.items():
+        if list(src.shape(n)) != want:
+            raise ConversionError(f"{src.path}: {n} has shape {list(src.shape(n))}, not {want} (n_routed_experts, hidden_size)",
+                                  hint="config.json and the weights disagree: download both from the same revision")
 
 
 def layer_names(s, i: int) -> list[str]:

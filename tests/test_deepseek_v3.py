@@ -116,6 +116,22 @@ def test_missing_correction_bias_refused_before_quantizing(model_dir, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_wrong_shaped_correction_bias_refused_before_quantizing(model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from edge_sdk.converters import deepseek_v2
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    w = load_file(d / "model.safetensors")
+    w[f"model.layers.1.mlp.gate.{BIAS}"] = w[f"model.layers.1.mlp.gate.{BIAS}"][:7].clone()
+    save_file(w, d / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(deepseek_v2, "quantize", lambda *a: pytest.fail("quantized before refusing"))
+    with pytest.raises(ConversionError, match=rf"model.layers.1.mlp.gate.{BIAS} has shape \[7\], not \[8\]"):
+        edge_sdk.convert(d, tmp_path / "out", **CONVERT)
+    assert not (tmp_path / "out").exists()
+
+
 # ---- the router against transformers' -----------------------------------------------------------
 
 def hf_router(cfg: dict, weight, bias):
