@@ -22,6 +22,12 @@ def register(sub) -> None:
     p.add_argument("--memory-budget", metavar="BYTES|PERCENT",
                    help="memory for weights (memory.weights_budget); over it layers stream from storage")
     p.add_argument("--when-full", choices=("wait", "reject"), help="a request that does not fit now waits or gets 503")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", metavar="BUNDLE", help="speculative decoding with this smaller bundle (same tokenizer) "
+                      "while one request runs ([speculative] draft)")
+    spec.add_argument("--prompt-lookup", action="store_true", default=None,
+                      help="speculative decoding with n-grams copied from the prompt while one request runs ([speculative] prompt_lookup)")
+    p.add_argument("--spec-k", type=int, metavar="K", help="draft tokens per speculative step to start with, 1-16 ([speculative] k)")
     p.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
     add_device_options(p)
     p.set_defaults(func=run)
@@ -31,7 +37,8 @@ def overrides(args) -> dict:
     return {"bundle": args.bundle, "bundle_key": args.key, "emulate": args.emulate, "root": args.root, "server_host": args.host,
             "server_port": args.port, "server_api_key": args.api_key, "scheduler_max_batch": args.max_batch,
             "server_context_length": args.context, "scheduler_when_full": args.when_full,
-            "memory_weights_budget": args.memory_budget}
+            "memory_weights_budget": args.memory_budget, "speculative_draft": args.draft,
+            "speculative_prompt_lookup": args.prompt_lookup, "speculative_k": args.spec_k}
 
 
 def run(args) -> int:

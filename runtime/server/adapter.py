@@ -5,7 +5,8 @@ cache; it is rebuilt (KVCache.stack, one copy of the KV) only when a sequence jo
 `backend.forward(tokens[B, 1], cache)` for all of them. Rows of finished sequences stay (fed a pad token) until then:
 dropping them would need a second copy of the batch. Rows are right aligned, so the batch holds
 rows x (longest row + most tokens any row may still append) tokens; `kv_bytes_held` says so exactly,
-for the memory manager.
+for the memory manager. Speculation (one sequence running): `verify` appends [last, *drafts] to that
+sequence alone in one forward, `keep` rolls its cache back to the accepted tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class BundleStepModel:
         self._rows: list[str] = []
         self._pending: dict[str, object] = {}  # prefilled alone, not merged yet
         self._left: dict[str, int] = {}  # tokens each sequence may still append
+        self._verified = 0  # tokens the last verify appended
+        self._speculation(model)
+
+    def _speculation(self, model) -> None:
+        """Speculative decoding: whether the cache rolls back, and a draft's weights and one KV cache
+        (one sequence speculates at a time) charged to the memory budget."""
+        from ..backends.base import can_rollback
+
+        self.can_speculate = can_rollback(self.backend)
+        self.draft = getattr(model, "draft", None)
+        self.has_draft = self.draft is not None
+        if self.has_draft:
+            db = self.draft.backend
+            self.weights_bytes += graph_bytes(self.draft.bundle, self.draft.manifest, db)
+            self.workspace_bytes += getattr(db, "kv_copies", 2) * db.io.kv_bytes_per_token() * self.context_length
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -79,6 +95,28 @@ class BundleStepModel:
                 self._left[r] -= 1
         order = {r: i for i, r in enumerate(self._rows)}
         return logits[[order[s] for s in seq_ids]]
+
+    def verify(self, seq_id: str, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` to seq_id, the only sequence running, in one forward: logits [len(tokens), V]
+        (row i: the next token after tokens[:i + 1]). `keep` then drops the rejected ones."""
+        if self._pending or self._rows != [seq_id]:
+            self._rebuild([seq_id])  # a batch of one: positions are tokens, no padding
+        logits = self.backend.forward(np.asarray([tokens], np.int64), self._batch)[0]
+        self._verified = len(tokens)
+        return logits
+
+    def keep(self, seq_id: str, n: int) -> None:
+        """Keep the first n tokens of the last `verify`: the KV cache rolls back to the accepted length."""
+        assert self._rows == [seq_id] and 0 < n <= self._verified, "keep() follows verify() of the same sequence"
+        self._batch.rollback(self._batch.length - self._verified + n)
+        self._left[seq_id] -= n
+        self._verified = 0
+
+    def draft_proposer(self, sampling, capacity: int):
+        """A draft-model proposer with its own KV cache for one sequence (runtime SamplingParams)."""
+        from ..generate.speculative import DraftModel
+
+        return DraftModel(self.draft.backend, sampling, capacity, self.vocab_size)
 
     def _rebuild(self, seq_ids: Sequence[str]) -> None:
         from ..backends.kv_cache import KVCache

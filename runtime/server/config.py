@@ -51,6 +51,13 @@ class MemorySection:
 
 
 @dataclass(frozen=True)
+class SpeculativeSection:
+    draft: str = ""  # draft bundle (same tokenizer, smaller): speculate with it while one sequence runs
+    prompt_lookup: bool = False  # speculate with n-grams copied from the sequence itself instead
+    k: int = 4  # draft tokens per step to start with; adapts between 1 and 8
+
+
+@dataclass(frozen=True)
 class TelemetrySection:
     port_url: str = ""  # empty: no uplink; e.g. /dev/ttyTHS0, socket://host:port
     key_file: str = ""  # pre-shared key (hex), from `edge-sdk telemetry keygen FILE`
@@ -64,6 +71,7 @@ class ServeConfig:
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     memory: MemorySection = field(default_factory=MemorySection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
     bundle: str = ""
     bundle_key: str = ""  # trusted ed25519 public key file: manifest.sig must verify against it; empty: hashes only
     emulate: str = ""
@@ -84,6 +92,9 @@ class ServeConfig:
         _check(m.reserve_mb >= 0 and m.kv_pool_max_mb >= 0 and m.workspace_mb >= 0, "memory sizes must be >= 0")
         _check(m.kv_block_tokens in (8, 16, 32, 64, 128), f"memory.kv_block_tokens {m.kv_block_tokens} is not 8, 16, 32, 64 or 128")
         _check(self.telemetry.interval_s > 0, "telemetry.interval_s must be > 0")
+        sp = self.speculative
+        _check(not (sp.draft and sp.prompt_lookup), "speculative.draft and speculative.prompt_lookup exclude each other")
+        _check(1 <= sp.k <= 16, f"speculative.k {sp.k} is outside 1-16")
 
     def api_key(self) -> str:
         if self.server.api_key_file:
@@ -100,7 +111,7 @@ class ServeConfig:
         for key, value in dotted.items():
             if value is None:
                 continue
-            section, _, name = key.partition("_") if key.split("_", 1)[0] in ("server", "scheduler", "memory", "telemetry") else ("", "", key)
+            section, _, name = key.partition("_") if key.split("_", 1)[0] in ("server", "scheduler", "memory", "telemetry", "speculative") else ("", "", key)
             if section:
                 sections[section] = replace(sections[section], **{name: value})
             else:
@@ -147,7 +158,8 @@ def _section(cls, raw, name: str, path: str):
 
 
 def parse_config(raw: dict, path: str = "<config>") -> ServeConfig:
-    sections = {"server": ServerSection, "scheduler": SchedulerSection, "memory": MemorySection, "telemetry": TelemetrySection}
+    sections = {"server": ServerSection, "scheduler": SchedulerSection, "memory": MemorySection, "telemetry": TelemetrySection,
+                "speculative": SpeculativeSection}
     top = {"bundle", "bundle_key", "emulate", "root"}
     unknown = sorted(set(raw) - set(sections) - top)
     if unknown:
@@ -174,7 +186,7 @@ def load_config(path: str | Path | None) -> ServeConfig:
 def reload_changes(old: ServeConfig, new: ServeConfig) -> tuple[dict, list[str]]:
     """(fields applied now, fields that need a restart) between two configs."""
     applied, restart = {}, []
-    for section in ("server", "scheduler", "memory", "telemetry"):
+    for section in ("server", "scheduler", "memory", "telemetry", "speculative"):
         a, b = getattr(old, section), getattr(new, section)
         for f in fields(a):
             if getattr(a, f.name) != getattr(b, f.name):

@@ -24,7 +24,7 @@ from .structured import warm as warm_grammar
 from .config import ServeConfig, load_config, reload_changes
 from .memory import MemoryManager, plan_layout, process_rss_bytes
 from .metrics import Metrics
-from .scheduler import Scheduler
+from .scheduler import Scheduler, server_speculation
 from .systemd import Notifier
 
 log = logging.getLogger("edge_sdk.serve")
@@ -63,7 +63,8 @@ def build_service(config: ServeConfig, model=None) -> Service:
     memory = MemoryManager(layout, context_length=context)
     metrics = Metrics()
     scheduler = Scheduler(model, memory, max_batch=q.max_batch, max_queue=q.max_queue, when_full=q.when_full,
-                          queue_timeout_s=q.queue_timeout_s, retry_after_s=q.retry_after_s, metrics=metrics)
+                          queue_timeout_s=q.queue_timeout_s, retry_after_s=q.retry_after_s, metrics=metrics,
+                          speculative=server_speculation(config.speculative, model))
     state = ServerState(model=model, scheduler=scheduler, memory=memory, metrics=metrics,
                         model_id=s.model_name or model.model_id, api_key=config.api_key(),
                         max_request_bytes=s.max_request_bytes, max_tokens_default=s.max_tokens_default,
@@ -95,7 +96,8 @@ def load_bundle_model(config: ServeConfig):
         options["max_seq_len"] = config.server.context_length
     if config.memory.weights_budget:
         options["memory_budget"] = config.memory.weights_budget
-    return BundleStepModel(load(config.bundle, **options), max_batch=config.scheduler.max_batch)
+    draft = config.speculative.draft or None
+    return BundleStepModel(load(config.bundle, draft=draft, **options), max_batch=config.scheduler.max_batch)
 
 
 def apply_reload(service: Service, new: ServeConfig) -> tuple[dict, list[str]]:
@@ -108,7 +110,7 @@ def apply_reload(service: Service, new: ServeConfig) -> tuple[dict, list[str]]:
     sch.queue_timeout_s, sch.retry_after_s = new.scheduler.queue_timeout_s, new.scheduler.retry_after_s
     logging.getLogger("edge_sdk").setLevel(new.server.log_level.upper())
     # keep what needs a restart as it runs now, so the next reload compares against reality
-    kept = {k: getattr(service.config, k) for k in ("bundle", "emulate", "root", "memory", "telemetry")}
+    kept = {k: getattr(service.config, k) for k in ("bundle", "emulate", "root", "memory", "telemetry", "speculative")}
     server = replace(new.server, host=service.config.server.host, port=service.config.server.port,
                      context_length=service.config.server.context_length, model_name=service.config.server.model_name)
     scheduler = replace(new.scheduler, max_batch=service.config.scheduler.max_batch)

@@ -51,6 +51,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    speculative: object = None  # None: the server's setting; False: off; a SpeculativeConfig (requests.py)
 
 
 class Sampler:
@@ -65,3 +66,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         return self._sampler(np.asarray(logits), _NO_HISTORY)
+
+    @property
+    def runtime(self) -> RuntimeSampler:
+        """The runtime's sampler (speculative verification draws from it)."""
+        return self._sampler

@@ -44,6 +44,7 @@ class Metrics:
         self.queue_depth = 0
         self.decode_seconds = 0.0  # time inside batched decode steps
         self.decode_step_tokens = 0  # tokens those steps produced
+        self.spec_steps = self.spec_proposed = self.spec_accepted = 0  # speculative steps, draft tokens proposed / kept
         self.finished: dict[str, int] = {}
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, HTTP status) -> count
         self.ttft = Histogram(TTFT_BUCKETS_S)
@@ -51,13 +52,15 @@ class Metrics:
         self._steps: deque[tuple[float, int]] = deque()  # (end time, tokens decoded in the step)
         self._lock = threading.Lock()
 
-    def record_step(self, batch: int, seconds: float) -> None:
+    def record_step(self, batch: int, seconds: float, tokens: int | None = None) -> None:
+        """One decode step over `batch` sequences that produced `tokens` (default: one per sequence)."""
         now = self.clock()
+        tokens = batch if tokens is None else tokens
         self.batch_sizes.observe(batch)
         with self._lock:
             self.decode_seconds += seconds
-            self.decode_step_tokens += batch
-            self._steps.append((now, batch))
+            self.decode_step_tokens += tokens
+            self._steps.append((now, tokens))
             while self._steps and now - self._steps[0][0] > self.window_s:
                 self._steps.popleft()
 
@@ -88,6 +91,9 @@ class Metrics:
         metric("decode_seconds_total", "counter", "Seconds spent in batched decode steps.", [f" {self.decode_seconds:.6f}"])
         metric("decode_step_tokens_total", "counter", "Tokens produced by batched decode steps (prefill excluded).",
                [f" {self.decode_step_tokens}"])
+        metric("speculative_steps_total", "counter", "Speculative decode steps (one sequence running).", [f" {self.spec_steps}"])
+        metric("speculative_proposed_tokens_total", "counter", "Draft tokens proposed to speculative steps.", [f" {self.spec_proposed}"])
+        metric("speculative_accepted_tokens_total", "counter", "Draft tokens the target accepted.", [f" {self.spec_accepted}"])
         metric("requests_rejected_total", "counter", "Requests refused as too large (413) or busy (503: no memory or queue space now, queue wait timed out, shutting down).", [f" {self.rejected}"])
         metric("requests_finished_total", "counter", "Generations finished, by reason.",
                [f'{{reason="{k}"}} {v}' for k, v in sorted(self.finished.items())])

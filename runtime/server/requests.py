@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ...errors import ConfigError
 from .engine import SamplingParams
@@ -45,13 +46,58 @@ def _int(data: dict, key: str, default: int | None, lo: int) -> int | None:
 # Fields each endpoint honours. A field outside these is refused rather than silently ignored;
 # OpenAI fields we do not implement pass only at their neutral value.
 COMMON_FIELDS = frozenset({"model", "max_tokens", "stop", "n", "stream", "stream_options", "seed", "temperature", "top_p",
-                           "logprobs", "response_format", "json_schema", "regex", "grammar", "user"})
+                           "logprobs", "response_format", "json_schema", "regex", "grammar", "user", "speculative"})
 ENDPOINT_FIELDS = {
     "completions": COMMON_FIELDS | {"prompt", "echo"},
     "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"},
 }
 NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "best_of": (1,),
            "suffix": ("",), "parallel_tool_calls": (True, False)}
+
+
+SPEC_METHODS = ("prompt_lookup", "draft")
+SPEC_KEYS = {"type", "k", "ngram"}
+SPEC_K_MAX = 16  # runtime/generate/speculative.py K_MAX
+SPEC_NGRAM_MAX = 8
+
+
+@dataclass(frozen=True)
+class SpecRequest:
+    """A request's `speculative`: method "server" (true: what the server runs, prompt lookup when it runs
+    none), "prompt_lookup" or "draft"; k and ngram None: the server's."""
+
+    method: str
+    k: int | None = None
+    ngram: int | None = None
+
+
+def _speculative(data: dict):
+    """None (the server's setting), False (off) or a SpecRequest."""
+    v = data.get("speculative")
+    if v is None or v is False:
+        return v
+    if v is True:
+        return SpecRequest("server")
+    shape = 'false, true or {"type": "prompt_lookup" | "draft", "k": 1-16, "ngram": 1-8}'
+    if not isinstance(v, dict):
+        raise BadRequest(f"'speculative' must be {shape}, got {v!r}", "speculative")
+    unknown = sorted(set(v) - SPEC_KEYS, key=str)
+    if unknown:
+        raise BadRequest(f"'speculative' has unknown key(s) {', '.join(map(repr, unknown))}; known: type, k, ngram", "speculative")
+    method = v.get("type")
+    if method not in SPEC_METHODS:
+        raise BadRequest(f"'speculative.type' must be \"prompt_lookup\" or \"draft\", got {method!r}", "speculative")
+    k, ngram = _spec_int(v, "k", SPEC_K_MAX), _spec_int(v, "ngram", SPEC_NGRAM_MAX)
+    if ngram is not None and method != "prompt_lookup":
+        raise BadRequest("'speculative.ngram' goes with type \"prompt_lookup\" only", "speculative")
+    return SpecRequest(method, k, ngram)
+
+
+def _spec_int(v: dict, key: str, hi: int) -> int | None:
+    n = v.get(key)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= hi):
+        raise BadRequest(f"'speculative.{key}' must be an integer in [1, {hi}], got {n!r}", "speculative")
+    return n
 
 
 def check_fields(data: dict, endpoint: str) -> None:
@@ -106,6 +152,7 @@ def _common(data: dict, max_tokens_default: int) -> tuple[SamplingParams, bool, 
         top_p=_number(data, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=seed,
         stop=stop,
+        speculative=_speculative(data),
     )
     return params, stream, bool(stream and opts.get("include_usage"))
 

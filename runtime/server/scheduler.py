@@ -3,7 +3,11 @@
 One scheduler thread owns the model. Each loop: drop cancelled requests, admit waiting requests in
 arrival order (a request that does not fit blocks the ones behind it: first come, first served),
 prefill the newly admitted ones, then decode one token for every running sequence in a single
-batched `step`. HTTP handlers talk to it through `submit` / `Request.cancel` and read events from
+batched `step`. While exactly one sequence runs and speculation is on for it, the step is speculative
+instead: a proposer guesses k tokens, the model checks them in one `verify` forward and `keep`s the
+accepted ones (batch 1 is bandwidth-bound: checking several tokens per weight read is what pays).
+The KV cache always holds the sequence but its last token, so the two kinds of step alternate at any
+step boundary. HTTP handlers talk to it through `submit` / `Request.cancel` and read events from
 an asyncio queue fed thread-safely.
 """
 
@@ -15,14 +19,16 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from ...errors import EdgeSDKError, MemoryBudgetError
+from ...errors import ConfigError, EdgeSDKError, MemoryBudgetError
 from ..generate.accept import TokenAccept
-from .engine import Sampler, SamplingParams, StepModel
+from ..generate.speculative import AdaptiveK, PromptLookup, SpeculativeConfig, verify_pick
+from .engine import _NO_HISTORY, Sampler, SamplingParams, StepModel
 from .memory import MemoryBusyError, MemoryManager, RequestTooLargeError
 from .metrics import Metrics
+from .requests import BadRequest
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class Request:
     finish_reason: str | None = None
     reserved: bool = False
     options: object | None = None  # structured.RequestOptions: grammar, logprobs, echo
+    speculative: SpeculativeConfig | None = None  # what runs for it while it runs alone
     _cancelled: bool = False
 
     def cancel(self) -> None:
@@ -74,7 +81,7 @@ class Request:
 
 
 class _Running:
-    __slots__ = ("req", "sampler", "accept", "last")
+    __slots__ = ("req", "sampler", "accept", "last", "proposer", "k")
 
     def __init__(self, req: Request, model: StepModel):
         self.req = req
@@ -82,14 +89,17 @@ class _Running:
         opts = req.options
         self.accept = TokenAccept(model.decode, max_tokens=req.params.max_tokens, stop=req.params.stop,
                                   eos=model.eos_token_ids, matcher=None if opts is None else opts.matcher)
-        self.last = -1
+        self.last = -1  # the last accepted token, not in the KV cache yet
+        self.proposer = None  # speculation: PromptLookup or DraftModel, built at its first speculative step
+        self.k = None if req.speculative is None else AdaptiveK(req.speculative)
 
 
 class Scheduler:
     def __init__(self, model: StepModel, memory: MemoryManager, *, max_batch: int = 8, max_queue: int = 64,
                  when_full: str = "wait", queue_timeout_s: float = 30.0, retry_after_s: int = 2,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, speculative: SpeculativeConfig | None = None):
         self.model = model
+        self.speculative = speculative  # the server's setting; a request may override it
         self.memory = memory
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -112,7 +122,8 @@ class Scheduler:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None,
                options=None) -> Request:
         """Queue a request or raise: RequestTooLargeError (never fits) / MemoryBusyError (not now)."""
-        req = Request(list(prompt_ids), params, loop, events=asyncio.Queue(), options=options)
+        req = Request(list(prompt_ids), params, loop, events=asyncio.Queue(), options=options,
+                      speculative=self.speculation_for(params.speculative))
         self.memory.check(len(req.prompt_ids), params.max_tokens)
         with self._cv:
             req.id = f"req-{next(self._ids)}"
@@ -131,6 +142,21 @@ class Scheduler:
             self.metrics.queue_depth = len(self._waiting)
             self._cv.notify()
         return req
+
+    def speculation_for(self, asked) -> SpeculativeConfig | None:
+        """What runs for a request's `speculative` (None: the server's; False: off; requests.SpecRequest)."""
+        if asked is None or asked is False:
+            return self.speculative if asked is None else None
+        if not getattr(self.model, "can_speculate", False):
+            raise BadRequest("this daemon's backend cannot roll back its KV cache, so it cannot speculate; "
+                             "leave 'speculative' out", "speculative")
+        base = self.speculative or SpeculativeConfig(prompt_lookup=True)
+        lookup = base.prompt_lookup if asked.method == "server" else asked.method == "prompt_lookup"
+        if not lookup and not getattr(self.model, "has_draft", False):
+            raise BadRequest("'speculative' asks for a draft model and this daemon has none: start it with --draft BUNDLE "
+                             "([speculative] draft), or send {\"type\": \"prompt_lookup\"}", "speculative")
+        k = asked.k or base.k
+        return replace(base, prompt_lookup=lookup, k=k, k_max=max(base.k_max, k), ngram=asked.ngram or base.ngram)
 
     def _reserve(self, req: Request) -> None:
         try:
@@ -329,6 +355,10 @@ class Scheduler:
         runs = [r for r in self._running.values() if r.req.finish_reason is None]
         if not runs:
             return
+        if len(runs) == 1 and runs[0].k is not None:
+            return self._speculative_step(runs[0])
+        for run in runs:
+            run.proposer = None  # batched now: a draft's KV cache goes (the budget holds one)
         t0 = time.monotonic()
         logits = self.model.step([r.req.id for r in runs], [r.last for r in runs])
         self.metrics.record_step(len(runs), time.monotonic() - t0)
@@ -338,12 +368,45 @@ class Scheduler:
         for run, row in zip(runs, logits):
             self._next(run, row)
 
-    def _next(self, run: _Running, logits) -> None:
-        """Pick and accept one token (runtime/generate/accept.py, as the generation loop does)."""
+    def _speculative_step(self, run: _Running) -> None:
+        """Propose k tokens, check [last, *drafts] in one forward, accept the target's own choices
+        (runtime/generate/speculative.py), keep the accepted tokens in the KV cache."""
+        req = run.req
+        spec = req.speculative
+        t0 = time.monotonic()
+        history = req.prompt_ids + req.completion_ids
+        if run.proposer is None:
+            run.proposer = PromptLookup(spec) if spec.prompt_lookup else \
+                self.model.draft_proposer(run.sampler.runtime.params, len(req.prompt_ids) + req.params.max_tokens)
+        run.proposer.commit(history)
+        k = min(run.k.k, req.params.max_tokens - run.accept.accepted - 1)
+        drafts, qs = run.proposer.propose(history, k) if k > 0 else ([], [])
+        rows = self.model.verify(req.id, [run.last, *drafts])
+        taken = 0
+        for i, row in enumerate(rows):
+            draft, q = (drafts[i], qs[i]) if i < len(drafts) else (None, None)
+            token = self._next(run, row, verify_pick(run.sampler.runtime, _NO_HISTORY, draft, q))
+            taken += 1
+            if token is None or token != draft or req.id not in self._running:
+                break
+        run.k.update(len(drafts), taken - 1)
+        m = self.metrics
+        m.spec_steps, m.spec_proposed, m.spec_accepted = m.spec_steps + 1, m.spec_proposed + len(drafts), m.spec_accepted + taken - 1
+        if req.id in self._running:
+            self.model.keep(req.id, taken)
+        m.record_step(1, time.monotonic() - t0, tokens=taken)
+        held = self._kv_held()
+        if held is not None:
+            self.memory.settle(held)
+
+    def _next(self, run: _Running, logits, sample=None) -> int | None:
+        """Pick and accept one token (runtime/generate/accept.py, as the generation loop does); the token,
+        or None when the grammar allows none."""
         req, acc = run.req, run.accept
-        token = acc.pick(logits, run.sampler)
+        token = acc.pick(logits, sample or run.sampler)
         if token is None:
-            return self._finish(run, acc.finish_reason)
+            self._finish(run, acc.finish_reason)
+            return None
         if req.options is not None and token not in acc.eos:
             req.options.record(logits, token)
         if req.first_token_at is None:
@@ -355,9 +418,10 @@ class Scheduler:
             req.completion_ids.append(token)
             run.last = token
         if acc.finish_reason:
-            return self._finish(run, acc.finish_reason, text=text)
-        if text:
+            self._finish(run, acc.finish_reason, text=text)
+        elif text:
             req.emit(Event("text", text=text, logprobs=_take(req)))
+        return token
 
     def _finish(self, run: _Running, reason: str | None, error: EdgeSDKError | None = None, text: str = "") -> None:
         req = run.req
@@ -377,6 +441,18 @@ class Scheduler:
         if rest:
             req.emit(Event("text", text=rest, logprobs=_take(req)))
         req.emit(Event("done", finish_reason=reason, logprobs=_take(req)))
+
+
+def server_speculation(section, model) -> SpeculativeConfig | None:
+    """The daemon's [speculative] settings (config.SpeculativeSection) -> the scheduler's default, or None (off)."""
+    if not (section.draft or section.prompt_lookup):
+        return None
+    if not getattr(model, "can_speculate", False):
+        raise ConfigError("speculation needs a backend that can roll back its KV cache, and this one cannot",
+                          hint="serve on onnxruntime's CPU provider, or drop --draft / --prompt-lookup")
+    if section.draft and not getattr(model, "has_draft", False):
+        raise ConfigError(f"the served model has no draft loaded from {section.draft}", hint="load the bundle with its draft")
+    return SpeculativeConfig(k=section.k, k_max=max(8, section.k), prompt_lookup=section.prompt_lookup)
 
 
 def _take(req: Request) -> list | None:
