@@ -122,15 +122,15 @@ def test_caps_follow_the_mode_in_the_tree(agx):
 
 
 def test_simulation_process_follows_a_real_workload(agx):
-    burner = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass"])
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # busy until killed
     try:
         rail = agx.snapshot().rails["VDD_CPU_CV"].mw
         with Simulation(agx.root, watch_pid=burner.pid, interval_s=0.2) as sim:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60  # the simulation process starting on a loaded machine
             while time.monotonic() < deadline:
                 time.sleep(0.3)
                 s = agx.snapshot()
-                if s.gpu_load_pct and s.rails["VDD_CPU_CV"].mw > rail:
+                if s.gpu_load_pct and s.rails["VDD_CPU_CV"].mw > rail and s.gpu_mhz[0] > 306:
                     break
             assert sim.running
         assert not sim.running
@@ -229,7 +229,9 @@ def test_energy_meter_on_constant_rails(agx):
     snap = agx.snapshot()
     watts = snap.total_power_mw(agx.total_rails()) / 1000
     with EnergyMeter(agx, interval_s=0.05) as meter:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30  # the sampling thread may be starved on a loaded machine
+        while len(meter.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
     elapsed = meter.samples[-1][0] - meter.samples[0][0]
     assert len(meter.samples) >= 3
     assert meter.joules == pytest.approx(watts * elapsed, rel=1e-9)
