@@ -136,6 +136,18 @@ def test_moe_layers_are_qmoe_nodes_reading_the_stored_experts(bundle):
     assert not any(n.op_type == "DequantizeLinear" and ".experts." in n.input[0] for n in m.graph.node)
 
 
+def test_bytes_a_token_reads_equal_the_planners(bundle):
+    """Every tensor once, the routed experts k / E of them (QMoE reads a token's top-k), one embedding row."""
+    from edge_sdk.planner import QuantSpec, weight_bytes
+
+    t = manifest(bundle)["weights"]["tensors"]
+    shape = shape_from_config(manifest(bundle)["source"]["config"])
+    routed = sum(v["nbytes"] for n, v in t.items() if ".mlp.experts." in n)
+    embed = t["model.embed_tokens.weight"]["nbytes"]
+    read = sum(v["nbytes"] for v in t.values()) - embed - routed + routed * 2 // 4 + embed // shape.vocab_size
+    assert read == weight_bytes(shape, QuantSpec()).read_per_token
+
+
 def test_weight_bytes_and_cache_equal_the_planner(bundle):
     from edge_sdk.modelspec import shape_from_config
     from edge_sdk.planner import QuantSpec, weight_bytes
