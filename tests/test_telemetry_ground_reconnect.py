@@ -15,7 +15,7 @@ import pytest
 from edge_sdk.runtime.telemetry.ground import GroundStation
 from edge_sdk.runtime.telemetry.link import Sender
 from test_telemetry_cli import CLI
-from test_telemetry_link import KEY, check_exactly_once, expected_rows, fill, read_out, running, wait_for
+from test_telemetry_link import KEY, WAIT_S, check_exactly_once, expected_rows, fill, read_out, running, wait_for
 
 GROUND_LOG = "edge_sdk.runtime.telemetry.ground"
 
@@ -81,7 +81,7 @@ class UnpluggableLine:
 
     def close(self):
         self._stop.set()
-        self._thread.join(timeout=2)
+        self._thread.join(timeout=WAIT_S)
         for fd in (self.ma, self._sa, self._mb, self._sb):
             if fd is not None:
                 os.close(fd)
@@ -110,10 +110,13 @@ def test_records_before_and_after_outages_arrive_once(tmp_path, line, caplog, go
     ground = GroundStation(line.b, KEY, out)
     with caplog.at_level(logging.INFO, logger=GROUND_LOG), running((sender.run, {}), (ground.run, {})):
         for i in range(outages):
+            # the ground is back on the port (an ACK still on the device's line could otherwise stand in)
+            assert wait_for(lambda: ground.stats.reconnects == i, WAIT_S), f"the ground did not reopen after outage {i}"
             acked = q.acked
-            assert wait_for(lambda: q.acked > acked, 10), f"nothing acknowledged before outage {i + 1}"
+            assert wait_for(lambda: q.acked > acked, WAIT_S), f"nothing acknowledged before outage {i + 1}"
             outage(line, gone_s)
-        assert wait_for(lambda: q.acked == max(want), 30), "records after the outages did not arrive"
+        assert wait_for(lambda: q.acked == max(want), WAIT_S), "records after the outages did not arrive"
+        assert wait_for(lambda: ground.stats.reconnects == outages, WAIT_S), "the ground did not reopen after the last outage"
     ground.close()
     check_exactly_once(q, out, want)
     assert [r["seq"] for r in read_out(out)] == list(range(1, max(want) + 1))
@@ -131,16 +134,22 @@ def test_listen_command_survives_an_unplugged_port(tmp_path, line):
     key.write_text(KEY.hex())
     out = tmp_path / "out.jsonl"
     proc = subprocess.Popen(CLI + ["listen", line.b, "--key", str(key),
-                             "--out", str(out), "--seconds", "60"], stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), "--seconds", "600"], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: [lines.append(s) for s in proc.stderr], daemon=True)  # line by line
+    reader.start()
     try:
         sender = Sender(line.a, KEY, q, budget=4000, rto=0.3)
         with running((sender.run, {})):
-            assert wait_for(lambda: q.acked > 0, 20)
+            assert wait_for(lambda: q.acked > 0, WAIT_S)
             outage(line, 0.5)
-            assert wait_for(lambda: q.acked == max(want), 30), "the listener did not come back"
+            assert wait_for(lambda: q.acked == max(want), WAIT_S), "the listener did not come back"
+            assert wait_for(lambda: any("is back" in s for s in lines), WAIT_S), "the listener did not reopen the port"
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=20)
+        proc.wait(WAIT_S)
+        reader.join(WAIT_S)
+    err = "".join(lines)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "SerialException" not in err
     assert sum("lost" in line for line in err.splitlines()) == 1 and "port outages survived 1" in err
@@ -158,10 +167,10 @@ def test_command_sent_across_an_outage_runs_once_and_its_replay_is_refused(tmp_p
         frame = ground.command_frame(q.stream_id, "set-interval", 2.5)
         line.unplug()
         threading.Timer(0.6, line.plug).start()
-        res = ground.send_command(0, "", frame=frame, timeout=15, retry=0.2)  # written into a dead port first
+        res = ground.send_command(0, "", frame=frame, timeout=WAIT_S, retry=0.2)  # written into a dead port first
         assert (res.status, tel.interval, handler.executed) == (Status.OK, 2.5, 1)
         outage(line, 0.3)
-        assert ground.send_command(0, "", frame=frame, timeout=15, retry=0.2).status == Status.OK
+        assert ground.send_command(0, "", frame=frame, timeout=WAIT_S, retry=0.2).status == Status.OK
         assert handler.executed == 1  # the stored result, not a second run
     ground.close()
     assert ground.stats.reconnects == 2
