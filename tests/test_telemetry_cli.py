@@ -15,10 +15,11 @@ from edge_sdk.runtime.telemetry.linesim import PtyLine, SocketLine
 from edge_sdk.runtime.telemetry.queue import TelemetryQueue
 
 CLI = [sys.executable, "-m", "edge_sdk.cli.main", "telemetry"]
+WAIT_S = 60  # bound on waits for processes and the link: generous for a loaded machine, still a failure
 
 
 def cli(*args, **kw):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=60, **kw)
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=2 * WAIT_S, **kw)
 
 
 def spawn(*args, **kw):
@@ -46,7 +47,7 @@ def test_bad_key_file_names_the_fix(tmp_path):
     assert res.returncode == 9 and "keygen" in res.stderr and "2 bytes" in res.stderr
 
 
-def wait_until_sent(state_dir, minimum, timeout=20):
+def wait_until_sent(state_dir, minimum, timeout=WAIT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path = state_dir / "telemetry.sqlite"
@@ -65,7 +66,7 @@ def wait_until_sent(state_dir, minimum, timeout=20):
 def test_kill_9_uplink_repeatedly_every_seq_exactly_once(tmp_path, key, line_cls, kills):
     rng = random.Random(7)
     state, out = tmp_path / "state", tmp_path / "out.jsonl"
-    uplink_args = ("uplink", None, "--key", key, "--state-dir", state, "--interval", "0.02", "--flush-timeout", "15",
+    uplink_args = ("uplink", None, "--key", key, "--state-dir", state, "--interval", "0.02", "--flush-timeout", str(2 * WAIT_S),
                    "--link-budget", "1200")  # backlogged: kills land with frames in flight
     with line_cls() as line:
         ground = spawn("listen", line.b, "--key", key, "--out", out, "--json")
@@ -75,16 +76,16 @@ def test_kill_9_uplink_repeatedly_every_seq_exactly_once(tmp_path, key, line_cls
             wait_until_sent(state, acked + 1)  # this run is streaming
             time.sleep(rng.uniform(0.3, 0.8))
             up.send_signal(signal.SIGKILL)
-            up.communicate(timeout=10)
+            up.communicate(timeout=WAIT_S)
             acked = wait_until_sent(state, 0)["acked"]
         up = spawn(*uplink_args[:1], line.a, *uplink_args[2:], "--json")
         wait_until_sent(state, acked + 1)
         up.send_signal(signal.SIGTERM)  # stop sampling, flush the queue, exit
-        up_out, up_err = up.communicate(timeout=30)
+        up_out, up_err = up.communicate(timeout=3 * WAIT_S)
         assert up.returncode == 0, up_err
         assert json.loads(up_out)["flushed"] is True
         ground.send_signal(signal.SIGTERM)
-        g_out, g_err = ground.communicate(timeout=10)
+        g_out, g_err = ground.communicate(timeout=WAIT_S)
     q = TelemetryQueue(state / "telemetry.sqlite")
     stats = q.stats()
     q.close()
@@ -102,7 +103,8 @@ def test_send_command_and_status(tmp_path, key):
     with PtyLine() as line:
         up = spawn("uplink", line.a, "--key", key, "--state-dir", state, "--interval", "0.5", "--flush-timeout", "0")
         try:
-            res = cli("send-command", "--port", line.b, "--key", key, "--counter-file", tmp_path / "counter", "--json", "snapshot")
+            res = cli("send-command", "--port", line.b, "--key", key, "--counter-file", tmp_path / "counter", "--timeout", WAIT_S,
+                      "--json", "snapshot")
             assert res.returncode == 0, res.stderr
             result = json.loads(res.stdout)
             assert result["status"] == "ok" and isinstance(result["value"], int)
@@ -110,7 +112,7 @@ def test_send_command_and_status(tmp_path, key):
             assert bad.returncode == 9 and "bad argument" in bad.stderr
         finally:
             up.send_signal(signal.SIGTERM)
-            up.communicate(timeout=20)
+            up.communicate(timeout=WAIT_S)
     assert int((tmp_path / "counter").read_text()) == result["counter"]
     status = cli("status", "--state-dir", state, "--json")
     stats = json.loads(status.stdout)
@@ -121,21 +123,22 @@ def test_send_command_and_status(tmp_path, key):
 def test_commands_through_a_running_listener(tmp_path, key):
     spool, out = tmp_path / "spool", tmp_path / "out.jsonl"
     with PtyLine() as line:
-        up = spawn("uplink", line.a, "--key", key, "--state-dir", tmp_path / "state", "--interval", "0.2", "--flush-timeout", "5")
+        up = spawn("uplink", line.a, "--key", key, "--state-dir", tmp_path / "state", "--interval", "0.2",
+                   "--flush-timeout", WAIT_S)
         ground = spawn("listen", line.b, "--key", key, "--out", out, "--commands", spool,
                        "--counter-file", tmp_path / "counter", "--json")
         try:
             wait_until_sent(tmp_path / "state", 1)
-            res = cli("send-command", "--via", spool, "--json", "set-interval", "0.5")
+            res = cli("send-command", "--via", spool, "--timeout", WAIT_S, "--json", "set-interval", "0.5")
             assert res.returncode == 0, res.stderr
             assert json.loads(res.stdout)["status"] == "ok"
-            snap = json.loads(cli("send-command", "--via", spool, "--json", "snapshot").stdout)
+            snap = json.loads(cli("send-command", "--via", spool, "--timeout", WAIT_S, "--json", "snapshot").stdout)
             assert snap["status"] == "ok"
         finally:
             up.send_signal(signal.SIGTERM)
-            up.communicate(timeout=20)
+            up.communicate(timeout=2 * WAIT_S)
             ground.send_signal(signal.SIGTERM)
-            ground.communicate(timeout=10)
+            ground.communicate(timeout=WAIT_S)
     rows = [json.loads(line) for line in open(out)]
     assert snap["value"] in [r["seq"] for r in rows]  # the snapshot it took reached the ground
     assert list(spool.iterdir()) == []
