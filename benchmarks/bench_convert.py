@@ -2,11 +2,13 @@
 """Conversion time and peak memory for a random-weight model with a real DeepSeek shape.
 
     python benchmarks/bench_convert.py [--config deepseek-r1-distill-qwen-1.5b] [--nsamples 32] [--seqlen 512]
+    python benchmarks/bench_convert.py --config deepseek-r1-distill-qwen-7b --method rtn --compare
 
 Builds the checkpoint (bf16 safetensors, random weights, the SDK's small tokenizer: calibration ids
 stay below its vocabulary, which changes nothing in the cost) in --work, then runs
 `edge-sdk convert --json` in a child process and reports its wall time per stage, its peak RSS,
 and the bundle's weight bytes against `edge-sdk plan`. Random weights measure cost, not accuracy.
+--compare runs `--dry-run` first and prints its per-stage prediction beside the measured stages.
 """
 
 from __future__ import annotations
@@ -85,6 +87,86 @@ def build(cfg_name: str, work: Path, layers: int | None, shard_bytes: int = 2 * 
     return d
 
 
+def evict(checkpoint: Path) -> None:
+    """Drop the checkpoint's shards from the page cache (the prediction assumes a cold checkpoint)."""
+    for f in checkpoint.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_sampled(cmd: list[str]) -> tuple[subprocess.CompletedProcess, list[tuple[float, float, float]]]:
+    """Run `cmd`; every second sample (time, the child's CPU seconds, 1-minute load average)."""
+    import threading
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    samples, tick = [], os.sysconf("SC_CLK_TCK")
+
+    def sample():
+        while p.poll() is None:
+            try:
+                f = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                samples.append((time.time(), (int(f[11]) + int(f[12])) / tick, os.getloadavg()[0]))
+            except (OSError, IndexError, ValueError):
+                pass
+            time.sleep(1.0)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out = p.communicate()[0]
+    th.join()
+    return subprocess.CompletedProcess(cmd, p.returncode, out), samples
+
+
+def per_stage(stages: dict[str, float], samples, end: float) -> dict[str, dict]:
+    """The child's CPU seconds and the mean load average in each stage; stages are laid back to back
+    ending at `end` (the child's exit; what follows the last stage is a few seconds of cleanup)."""
+    out, t = {}, end
+    for name, sec in reversed(stages.items()):
+        inside = [x for x in samples if t - sec <= x[0] <= t]
+        cpu = inside[-1][1] - inside[0][1] if len(inside) > 1 else None
+        out[name] = {"cpu_s": round(cpu, 1) if cpu is not None else None,
+                     "load": round(sum(x[2] for x in inside) / len(inside), 2) if inside else None}
+        t -= sec
+    return dict(reversed(out.items()))
+
+
+def compare(args, src: Path, out: Path, cmd: list[str]) -> int:
+    """--dry-run, then the real conversion from a fresh work directory and a cold checkpoint; per stage
+    predicted vs measured seconds, with the load average and the converter's CPU seconds beside them."""
+    import shutil
+
+    evict(src)
+    load0 = os.getloadavg()[0]
+    r = subprocess.run(cmd + ["--dry-run"], stdout=subprocess.PIPE, text=True)
+    if r.returncode:
+        print(f"dry run failed with exit code {r.returncode}", file=sys.stderr)
+        return r.returncode
+    dry = json.loads(r.stdout)
+    shutil.rmtree(dry["work_dir"])  # the real run quantizes every layer itself
+    evict(src)
+    load1 = os.getloadavg()[0]
+    r, samples = run_sampled(cmd)
+    end = time.time()
+    if r.returncode:
+        print(f"convert failed with exit code {r.returncode}", file=sys.stderr)
+        return r.returncode
+    real = json.loads(r.stdout)
+    pred = dry["predicted"]["seconds_by_stage"]
+    ctx = per_stage(real["seconds"], samples, end)
+    rows = {k: {"predicted_s": pred.get(k), "measured_s": v} | ctx[k] for k, v in real["seconds"].items()}
+    total_p, total_m = dry["predicted"]["seconds"], sum(real["seconds"].values())
+    print(json.dumps({"config": args.config, "layers": args.layers, "method": args.method, "cpus": os.cpu_count(),
+                      "dry_run": {"loadavg_before": round(load0, 2), "loadavg_after": round(load1, 2),
+                                  "stage_seconds": dry["seconds"], "predicted": dry["predicted"]},
+                      "stages": rows, "predicted_s": total_p, "measured_s": round(total_m, 1),
+                      "error_percent": round(100 * (total_p - total_m) / total_m, 1),
+                      "layer_seconds": real.get("layer_seconds"), "peak_rss_gib": round(real["peak_rss_bytes"] / 2**30, 2)}, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="deepseek-r1-distill-qwen-1.5b")
@@ -97,16 +179,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="only the prediction of `edge-sdk convert --dry-run`")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compare", action="store_true",
+                    help="the dry run's prediction, then the conversion: predicted vs measured seconds per stage")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     src = build(args.config, args.work, args.layers)
     out = args.work / f"{src.name}-{args.method}.bundle"
+    cmd = [sys.executable, "-m", "edge_sdk.cli.main", "convert", str(src), "-o", str(out), "--overwrite", "--json",
+           "--method", args.method, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+           "--eval-tokens", str(args.eval_tokens), "--device", args.device] + (["--no-verify"] if args.no_verify else [])
+    if args.compare:
+        return compare(args, src, out, cmd)
     load = os.getloadavg()
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "edge_sdk.cli.main", "convert", str(src), "-o", str(out), "--overwrite", "--json",
-                        "--method", args.method, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                        "--eval-tokens", str(args.eval_tokens), "--device", args.device]
-                       + (["--no-verify"] if args.no_verify else []) + (["--dry-run"] if args.dry_run else []), stdout=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd + (["--dry-run"] if args.dry_run else []), stdout=subprocess.PIPE, text=True)
     wall = time.time() - t
     if r.returncode:
         print(f"convert failed with exit code {r.returncode}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from edge_sdk.errors import ConfigError, ConversionError
+from edge_sdk.fsutil import fsync_path
 
 from . import accuracy
 from .checkpoint import TOKENIZER_FILES
@@ -108,6 +109,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_fre
     with staged_directory(output, overwrite=opts.overwrite) as tmp:
         with stages("export"):
             wsec, fp16_names, groups = write_weights_streamed(tmp / "model.weights", src, work, shape, ck.arch, opts)
+            fsync_path(tmp / "model.weights")  # on disk within this stage, as --dry-run predicts it
             graphs = export_graphs(tmp, opts.graphs, lambda dtype: trace_stub(shape, ck.arch, inv_freq, rope_scale, dtype),
                                    shape, groups, fp16_names, wsec)
             for f in TOKENIZER_FILES:

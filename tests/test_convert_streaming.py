@@ -163,6 +163,8 @@ def test_dry_run_predicts_the_weights_file_to_the_byte_and_leaves_no_bundle(tiny
     real = convert(tiny_model_dir("llama"), tmp_path / "b", work_dir=tmp_path / "w", **RTN)
     assert p["bundle_weight_bytes"] == (tmp_path / "b" / "model.weights").stat().st_size
     assert list(real["layer_seconds"]) == [1]  # the real run continued from the dry run's layer
+    assert set(p["seconds_by_stage"]) == set(real["seconds"])  # a prediction for every stage the run times
+    assert p["seconds"] == pytest.approx(sum(p["seconds_by_stage"].values()), abs=0.01)
 
 
 @pytest.mark.parametrize("error", [
