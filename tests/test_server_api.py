@@ -24,6 +24,15 @@ def client(url, key="none"):
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
 
 
+def wait_until(cond, timeout_s=60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def chat_prompt(model, text):
     return model.encode_chat([{"role": "user", "content": text}])
 
@@ -104,6 +113,13 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(server):
 
 def test_four_concurrent_streams_are_correct_and_share_decode_steps():
     model = FakeStepModel(step_delay_s=0.005)
+    gate, step = threading.Event(), model.step
+
+    def gated(seq_ids, tokens):  # decoding waits until all four are in: they overlap however the threads start
+        assert gate.wait(60)
+        return step(seq_ids, tokens)
+
+    model.step = gated
     with ServerThread(make_state(model)) as s:
         c = client(s.url)
         prompts = [f"stream number {i}" for i in range(4)]
@@ -116,6 +132,9 @@ def test_four_concurrent_streams_are_correct_and_share_decode_steps():
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
+        sched = s.state.scheduler
+        assert wait_until(lambda: sched.queue_depth() + sched.running() == 4), "the four requests did not all arrive"
+        gate.set()
         for t in threads:
             t.join(60)
         for i, p in enumerate(prompts):
@@ -133,7 +152,7 @@ def test_over_context_gets_413_in_openai_shape(server):
 
 
 def test_busy_gets_503_with_retry_after_when_configured_to_reject():
-    model = FakeStepModel(context_length=256, step_delay_s=0.01)
+    model = FakeStepModel(context_length=256, step_delay_s=0.05)  # the first holds its blocks for 10 s unless closed
     # a pool of 256 tokens: two 200-token requests cannot run together
     with ServerThread(make_state(model, kv_blocks_tokens=256, when_full="reject")) as s:
         c = client(s.url)
@@ -212,16 +231,15 @@ def test_api_key_is_required_when_configured():
 
 
 def test_client_disconnect_cancels_and_frees_memory():
-    model = FakeStepModel(step_delay_s=0.02)
+    model = FakeStepModel(step_delay_s=0.05)  # 400 tokens take 20 s: the hang-up is seen long before
     with ServerThread(make_state(model)) as s:
         stream = client(s.url).completions.create(model="fake-tiny", prompt="bye", max_tokens=400, temperature=0, stream=True)
         it = iter(stream)
         next(it)
         next(it)
         stream.close()
-        deadline = time.monotonic() + 10
-        while s.state.memory.stats()["kv_blocks_used"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # memory is released before the finish is counted: wait for all of it
+        wait_until(lambda: s.state.metrics.finished.get("abort") == 1 and not s.state.memory.stats()["kv_blocks_used"])
         assert s.state.memory.stats()["kv_blocks_used"] == 0 and model.seqs == {}
         assert s.state.metrics.finished.get("abort") == 1
 
@@ -256,7 +274,7 @@ def test_metrics_expose_tokens_ttft_queue_kv_memory_power(server):
 
 
 def test_stream_that_times_out_in_the_queue_gets_a_real_503():
-    model = FakeStepModel(context_length=256, step_delay_s=0.01)
+    model = FakeStepModel(context_length=256, step_delay_s=0.05)  # the first holds the pool for 10 s unless closed
     with ServerThread(make_state(model, kv_blocks_tokens=256, queue_timeout_s=0.3)) as s:
         c = client(s.url)
         first = c.completions.create(model="fake-tiny", prompt="hold", max_tokens=200, temperature=0, stream=True)
@@ -270,14 +288,12 @@ def test_stream_that_times_out_in_the_queue_gets_a_real_503():
 
 
 def test_non_streaming_client_that_hangs_up_cancels_its_request():
-    model = FakeStepModel(step_delay_s=0.02)
+    model = FakeStepModel(step_delay_s=0.05)  # 400 tokens take 20 s: the hang-up is seen long before
     with ServerThread(make_state(model)) as s:
         req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps({"prompt": "slow", "max_tokens": 400}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         with pytest.raises(OSError):  # socket.timeout / URLError: the client gives up
             urllib.request.urlopen(req, timeout=0.3)
-        deadline = time.monotonic() + 10
-        while s.state.metrics.finished.get("abort") != 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: s.state.metrics.finished.get("abort") == 1)
         assert s.state.metrics.finished.get("abort") == 1
         assert s.state.memory.stats()["kv_blocks_used"] == 0 and model.seqs == {}

@@ -125,7 +125,7 @@ class ServerThread:
     def __enter__(self):
         self.state.scheduler.start()
         self.thread.start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
@@ -135,5 +135,5 @@ class ServerThread:
 
     def __exit__(self, *exc):
         self.server.should_exit = True
-        self.thread.join(timeout=20)
+        self.thread.join(timeout=60)
         self.state.scheduler.stop()
