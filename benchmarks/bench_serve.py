@@ -11,7 +11,16 @@ official openai client from N threads, and reports per concurrency:
   server_ttft_mean_s   arrival -> first token, from the daemon's TTFT histogram (also right when
                        a random-weight model's tokens decode to no text)
 
+With --prompt-lookup or --draft BUNDLE the daemon speculates while one stream runs (docs/serve.md)
+and every round runs twice, interleaved: requests with "speculative": false (plain batched decode)
+and requests left to the daemon's rule (speculative steps at batch 1, batched steps otherwise); the
+rows put both side by side with the acceptance counted by the daemon. --workload code gives prompt
+lookup something to copy: code-editing prompts from the trained tiny model's held-out text
+(benchmarks/bench_speculative.py); --workload text: plain held-out excerpts (a draft/target pair).
+
     python benchmarks/bench_serve.py --bundle BUNDLE [--streams 1,2,4] [--max-tokens 64] [--json]
+    python benchmarks/bench_serve.py --bundle /tmp/edge-sdk-bench-spec/tiny-rtn --prompt-lookup --workload code --streams 1,2,4
+    python benchmarks/bench_serve.py --bundle /tmp/edge-sdk-bench-spec/large-rtn --draft /tmp/edge-sdk-bench-spec/tiny-rtn --workload text
 """
 
 from __future__ import annotations
@@ -29,9 +38,9 @@ import time
 import urllib.request
 
 
-def start_daemon(bundle: str, board: str, max_batch: int, context: int | None) -> tuple[subprocess.Popen, str]:
+def start_daemon(bundle: str, board: str, max_batch: int, context: int | None, extra: tuple = ()) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "edge_sdk.cli.main", "serve", "--bundle", bundle, "--port", "0", "--emulate", board,
-           "--max-batch", str(max_batch)]
+           "--max-batch", str(max_batch), *extra]
     if context:
         cmd += ["--context", str(context)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -44,12 +53,12 @@ def start_daemon(bundle: str, board: str, max_batch: int, context: int | None) -
     raise SystemExit(f"the daemon exited with {proc.wait()} before listening")
 
 
-def one_stream(client, model: str, prompt: str, max_tokens: int, out: list) -> None:
+def one_stream(client, model: str, prompt: str, max_tokens: int, out: list, extra_body: dict | None = None) -> None:
     t0 = time.perf_counter()
     stamps = []
     tokens = 0
     for ch in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                                        stream_options={"include_usage": True}):
+                                        stream_options={"include_usage": True}, extra_body=extra_body):
         if ch.choices and ch.choices[0].text:
             stamps.append(time.perf_counter())
         if ch.usage:
@@ -58,9 +67,10 @@ def one_stream(client, model: str, prompt: str, max_tokens: int, out: list) -> N
                 "last": stamps[-1] if stamps else t0, "tokens": tokens})
 
 
-def round_of(client, model: str, n: int, prompts: list[str], max_tokens: int) -> dict:
+def round_of(client, model: str, n: int, prompts: list[str], max_tokens: int, extra_body: dict | None = None) -> dict:
     out: list = []
-    threads = [threading.Thread(target=one_stream, args=(client, model, prompts[i % len(prompts)], max_tokens, out)) for i in range(n)]
+    threads = [threading.Thread(target=one_stream, args=(client, model, prompts[i % len(prompts)], max_tokens, out, extra_body))
+               for i in range(n)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -80,6 +90,54 @@ def decode_counters(url: str) -> tuple[float, float, float, float]:
                                                            "ttft_seconds_sum", "ttft_seconds_count"))
 
 
+def spec_counters(url: str) -> tuple[float, float, float]:
+    """(speculative steps, draft tokens proposed, accepted) from the daemon's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        values = dict(l.rsplit(" ", 1) for l in r.read().decode().splitlines() if l and not l.startswith("#"))
+    return tuple(float(values[f"edge_sdk_speculative_{k}_total"]) for k in ("steps", "proposed_tokens", "accepted_tokens"))
+
+
+def held_out_prompts(kind: str) -> list[str]:
+    """Four prompts from the trained tiny model's held-out text: code-editing prompts (a source excerpt, a
+    rename instruction, the first lines of the copy) or plain 600-character excerpts."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_speculative import code_edit_prompt
+    from train_tiny import corpus_text
+
+    text = corpus_text("eval")
+    if kind == "text":
+        return [text[i:i + 600] for i in (20_000, 40_000, 60_000, 80_000)]
+    rows = text.splitlines()
+    return [code_edit_prompt("\n".join(rows[start:]))[0] for start in (0, 500, 1000, 1500)]
+
+
+def speculation_rows(client, model: str, url: str, streams: list[int], prompts: list[str], args) -> list[dict]:
+    """Per concurrency: plain (speculative: false) and the daemon's rule, interleaved round by round."""
+    rows = []
+    for n in streams:
+        off, on, spec = [], [], [0.0, 0.0, 0.0]
+        for _ in range(args.rounds):
+            off.append(round_of(client, model, n, prompts, args.max_tokens, {"speculative": False}))
+            c0 = spec_counters(url)
+            on.append(round_of(client, model, n, prompts, args.max_tokens))
+            spec = [a + b - c for a, b, c in zip(spec, spec_counters(url), c0)]
+        row = {"streams": n}
+        for name, rs in (("plain", off), ("speculative", on)):
+            row[f"{name}_decode_tokens_per_s"] = round(statistics.median(r["decode_tokens_per_s"] for r in rs), 1)
+            row[f"{name}_throughput_tokens_per_s"] = round(statistics.median(r["throughput_tokens_per_s"] for r in rs), 1)
+        row["decode_speedup"] = round(row["speculative_decode_tokens_per_s"] / row["plain_decode_tokens_per_s"], 3)
+        row["throughput_speedup"] = round(row["speculative_throughput_tokens_per_s"] / row["plain_throughput_tokens_per_s"], 3)
+        row["speculative_steps"], row["acceptance_rate"] = int(spec[0]), round(spec[2] / max(1, spec[1]), 3)
+        row["speculative_share_of_tokens"] = round((spec[0] + spec[2]) / max(1, sum(r["tokens"] for r in on)), 3)
+        rows.append(row)
+        if not args.json:
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
@@ -95,17 +153,32 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--context", type=int, help="tokens per sequence (default: the bundle's, at most 4096)")
+    ap.add_argument("--prompt-lookup", action="store_true", help="the daemon speculates with prompt lookup; plain vs speculative rows")
+    ap.add_argument("--draft", metavar="BUNDLE", help="the daemon speculates with this draft; plain vs speculative rows")
+    ap.add_argument("--spec-k", type=int, default=4)
+    ap.add_argument("--workload", choices=("chat", "code", "text"), default="chat",
+                    help="chat: four questions; code: code-editing prompts; text: held-out text excerpts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     streams = [int(s) for s in args.streams.split(",")]
     prompts = ["Explain how a Jetson shares memory between CPU and GPU.", "Write a haiku about edge computing.",
                "List three uses of a language model on a robot.", "What limits decode speed on a small device?"]
+    if args.workload != "chat":
+        prompts = held_out_prompts(args.workload)
+    spec = ("--prompt-lookup",) if args.prompt_lookup else ("--draft", args.draft) if args.draft else ()
 
-    proc, url = start_daemon(args.bundle, args.board, max(streams), args.context)
+    proc, url = start_daemon(args.bundle, args.board, max(streams), args.context, (*spec, "--spec-k", str(args.spec_k)) if spec else ())
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
         round_of(client, model, 1, prompts, 8)  # warm-up
+        if spec:
+            rows = speculation_rows(client, model, url, streams, prompts, args)
+            report = {"bundle": args.bundle, "speculation": " ".join(spec), "k": args.spec_k, "workload": args.workload,
+                      "max_tokens": args.max_tokens, "rounds": args.rounds, "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
+                      "rows": rows}
+            print(json.dumps(report, indent=2))
+            return 0
         rows = []
         for n in streams:
             s0, t0, f0, n0 = decode_counters(url)

@@ -364,3 +364,35 @@ def test_the_switch_on_a_real_kv_cache(bundle, reference, kind):
     assert "verify" in calls[first_batched:], calls
     for req, p, n in ((a, PROMPTS[1], 40), (b, PROMPTS[0], 5)):
         assert (req.completion_ids, req.finish_reason) == (reference(p, n, ids=True), reference(p, n)[1])
+
+
+# --- prompt lookup's incremental index ------------------------------------------------------------------------
+
+def _lookup_by_scan(cfg: SpeculativeConfig, history: list[int], k: int) -> list[int]:
+    """Reference: scan every earlier window for the last n tokens, n = ngram .. ngram_min; latest match wins."""
+    for n in range(min(cfg.ngram, len(history) - 1), cfg.ngram_min - 1, -1):
+        tail = history[-n:]
+        starts = [s for s in range(len(history) - n) if history[s:s + n] == tail]
+        if starts:
+            return history[starts[-1] + n:starts[-1] + n + k]
+    return []
+
+
+def test_prompt_lookup_index_equals_a_full_scan():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    from edge_sdk.runtime.generate.speculative import PromptLookup
+
+    tokens = st.lists(st.integers(0, 4), min_size=1, max_size=6)
+
+    @hypothesis.given(st.integers(1, 4), st.integers(1, 4), tokens, st.lists(st.tuples(tokens, st.integers(1, 6), st.booleans()), max_size=25))
+    @hypothesis.settings(max_examples=300, deadline=None)
+    def check(ngram, ngram_min, start, growth):
+        cfg = SpeculativeConfig(prompt_lookup=True, ngram=max(ngram, ngram_min), ngram_min=min(ngram, ngram_min))
+        lookup, history = PromptLookup(cfg), list(start)
+        for more, k, cut in growth:
+            want = _lookup_by_scan(cfg, history, k)
+            assert lookup.propose(history, k) == (want, [None] * len(want))
+            history = history[: max(1, len(history) // 2)] if cut else history + more  # a cut history is not an extension
+
+    check()

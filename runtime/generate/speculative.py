@@ -89,20 +89,34 @@ class AdaptiveK:
 
 class PromptLookup:
     """Draft tokens copied from the sequence itself: after the latest earlier occurrence of its last
-    n tokens (n = ngram .. ngram_min), the tokens that followed. q is a point mass (None)."""
+    n tokens (n = ngram .. ngram_min), the tokens that followed. q is a point mass (None).
+
+    An index {n-gram: latest start} grows with the sequence (a few dict updates per token), so a
+    proposal costs O(ngram) whatever the length; a sequence that is not an extension of the last one
+    rebuilds it."""
 
     def __init__(self, cfg: SpeculativeConfig):
         self.cfg = cfg
+        self._index: dict[tuple, int] = {}  # n-gram -> latest start s with s + n <= len(history) - 1
+        self._seq: list[int] = []
+
+    def _extend(self, history: list[int]) -> None:
+        n0 = len(self._seq)
+        if history[:n0] != self._seq:
+            self._index, self._seq, n0 = {}, [], 0
+        self._seq.extend(history[n0:])
+        seq, end = self._seq, len(self._seq) - 1  # windows end before the last token
+        for stop in range(max(n0 - 1, 0), end):  # windows ending at stop (exclusive: stop + 1), new ones only
+            for n in range(self.cfg.ngram_min, self.cfg.ngram + 1):
+                if stop + 1 - n >= 0:
+                    self._index[tuple(seq[stop + 1 - n:stop + 1])] = stop + 1 - n
 
     def propose(self, history: list[int], k: int) -> tuple[list[int], list]:
-        seq = np.asarray(history, np.int64)
-        for n in range(min(self.cfg.ngram, len(seq) - 1), self.cfg.ngram_min - 1, -1):
-            tail = seq[-n:]
-            windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # starts 0 .. len-1-n
-            hits = np.flatnonzero((windows == tail).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
-                out = seq[start:start + k].tolist()
+        self._extend(history)
+        for n in range(min(self.cfg.ngram, len(history) - 1), self.cfg.ngram_min - 1, -1):
+            start = self._index.get(tuple(history[-n:]))
+            if start is not None:
+                out = list(history[start + n:start + n + k])
                 return out, [None] * len(out)
         return [], []
 
