@@ -86,6 +86,12 @@ def test_the_config_section_and_the_flags(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["speculative"] == {"draft": "/d", "prompt_lookup": False, "k": 5}
 
 
+def test_a_missing_draft_is_one_line_before_anything_loads(tmp_path, capsys):
+    assert main(["serve", "--bundle", str(tmp_path), "--draft", str(tmp_path / "nope"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "draft bundle" in err and "is not a directory" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("raw, says", [
     ({"draft": "/d", "prompt_lookup": True}, "exclude each other"), ({"k": 0}, "speculative.k 0 is outside 1-16"),
     ({"k": 17}, "outside 1-16"), ({"prompt_lookup": 1}, "must be a bool"), ({"ngram": 3}, "unknown key"),

@@ -78,6 +78,9 @@ def check_bundle_dir(config: ServeConfig) -> None:
         raise ConfigError("no bundle to serve", hint="pass --bundle DIR or set bundle = \"...\" in the config file")
     if not Path(config.bundle).is_dir():
         raise ConfigError(f"bundle {config.bundle} is not a directory", hint="pass the directory `edge-sdk convert` wrote")
+    draft = config.speculative.draft
+    if draft and not Path(draft).is_dir():  # before the target loads, which takes minutes for a large model
+        raise ConfigError(f"draft bundle {draft} is not a directory", hint="pass --draft the directory `edge-sdk convert` wrote for the draft")
 
 
 def load_bundle_model(config: ServeConfig):
