@@ -26,36 +26,51 @@ class Broker:
         if exe is None:
             pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run installs it)")
         pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install 'edge-sdk[runtime]')")
-        self.exe, self.port, self.dir = exe, _free_port(), workdir
+        self.exe, self.dir, self._extra = exe, workdir, conf
         self.conf = workdir / "mosquitto.conf"
+        self._configure(_free_port())
+        self.proc = None
+        self._started = False
+
+    def _configure(self, port: int) -> None:
+        self.port = port
         # persistence: QoS 1 messages queued for a persistent subscriber survive a broker restart. Started
         # as root, mosquitto drops to user `mosquitto`, which cannot write the test's 0700 directory (the
         # save fails, the restart forgets every session): `user` keeps the tests' own user.
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
-                             f"persistence true\npersistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\n"
-                             "max_queued_messages 0\n" + conf)
-        self.proc = None
+        self.conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+                             f"persistence true\npersistence_location {self.dir}/\nlog_dest file {self.dir}/mosquitto.log\n"
+                             "max_queued_messages 0\n" + self._extra)
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> "Broker":
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(200):  # bounded: 10 s
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"mosquitto exited: {self.proc.stderr.read().decode()}")
+        log = self.dir / "mosquitto.log"
+        for _attempt in range(5):
+            logged = log.stat().st_size if log.exists() else 0
+            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 60  # a start or restart on a loaded machine
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                # its own word that it listens (a connect alone could reach whoever took the port)
+                if log.exists() and b" running" in log.read_bytes()[logged:]:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=30).close()
+                    self._started = True
+                    return self
                 time.sleep(0.05)
-        raise AssertionError("mosquitto did not listen within 10 s")
+            if self.proc.poll() is None:
+                self.proc.kill()
+                raise AssertionError("mosquitto did not listen within 60 s")
+            err = self.proc.stderr.read().decode() + (log.read_bytes()[logged:].decode(errors="replace") if log.exists() else "")
+            if self._started or "in use" not in err:  # a restart keeps its port: the clients reconnect to it
+                raise AssertionError(f"mosquitto exited: {err}")
+            self._configure(_free_port())  # the free port was taken before mosquitto bound it: another one
+        raise AssertionError(f"mosquitto found no free port: {err}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            self.proc.wait(60)
             db = self.dir / "mosquitto.db"
             assert db.exists(), f"mosquitto did not save {db}: a restart would lose what it acknowledged ({self.dir}/mosquitto.log)"
 
@@ -85,9 +100,9 @@ class Subscriber:
         self.client.connect_async(u.host, u.port)
         self.client.loop_start()
         # a message published before the broker has the subscription is not this consumer's: wait for SUBACK
-        if not self.subscribed.wait(15):
+        if not self.subscribed.wait(60):
             self.close()
-            raise AssertionError(f"no SUBACK for {topic} from {url} within 15 s")
+            raise AssertionError(f"no SUBACK for {topic} from {url} within 60 s")
 
     def _on_message(self, client, userdata, msg):
         with self.lock:
