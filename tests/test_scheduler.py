@@ -4,6 +4,7 @@ cancellation and the SIGTERM drain (finish within the deadline, then abort)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -25,6 +26,14 @@ async def finish(req) -> tuple[str, str | None, Exception | None]:
             return "".join(text), ev.finish_reason, None
         else:
             return "".join(text), None, ev.error
+
+
+async def generating(req, timeout_s=60.0):
+    """Wait (bounded) until the scheduler thread runs req: its first token is out."""
+    deadline = time.monotonic() + timeout_s
+    while not req.completion_ids:
+        assert time.monotonic() < deadline, f"not admitted within {timeout_s} s"
+        await asyncio.sleep(0.01)
 
 
 def run_with(state, coro_fn):
@@ -84,7 +93,7 @@ def test_queue_limit_and_queue_timeout_give_busy_errors():
     async def go(s):
         loop = asyncio.get_running_loop()
         big = s.submit(list(b"x"), SamplingParams(max_tokens=200, **GREEDY), loop)
-        await asyncio.sleep(0.05)  # admitted: holds 13 of 16 blocks
+        await generating(big)  # admitted: holds 13 of 16 blocks
         waiting = s.submit(list(b"y"), SamplingParams(max_tokens=200, **GREEDY), loop)
         with pytest.raises(ServiceBusyError, match="already waiting"):
             s.submit(list(b"z"), SamplingParams(max_tokens=5, **GREEDY), loop)
@@ -114,15 +123,15 @@ def test_cancelled_waiting_request_is_dropped_without_running():
 
 
 def test_drain_lets_short_requests_finish_and_aborts_at_the_deadline():
-    model = FakeStepModel(step_delay_s=0.01)
+    model = FakeStepModel(step_delay_s=0.02)  # the long one needs at least 8 s, the short one 0.1 s
     state = make_state(model)
 
     async def go(s):
         loop = asyncio.get_running_loop()
         short = s.submit(list(b"short"), SamplingParams(max_tokens=5, **GREEDY), loop)
         long = s.submit(list(b"long"), SamplingParams(max_tokens=400, **GREEDY), loop)
-        await asyncio.sleep(0.05)
-        clean = await asyncio.to_thread(s.drain, 0.3)
+        await generating(long)
+        clean = await asyncio.to_thread(s.drain, 3.0)
         with pytest.raises(ServiceBusyError, match="shutting down"):
             s.submit(list(b"late"), SamplingParams(max_tokens=5), loop)
         return clean, await finish(short), await finish(long), long
