@@ -244,7 +244,7 @@ def reference(bundle):
     import edge_sdk
     from edge_sdk.runtime.generate.generation import GenerationConfig
 
-    model = edge_sdk.load(bundle, provider="cpu")
+    model = edge_sdk.load(bundle, provider="cpu", accuracy_level=1)
 
     def run(prompt: str, n: int, ids: bool = False):
         """(text, finish reason) of plain greedy, or with ids=True its token ids (EOS left out)."""
@@ -282,10 +282,11 @@ def served(bundle, kind: str, skew: bool = False):
     from edge_sdk.runtime.server.config import ServeConfig, SpeculativeSection
     from edge_sdk.runtime.server.daemon import build_service
 
-    model = edge_sdk.load(bundle, provider="cpu", max_batch=4)
+    # accuracy level 1: fp32 matmuls (level 4 quantizes activations, one row differently from several)
+    model = edge_sdk.load(bundle, provider="cpu", max_batch=4, accuracy_level=1)
     section = SpeculativeSection(prompt_lookup=True, k=3)
     if kind == "draft":
-        other = edge_sdk.load(bundle, provider="cpu", graph="standard")
+        other = edge_sdk.load(bundle, provider="cpu", graph="standard", accuracy_level=1)
         backend = _Skewed(other.backend) if skew else other.backend
         model.draft = SimpleNamespace(backend=backend, bundle=other.bundle, manifest=other.manifest)
         section = SpeculativeSection(draft="(loaded)", k=3)
@@ -332,9 +333,15 @@ def test_one_request_then_two_concurrent_equal_plain_greedy(bundle, reference, k
             with pytest.raises(openai.BadRequestError) as e:
                 c.completions.create(model=mid, prompt="x", max_tokens=2, extra_body={"speculative": {"type": "draft"}})
             assert "--draft" in e.value.body["message"] and e.value.body["param"] == "speculative"
-        chat = c.chat.completions.create(model=mid, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=12, temperature=0,
-                                         extra_body={"speculative": {"type": "prompt_lookup", "k": 2, "ngram": 2}})
-        assert chat.choices[0].finish_reason in ("length", "stop")
+        msgs = [{"role": "user", "content": PROMPTS[0]}]
+        for extra in ({"response_format": {"type": "json_object"}}, {"logprobs": True, "top_logprobs": 2}):
+            plain, fast = (c.chat.completions.create(model=mid, messages=msgs, max_tokens=16, temperature=0, **extra,
+                                                     extra_body={"speculative": spec}).choices[0]
+                           for spec in (False, {"type": "prompt_lookup", "k": 2, "ngram": 2}))
+            assert (fast.message.content, fast.finish_reason) == (plain.message.content, plain.finish_reason), extra
+            if fast.logprobs is not None:  # the same tokens, log-probabilities from a verify row within rounding
+                assert [t.token for t in fast.logprobs.content] == [t.token for t in plain.logprobs.content]
+                assert np.allclose([t.logprob for t in fast.logprobs.content], [t.logprob for t in plain.logprobs.content], atol=1e-4)
     assert service.state.memory.stats()["kv_blocks_used"] == 0
 
 
