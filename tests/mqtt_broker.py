@@ -13,11 +13,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from free_port import free_port
 
 
 class Broker:
@@ -28,7 +24,7 @@ class Broker:
         pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install 'edge-sdk[runtime]')")
         self.exe, self.dir, self._extra = exe, workdir, conf
         self.conf = workdir / "mosquitto.conf"
-        self._configure(_free_port())
+        self._configure(free_port())
         self.proc = None
         self._started = False
 
@@ -64,7 +60,7 @@ class Broker:
             err = self.proc.stderr.read().decode() + (log.read_bytes()[logged:].decode(errors="replace") if log.exists() else "")
             if self._started or "in use" not in err:  # a restart keeps its port: the clients reconnect to it
                 raise AssertionError(f"mosquitto exited: {err}")
-            self._configure(_free_port())  # the free port was taken before mosquitto bound it: another one
+            self._configure(free_port())  # the free port was taken before mosquitto bound it: another one
         raise AssertionError(f"mosquitto found no free port: {err}")
 
     def stop(self) -> None:

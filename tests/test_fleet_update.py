@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -25,6 +24,7 @@ from edge_sdk.runtime.fleet.health import HealthCheck, HealthCheckError  # noqa:
 from edge_sdk.runtime.fleet.slots import MAX_BOOTS, SlotStore  # noqa: E402
 from edge_sdk.runtime.fleet.update import Device, rollback, status, update  # noqa: E402
 from fleet_helpers import BundleServer, corrupt, keypair, signed_bundle, tree_digest  # noqa: E402
+from free_port import free_port  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -211,17 +211,11 @@ def test_rollback_switches_to_the_other_slot(tmp_path, world):
 # --- a real daemon: health check through a generation, switch back on failure ---------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServedDevice:
     """`edge-sdk serve` on the slot link; restart() is what `systemctl restart edge-sdk` does."""
 
     def __init__(self, tmp: Path, slots: SlotStore, key: Path):
-        self.port = _free_port()
+        self.port = free_port()  # kept across restarts, as systemd's unit keeps it
         self.config = tmp / "edge-sdk.toml"
         self.config.write_text(f'bundle = "{slots.link}"\nbundle_key = "{key}"\nemulate = "agx-orin-64gb"\n'
                                f'[server]\nport = {self.port}\n[memory]\nreserve_mb = 0\n')
