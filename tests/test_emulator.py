@@ -1,6 +1,7 @@
 """Emulated roots: every board read back by the readers; the fake jetson_clocks and tegrastats."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -100,7 +101,7 @@ def test_tegrastats_interval_and_logfile(tmp_path):
             time.sleep(0.1)
     finally:
         proc.terminate()
-        assert proc.wait(10) == 0
+        assert proc.wait(60) == 0
     lines = log.read_text().splitlines()
     assert len(lines) >= 3
     s = parse_line(lines[-1])
@@ -144,6 +145,20 @@ def test_the_default_board_follows_the_cache_setting(tmp_path, monkeypatch):
     assert PowerManager(Platform(roots[1])).current().name != "MODE_10W"
 
 
+def _has_open(pid: int, path: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # no /proc here: the fixed wait below is all there is
+        return True
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def test_mode_changes_on_one_root_wait_for_each_other(tmp_path):
     """While one nvpmodel holds the board's lock, another's switch waits; it lands whole once let go."""
     import fcntl
@@ -153,6 +168,10 @@ def test_mode_changes_on_one_root_wait_for_each_other(tmp_path):
     with open(root / ".edge-sdk-emulated.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         proc = subprocess.Popen([str(root / "bin/nvpmodel"), "-m", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lock = os.path.realpath(root / ".edge-sdk-emulated.lock")
+        deadline = time.monotonic() + 60  # until it holds the lock file open: it is at the lock, however slow it started
+        while not _has_open(proc.pid, lock) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=3)  # blocked on the lock (a free run ends well within this)
         assert status.read_text().strip() == "pmode:0002"
