@@ -169,7 +169,7 @@ def _convert(model_dir, output, opts: ConvertOptions, stages: Stages) -> dict:
         elif opts.dry_run:
             from .predict import dry_run
 
-            return dry_run(ck, shape, output, opts, stages, calib=calib)
+            return dry_run(ck, shape, output, opts, stages, calib=calib, eval_tokens=len(eval_tokens))
         manifest, report, extra = streamed_convert.run(ck, shape, output, opts, stages, tk=tk, calib=calib, eval_tokens=eval_tokens,
                                                        bos=bos, inv_freq=inv_freq, rope_scale=rope_scale)
         return {"source": str(ck.path), "output": str(Path(output).absolute()),

@@ -56,3 +56,8 @@ def test_cold_read_speed_reads_the_sample_and_divides_by_the_clock(tmp_path):
     assert predict.cold_read_speed(f, sample=1 << 20, clock=lambda: next(ticks)) == (1 << 20) / 2.0
     ticks = iter([0.0, 4.0])
     assert predict.cold_read_speed(f, sample=64 << 20, clock=lambda: next(ticks)) == (3 << 20) / 4.0  # whole file
+
+
+def test_evaluation_windows_follow_the_held_out_tokens():
+    # nll cuts windows of 512 overlapping by one token; a last piece under 2 tokens is dropped
+    assert [predict.eval_windows(n) for n in (290, 512, 513, 1022, 1023, 1200)] == [1, 1, 2, 2, 2, 3]
