@@ -133,6 +133,7 @@ def session(path: Path, threads: int, level: int, profile: bool = False):
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
     so.enable_profiling = profile
+    so.profile_file_prefix = str(path.parent / "ort_profile")  # beside the graphs, removed with them
     so.log_severity_level = 3
     so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -310,7 +310,8 @@ def package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report, r) -> dict:
 
     arch = architecture_section(ck.config, shape) | {
         "mla": {"q_lora_rank": shape.q_lora_rank, "kv_lora_rank": shape.kv_lora_rank, "qk_nope_head_dim": shape.qk_nope_head_dim,
-                "qk_rope_head_dim": shape.qk_rope_head_dim, "v_head_dim": shape.v_head_dim},
+                "qk_rope_head_dim": shape.qk_rope_head_dim, "v_head_dim": shape.v_head_dim,
+                "attention": "absorbed (kv_b_proj folded into the query and the output; the latent is never expanded)"},
         "moe": {"n_routed_experts": shape.n_routed_experts, "n_shared_experts": shape.n_shared_experts,
                 "num_experts_per_tok": shape.num_experts_per_tok, "moe_intermediate_size": shape.moe_intermediate_size,
                 "first_k_dense_replace": shape.first_k_dense_replace, "routing": r,

@@ -31,7 +31,11 @@ def decoders(q_lora_rank):
     w = {k: v * 0.2 if k.endswith("_proj.weight") or k.endswith("_mqa.weight") else v for k, v in w.items()}
     inv_freq, rope_scale = mla.rope_tables(cfg)
     scale = mla.attention_scale(cfg, small)
-    build = lambda: mla.MLADecoder(small, w, routing(cfg), inv_freq, rope_scale, scale).eval()  # noqa: E731
+
+    def build():  # the expanded form (the converter builds the absorbed one)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(mla.MLADecoder, "attention_class", staticmethod(lambda: mla.MLAttention))
+            return mla.MLADecoder(small, w, routing(cfg), inv_freq, rope_scale, scale).eval()
     return build(), absorb(build())
 
 
@@ -99,10 +103,11 @@ def bundles(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mla-absorbed")
     model_dir = build_model_dir(root / "model", "deepseek_v2", seed=0)
-    edge_sdk.convert(model_dir, root / "expanded", **CONVERT)
+    assert mla.MLADecoder.attention_class() is AbsorbedMLAttention  # what the converter builds
+    edge_sdk.convert(model_dir, root / "absorbed", **CONVERT)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mla, "MLAttention", AbsorbedMLAttention)  # what MLADecoder builds: its only change
-        edge_sdk.convert(model_dir, root / "absorbed", **CONVERT)
+        mp.setattr(mla.MLADecoder, "attention_class", staticmethod(lambda: mla.MLAttention))  # the only change
+        edge_sdk.convert(model_dir, root / "expanded", **CONVERT)
     return root / "expanded", root / "absorbed"
 
 
