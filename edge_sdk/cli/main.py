@@ -39,13 +39,18 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
                         "$EDGE_SDK_CACHE/emulated/BOARD); env EDGE_SDK_ROOT")
 
 
+def emulated_root(board: str, environ=None) -> str:
+    """The user's emulated root of `board` (under the cache directory)."""
+    from ..paths import cache_dir
+    from ..runtime.platform.emulator import default_root
+
+    return str(default_root(board, cache_dir(environ)))
+
+
 def resolve_device_root(args, environ=None) -> None:
     """--emulate without --root: the user's emulated root, resolved here so the runtime gets a directory."""
     if getattr(args, "emulate", None) and not getattr(args, "root", None):
-        from ..paths import cache_dir
-        from ..runtime.platform.emulator import default_root
-
-        args.root = str(default_root(args.emulate, cache_dir(environ)))
+        args.root = emulated_root(args.emulate, environ)
 
 
 def build_parser() -> argparse.ArgumentParser:

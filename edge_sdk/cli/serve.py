@@ -48,10 +48,9 @@ def run(args) -> int:
     argv = overrides(args)
     config = load_config(args.config).with_overrides(**argv)
     if config.emulate and not config.root:  # a board the config file emulates: its root resolved here, as for --emulate
-        from ..paths import cache_dir
-        from ..runtime.platform.emulator import default_root
+        from .main import emulated_root
 
-        config = config.with_overrides(root=str(default_root(config.emulate, cache_dir())))
+        config = config.with_overrides(root=emulated_root(config.emulate))
     if args.print_config:
         from ._common import print_json
 
