@@ -32,7 +32,7 @@ ROUTING = {
                                            "norm_topk_prob": True, "routed_scaling_factor": 2.5}},
 }
 GROUPED = ("group_limited_greedy", "noaux_tc")
-WHOLE_MODEL_PARAMS = 200_000_000  # the checks hold the float and int4 models whole in fp32
+WHOLE_MODEL_PARAMS = 200_000_000  # above: deepseek_v2_streamed (the checks here hold the float and int4 models whole in fp32)
 
 
 def routing(cfg: dict) -> dict:
@@ -149,11 +149,6 @@ def refuse_early(ck, shape, opts, src) -> dict:
     if "fp16" in opts.graphs:
         raise ConversionError(f"the fp16 graph is not built for {shape.architecture} yet", hint="convert with the fp32 graph only")
     check_experts(src, shape)
-    params = sum(_numel(src.shape(n)) for n in src.names())
-    if params > WHOLE_MODEL_PARAMS:
-        raise ConversionError(f"{ck.path}: {params:,} parameters; {shape.architecture} conversion holds the whole model in memory, "
-                              f"up to {WHOLE_MODEL_PARAMS:,} parameters for now",
-                              hint="layer-by-layer conversion of DeepSeek-V2 models is not available yet")
     for i in range(shape.num_layers):
         for n in layer_names(shape, i):
             if is_quantized(n):
@@ -267,6 +262,10 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, **_) ->
     from .tensors import TensorSource
 
     src = TensorSource(ck.path, ck.safetensors)
+    if sum(_numel(src.shape(n)) for n in src.names()) > WHOLE_MODEL_PARAMS:  # one decoder layer at a time
+        from . import deepseek_v2_streamed
+
+        return deepseek_v2_streamed.run(ck, shape, output, opts, stages, src=src, tk=tk, calib=calib, eval_tokens=eval_tokens, bos=bos)
     r = refuse_early(ck, shape, opts, src)
     inv_freq, rope_scale = rope_tables(ck.config)
     scale = attention_scale(ck.config, shape)

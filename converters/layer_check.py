@@ -130,7 +130,10 @@ def check_layers(graph_path: Path, model, shape, calib_ids: list[list[int]], *, 
     mask[1, : n // 4] = 0
     ids[1, : n // 4] = int(torch.randint(0, shape.vocab_size, (1,), generator=g))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    empty = torch.zeros(2, shape.num_kv_heads, 0, shape.head_dim)
+    # a model may bring its own head inputs and cache dims (MLA: deepseek_v2_streamed.MLAStreamedModel)
+    head_inputs = getattr(model, "head_inputs", None) or (lambda *a: torch_head(model, *a))
+    kv_dims = getattr(model, "cache_dims", (shape.num_kv_heads, shape.head_dim))
+    empty = torch.zeros(2, kv_dims[0], 0, kv_dims[1])
     worst = _Worst()
     # steps: prefill, then one decode token; each step's head inputs
     steps = [(ids, mask, pos)]
@@ -139,9 +142,9 @@ def check_layers(graph_path: Path, model, shape, calib_ids: list[list[int]], *, 
     xs, heads_o, heads_t = [], [], []
     head_in = ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value"]
     for k, (i_, m_, p_) in enumerate(steps):
-        past = torch.zeros(2, shape.num_kv_heads, 0 if k == 0 else n, shape.head_dim)
+        past = torch.zeros(2, kv_dims[0], 0 if k == 0 else n, kv_dims[1])
         out = run(head_in, [pieces.residual_in[0], *pieces.shared], [i_, m_, p_, past, past])
-        t = torch_head(model, i_, m_, p_)
+        t = head_inputs(i_, m_, p_)
         worst.compare("the head (embedding rows)", t[0], out[0])
         xs.append(t[0])
         heads_t.append(t[1:])

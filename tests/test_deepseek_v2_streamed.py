@@ -1,0 +1,81 @@
+"""DeepSeek-V2 converted one decoder layer at a time (converters/deepseek_v2_streamed.py, the path above
+deepseek_v2.WHOLE_MODEL_PARAMS, forced here by lowering the limit) writes the bytes of the
+whole-model path; its per-piece graph check and streamed accuracy give the whole-model numbers;
+a kept work directory is reused."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnx")
+
+import edge_sdk  # noqa: E402
+
+CONVERT = dict(method="rtn", nsamples=4, seqlen=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from edge_sdk.converters.tiny import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("dsv2s") / "model", "deepseek_v2", seed=0)
+
+
+def convert(model_dir, out, streamed: bool, **over):
+    from edge_sdk.converters import deepseek_v2
+
+    with pytest.MonkeyPatch.context() as mp:
+        if streamed:
+            mp.setattr(deepseek_v2, "WHOLE_MODEL_PARAMS", 0)
+        else:  # a streamed run would raise here
+            from edge_sdk.converters import deepseek_v2_streamed
+
+            mp.setattr(deepseek_v2_streamed, "run", None)
+        return edge_sdk.convert(model_dir, out, **(CONVERT | over))
+
+
+def manifest(bundle) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("lm_head", ["int4", "fp16"])
+def test_streamed_bundle_equals_whole_model_bundle(model_dir, tmp_path, lm_head):
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    s_whole = convert(model_dir, whole, False, lm_head_dtype=lm_head)
+    s_streamed = convert(model_dir, streamed, True, lm_head_dtype=lm_head)
+    assert "layer_seconds" in s_streamed and "layer_seconds" not in s_whole
+    for f in ("model.weights", "model.onnx", "tokenizer.json"):
+        assert (whole / f).read_bytes() == (streamed / f).read_bytes(), f
+    mw, ms = manifest(whole), manifest(streamed)
+    assert mw["weights"] == ms["weights"] and mw["graphs"] == ms["graphs"] and mw["io"] == ms["io"]
+    assert mw["architecture"] == ms["architecture"] and mw["quantization"] == ms["quantization"]
+    # the streamed float / int4 models compute what the whole ones do
+    aw, as_ = mw["accuracy"], ms["accuracy"]
+    for k in ("ppl_float", "ppl_quant", "top1_agreement"):
+        assert as_[k] == pytest.approx(aw[k], rel=1e-5), k
+    # the graph checked piece by piece (head, 3 layers, tail), within the whole-graph check's tolerance
+    check = as_["onnx_vs_torch"]
+    assert check["per_piece"] and check["pieces"] == 5 and check["greedy_tokens_equal"]
+    assert check["max_abs_logit_diff"] < 1e-3 and check["max_abs_layer_diff"] < 1e-3
+
+
+def test_kept_work_directory_is_reused(model_dir, tmp_path):
+    work = tmp_path / "work"
+    first = convert(model_dir, tmp_path / "a", True, work_dir=str(work), keep_work=True)
+    assert sorted(first["layer_seconds"]) == [0, 1, 2]
+    assert len(list(work.glob("layer-*.safetensors"))) == 3
+    second = convert(model_dir, tmp_path / "b", True, work_dir=str(work), verify=False)
+    assert second["layer_seconds"] == {}  # every layer read back from the work directory
+    assert (tmp_path / "a" / "model.weights").read_bytes() == (tmp_path / "b" / "model.weights").read_bytes()
+    assert not any(work.glob("layer-*"))  # removed once the bundle is written
+
+
+def test_gptq_above_the_limit_refused_before_quantizing(model_dir, tmp_path):
+    from edge_sdk.errors import ConversionError
+
+    pytest.importorskip("gptqmodel")
+    with pytest.raises(ConversionError, match="--method gptq is not supported for DeepseekV2ForCausalLM"):
+        convert(model_dir, tmp_path / "out", True, method="gptq", work_dir=str(tmp_path / "work"))
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "work").glob("layer-*"))
