@@ -38,17 +38,35 @@ WHOLE_MODEL_PARAMS = 200_000_000  # above: deepseek_v2_streamed (the checks here
 def routing(cfg: dict) -> dict:
     """The routing settings of config.json, absent keys filled as transformers fills them."""
     d = ROUTING[_arch(cfg)]["defaults"]
-    return {"topk_method": cfg.get("topk_method") or d["topk_method"], "n_group": _number(cfg, "n_group", d, int),
+    return {"topk_method": _given(cfg, "topk_method", d), "n_group": _number(cfg, "n_group", d, int),
             "topk_group": _number(cfg, "topk_group", d, int), "routed_scaling_factor": _number(cfg, "routed_scaling_factor", d, float),
-            "scoring_func": cfg.get("scoring_func") or d["scoring_func"], "norm_topk_prob": bool(cfg.get("norm_topk_prob", d["norm_topk_prob"]))}
+            "scoring_func": _given(cfg, "scoring_func", d), "norm_topk_prob": _flag(cfg, "norm_topk_prob", d)}
+
+
+ROUTING_NUMBER_MAX = 10_000  # n_group, topk_group, routed_scaling_factor (releases: up to 8, 4 and 16)
+
+
+def _given(cfg: dict, key: str, defaults: dict):
+    """The value as written (0, false and "" included); absent or null: the default."""
+    v = cfg.get(key)
+    return defaults[key] if v is None else v
 
 
 def _number(cfg: dict, key: str, defaults: dict, kind):
-    v = cfg.get(key) or defaults[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (kind is int and v != int(v)):
-        raise ConfigError(f"config.json: routing {key} {v!r} is not a{'n integer' if kind is int else ' number'}",
+    v = _given(cfg, key, defaults)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)) \
+            or not 0 < v <= ROUTING_NUMBER_MAX or (kind is int and v != int(v)):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"config.json: routing {key} {v!r} is not {what} in (0, {ROUTING_NUMBER_MAX}]",
                           hint="write it as the release's config.json does")
     return kind(v)
+
+
+def _flag(cfg: dict, key: str, defaults: dict) -> bool:
+    v = _given(cfg, key, defaults)
+    if not isinstance(v, bool):
+        raise ConfigError(f"config.json: routing {key} {v!r} is not true or false", hint="write it as the release's config.json does")
+    return v
 
 
 def _arch(cfg: dict) -> str:
