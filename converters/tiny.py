@@ -11,15 +11,17 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from edge_sdk.chat import DEEPSEEK_R1_TEMPLATE
+from edge_sdk.chat import DEEPSEEK_R1_TEMPLATE, DEEPSEEK_V2_TEMPLATE
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 
-# DeepSeek-R1's chat template: the one the device runtime renders natively.
+# DeepSeek-R1's chat template: the one the device runtime renders natively; a DeepSeek-V2 checkpoint ships
+# DeepSeek-V2-Chat's (V3 and R1 share the V3 architecture, so a V3-config model keeps R1's)
 CHAT_TEMPLATE = DEEPSEEK_R1_TEMPLATE
+CHAT_TEMPLATES = {"deepseek_v2": DEEPSEEK_V2_TEMPLATE}
 
 TINY_CONFIGS = {
     # hidden sizes are multiples of 128 so every linear has whole int4 groups of 128
@@ -81,11 +83,11 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     return tok
 
 
-def write_tokenizer(tok, directory: Path, *, pad_token: bool = True) -> None:
+def write_tokenizer(tok, directory: Path, *, pad_token: bool = True, chat_template: str = CHAT_TEMPLATE) -> None:
     tok.save(str(directory / "tokenizer.json"))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": 16384, "chat_template": CHAT_TEMPLATE,
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 16384, "chat_template": chat_template,
         "clean_up_tokenization_spaces": False, "legacy": True,
     }
     if not pad_token:
@@ -138,5 +140,5 @@ def _build_model_dir(directory, arch, seed, config, tokenizer, texts, init_std, 
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 2 * init_std)
     model.save_pretrained(d, safe_serialization=True)
-    write_tokenizer(tok, d, pad_token=pad_token)
+    write_tokenizer(tok, d, pad_token=pad_token, chat_template=CHAT_TEMPLATES.get(arch, CHAT_TEMPLATE))
     return d

@@ -1,8 +1,8 @@
-"""DeepSeek-R1 chat format: prompt rendering and splitting `<think>` reasoning from the answer.
+"""DeepSeek chat formats (R1, V2): prompt rendering and splitting `<think>` reasoning from the answer.
 
 The bundle carries the model's Jinja chat template; it is rendered in a sandbox when jinja2 is
-installed. Without jinja2 the built-in renderer below produces the same text for DeepSeek-R1's
-template (a test checks both agree).
+installed. Without jinja2 the built-in renderers below produce the same text for DeepSeek-R1's and
+DeepSeek-V2's templates (tests check both agree).
 """
 
 from __future__ import annotations
@@ -27,6 +27,17 @@ DEEPSEEK_R1_TEMPLATE = (
     "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
     "{%- endfor -%}"
     "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+# DeepSeek-V2-Chat / V2-Lite-Chat / Coder-V2-Instruct template (tokenizer_config.json): plain-text roles,
+# messages in order (the system prompt as given), no reasoning block.
+DEEPSEEK_V2_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 ROLES = ("system", "user", "assistant")
@@ -56,14 +67,30 @@ def render_r1(messages: list[dict], *, bos_token: str = "", add_generation_promp
     return "".join(out)
 
 
+def render_v2(messages: list[dict], *, bos_token: str = "", eos_token: str = EOS, add_generation_prompt: bool = True) -> str:
+    messages = check_messages(messages)
+    turn = {"user": ("User: ", "\n\n"), "assistant": ("Assistant: ", eos_token), "system": ("", "\n\n")}  # (before, after)
+    out = [bos_token] + [turn[m["role"]][0] + m["content"] + turn[m["role"]][1] for m in messages]
+    return "".join(out) + ("Assistant:" if add_generation_prompt else "")
+
+
+def render_builtin(template: str | None, messages: list[dict], *, bos_token: str = "", eos_token: str = EOS,
+                   add_generation_prompt: bool = True) -> str:
+    """The built-in renderer for a template (no jinja2 needed): DeepSeek-V2's, else DeepSeek-R1's."""
+    if template == DEEPSEEK_V2_TEMPLATE:
+        return render_v2(messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    return render_r1(messages, bos_token=bos_token, add_generation_prompt=add_generation_prompt)
+
+
 def render_template(template: str, messages: list[dict], *, bos_token: str = "", eos_token: str = EOS,
                     add_generation_prompt: bool = True) -> str:
-    """Render a bundle's Jinja chat template in a sandbox (falls back to the R1 renderer without jinja2)."""
+    """Render a bundle's Jinja chat template in a sandbox (without jinja2, the built-in renderer)."""
     messages = check_messages(messages)
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        return render_r1(messages, bos_token=bos_token, add_generation_prompt=add_generation_prompt)
+        return render_builtin(template, messages, bos_token=bos_token, eos_token=eos_token,
+                              add_generation_prompt=add_generation_prompt)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     try:
         return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,

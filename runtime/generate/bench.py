@@ -102,20 +102,27 @@ def roofline_share_text(ratio: float | None) -> str:
 
 
 def weight_bytes_per_token(manifest: dict) -> int:
-    """Weight bytes one decode step reads: every tensor except the embedding table, of which one row.
+    """Weight bytes one decode step reads: every tensor except the embedding table, of which one row, and
+    of the routed experts (MoE) the token's top-k: num_experts_per_tok / n_routed_experts of them.
 
     Without a weights table in the manifest, the planner's figure for the source config (int4, group 128).
     """
     tensors = manifest.get("weights", {}).get("tensors", {})
+    config = manifest.get("source", {}).get("config") or {}
     if not tensors:
-        return _planned_read_per_token(manifest.get("source", {}).get("config") or {})
-    total = 0
+        return _planned_read_per_token(config)
+    total = routed = 0
     for name, t in tensors.items():
         if "embed_tokens" in name and not name.endswith("scales"):
             rows = t.get("shape", [1])[0] or 1
             total += t["nbytes"] // rows
+        elif ".mlp.experts." in name and config.get("n_routed_experts"):
+            routed += t["nbytes"]
         else:
             total += t["nbytes"]
+    if routed:
+        experts = int(config["n_routed_experts"])
+        total += routed * min(experts, int(config.get("num_experts_per_tok") or experts)) // experts
     return total
 
 
