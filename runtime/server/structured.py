@@ -126,7 +126,12 @@ def compiler_for(model, param: str | None = None) -> GrammarCompiler:
             tok = getattr(model, "tokenizer", None)
             if tok is None or not hasattr(tok, "serialized"):
                 raise BadRequest("this model serves no tokenizer that constrained decoding can use", param)
-            compiler = _COMPILERS[model] = GrammarCompiler.for_tokenizer(tok, int(getattr(model, "vocab_size", 0)))
+            try:
+                compiler = GrammarCompiler.for_tokenizer(tok, int(getattr(model, "vocab_size", 0)))
+            except ValueError as exc:  # the engine cannot read this tokenizer.json
+                why = (str(exc) or type(exc).__name__).splitlines()[0]
+                raise BadRequest(f"constrained decoding cannot use this model's tokenizer ({why}); leave the constraint out", param) from None
+            _COMPILERS[model] = compiler
         return compiler
 
 
@@ -138,6 +143,8 @@ def warm(model) -> threading.Thread:
             compiler_for(model)
         except (MissingDependencyError, BadRequest, ConfigError) as exc:
             log.debug("constrained decoding not prepared: %s", exc)
+        except Exception as exc:  # one line in the log, not a thread traceback; requests say why when they ask
+            log.warning("constrained decoding not prepared: %s: %s", type(exc).__name__, exc)
 
     t = threading.Thread(target=build, name="grammar-warm", daemon=True)
     t.start()
