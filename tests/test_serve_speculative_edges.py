@@ -133,3 +133,21 @@ def test_requests_joining_and_leaving_a_speculating_one_keep_its_cache_exact(loo
     for i, o in enumerate(others):
         assert (_text(o), o.finish_reason) == reference_completion(list(b"q%d" % i), 3 + i)
     assert model.broken == [] and model.seqs == {} and state.memory.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("section, asked, k", [
+    ({"k": 7}, "prompt_lookup", 7),  # no speculation server-wide: a request asking for it starts at [speculative] k
+    ({"k": 12}, "server", 12),
+    ({"k": 7, "prompt_lookup": True}, "server", 7),
+    ({}, "prompt_lookup", 4),
+])
+def test_the_configured_k_is_where_a_requests_speculation_starts(section, asked, k):
+    from edge_sdk.runtime.server.config import ServeConfig, SpeculativeSection
+    from edge_sdk.runtime.server.daemon import build_service
+    from edge_sdk.runtime.server.requests import SpecRequest
+
+    config = ServeConfig(bundle="(loaded)", emulate="agx-orin-64gb", speculative=SpeculativeSection(**section))
+    sch = build_service(config, model=FakeSpecModel()).state.scheduler
+    got = sch.speculation_for(SpecRequest(asked))
+    assert (got.k, got.prompt_lookup) == (k, True) and got.k_max >= k
+    assert sch.speculation_for(SpecRequest(asked, k=2)).k == 2

@@ -64,7 +64,7 @@ def build_service(config: ServeConfig, model=None) -> Service:
     metrics = Metrics()
     scheduler = Scheduler(model, memory, max_batch=q.max_batch, max_queue=q.max_queue, when_full=q.when_full,
                           queue_timeout_s=q.queue_timeout_s, retry_after_s=q.retry_after_s, metrics=metrics,
-                          speculative=server_speculation(config.speculative, model))
+                          speculative=server_speculation(config.speculative, model), speculative_k=config.speculative.k)
     state = ServerState(model=model, scheduler=scheduler, memory=memory, metrics=metrics,
                         model_id=s.model_name or model.model_id, api_key=config.api_key(),
                         max_request_bytes=s.max_request_bytes, max_tokens_default=s.max_tokens_default,

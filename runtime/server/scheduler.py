@@ -97,9 +97,10 @@ class _Running:
 class Scheduler:
     def __init__(self, model: StepModel, memory: MemoryManager, *, max_batch: int = 8, max_queue: int = 64,
                  when_full: str = "wait", queue_timeout_s: float = 30.0, retry_after_s: int = 2,
-                 metrics: Metrics | None = None, speculative: SpeculativeConfig | None = None):
+                 metrics: Metrics | None = None, speculative: SpeculativeConfig | None = None, speculative_k: int = 4):
         self.model = model
         self.speculative = speculative  # the server's setting; a request may override it
+        self.speculative_k = speculative_k  # [speculative] k: where a request's speculation starts when the server runs none
         self.memory = memory
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -150,7 +151,7 @@ class Scheduler:
         if not getattr(self.model, "can_speculate", False):
             raise BadRequest("this daemon's backend cannot roll back its KV cache, so it cannot speculate; "
                              "leave 'speculative' out", "speculative")
-        base = self.speculative or SpeculativeConfig(prompt_lookup=True)
+        base = self.speculative or SpeculativeConfig(prompt_lookup=True, k=self.speculative_k, k_max=max(8, self.speculative_k))
         lookup = base.prompt_lookup if asked.method == "server" else asked.method == "prompt_lookup"
         if not lookup and not getattr(self.model, "has_draft", False):
             raise BadRequest("'speculative' asks for a draft model and this daemon has none: start it with --draft BUNDLE "
