@@ -285,3 +285,20 @@ def test_tensorrt_engine_build_refuses_with_one_line(bundle, tmp_path, monkeypat
         tb.build_engine(bundle, m, "agx-orin-64gb", trt, settings=tb.EngineBuildSettings(), cache_root=tmp_path,
                         report=lambda _: None)
     assert "\n" not in str(e.value)
+
+
+def test_tools_on_v2s_template_are_a_one_line_400(service):
+    """V2-Chat's template has no tool-call format: a tools request is refused, not rendered in R1's turns."""
+    openai = pytest.importorskip("openai")
+    from test_server_helpers import ServerThread
+
+    tools = [{"type": "function", "function": {"name": "get_weather",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    with ServerThread(service.state) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=s.state.model_id, messages=CHATS[0], tools=tools, max_tokens=4, temperature=0)
+        r = c.chat.completions.create(model=s.state.model_id, messages=CHATS[0], max_tokens=4, temperature=0)
+    err = e.value.body
+    assert err["param"] == "tools" and "has no tool-call format" in err["message"] and "\n" not in err["message"]
+    assert r.choices[0].finish_reason in ("stop", "length")  # the daemon keeps serving

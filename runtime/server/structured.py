@@ -151,6 +151,14 @@ def warm(model) -> threading.Thread:
     return t
 
 
+def writes_r1_turns(tok) -> bool:
+    """Whether the bundle's chat template speaks DeepSeek-R1/V3's turns (the tool format's); no template: R1's built in."""
+    from edge_sdk.chat import ASSISTANT
+
+    template = getattr(tok, "chat_template", None)
+    return not isinstance(template, str) or ASSISTANT in template
+
+
 def chat_ids(model, messages: list[dict], tools, opts: RequestOptions) -> list[int]:
     """The chat prompt's token ids: DeepSeek's tool format when tools or tool messages are in play. With
     tool_choice required or named, the tool-call grammar becomes the request's constraint; a constrained
@@ -167,6 +175,10 @@ def chat_ids(model, messages: list[dict], tools, opts: RequestOptions) -> list[i
     if toolkit.uses_tools(messages, tools):
         if tok is None:
             raise BadRequest("this model cannot render tool calls (no tokenizer)", "tools")
+        if not writes_r1_turns(tok):
+            raise BadRequest("this model's chat template has no tool-call format (DeepSeek-R1/V3's tool calls need its "
+                             "<｜User｜>/<｜Assistant｜> turns; DeepSeek-V2-Chat writes plain 'User:'/'Assistant:' turns): "
+                             "send the request without tools and tool messages", "tools")
         ids = tok.encode(toolkit.render(messages, tools, tok.bos_token), add_special_tokens=False)
     else:
         ids = model.encode_chat(messages)
