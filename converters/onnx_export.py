@@ -119,7 +119,7 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
             if name in renames:
                 n.input[k] = renames[name]
         if n.op_type == "QMoE":
-            _point_experts(n, experts)
+            _point_experts(n, experts, weights)
         if n.name.startswith(("/layers.", "/norm", "/embed_tokens")):
             n.name = "/model" + n.name
         nodes.append(n)
@@ -139,20 +139,59 @@ def rewrite(model, quantized: dict[str, QuantizedLinear], fp16_tensors: set[str]
     return model
 
 
-def _point_experts(node, experts: dict[str, tuple[str, str, int]]) -> None:
+def _point_experts(node, experts: dict[str, tuple[str, str, int]], weights: dict) -> None:
     """QMoE's fc1 (input 2) and fc2 (input 5) -> the stored uint4 experts, their scales in the next input."""
     from onnx import helper
 
+    fc = []
     for k in (2, 5):
-        qname, scales, group = experts[node.input[k]]
+        if node.input[k] not in experts:
+            raise _experts_error(node, f"input {node.input[k]!r} is not a layer's stacked int4 experts")
+        fc.append(experts[node.input[k]])
+    group = _check_experts(node, fc, weights)
+    for k, (qname, scales, _) in zip((2, 5), fc):
         node.input[k], node.input[k + 1] = qname, scales
     node.attribute.append(helper.make_attribute("block_size", group))
+
+
+def _check_experts(node, fc: list, weights: dict) -> int:
+    """fc1 [E, 2I, H] and fc2 [E, H, I] as stored: uint4 bytes [E, out, in / 2], fp16 scales [E, out, in / g],
+    one g (QMoE's block_size). Returns g."""
+    tensors = weights["tensors"]
+    shapes = []
+    for qname, _, group in fc:
+        for name in (qname, qname.removesuffix(".qweight") + ".scales"):
+            if name not in tensors:
+                raise _experts_error(node, f"{name} is not in the weights file")
+        q, sc = (list(tensors[n]["shape"]) for n in (qname, qname.removesuffix(".qweight") + ".scales"))
+        if len(q) != 3 or sc != [*q[:2], q[2] * 2 // group] or (q[2] * 2) % group:
+            raise _experts_error(node, f"{qname} {q} with scales {sc} is not [E, out, in / 2] with [E, out, in / {group}]")
+        shapes.append(q)
+    (e1, up, h), (e2, hidden, i) = shapes
+    if e1 != e2:
+        raise _experts_error(node, f"{e1} experts in gate_up_proj, {e2} in down_proj")
+    if (up, hidden) != (4 * i, 2 * h):
+        raise _experts_error(node, f"gate_up_proj {shapes[0]} and down_proj {shapes[1]} are not [E, 2I, H / 2] and [E, H, I / 2]")
+    if fc[0][2] != fc[1][2]:
+        raise _experts_error(node, f"block size {fc[0][2]} for gate_up_proj, {fc[1][2]} for down_proj (QMoE takes one)")
+    return fc[0][2]
+
+
+def _experts_error(node, what: str):
+    from edge_sdk.errors import ConversionError
+
+    return ConversionError(f"QMoE {node.name}: {what}", hint="the weights file and the graph come from different conversions; convert again")
 
 
 def _external(name: str, dtype, weights: dict, weights_file: str):
     from onnx import TensorProto
 
-    meta = weights["tensors"][name]
+    meta = weights["tensors"].get(name)
+    if meta is None:
+        from edge_sdk.errors import ConversionError
+
+        raise ConversionError(f"the graph reads {name}, which is not in the weights file",
+                              hint="the weights file and the graph come from different conversions; convert again")
     t = TensorProto(name=name, data_type=dtype, dims=meta["shape"])
     t.data_location = TensorProto.EXTERNAL
     for k, v in (("location", weights_file), ("offset", str(meta["offset"])), ("length", str(meta["nbytes"]))):
