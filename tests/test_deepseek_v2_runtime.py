@@ -175,12 +175,36 @@ def gate_until_all_in(state, n: int):
     return sizes, lambda: setattr(state.model, "step", step)
 
 
-def test_concurrent_completions_equal_each_alone(service, model):
+@pytest.fixture(scope="module")
+def v3_bundle(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from edge_sdk.converters.tiny import build_model_dir
+
+    root = tmp_path_factory.mktemp("dsv3rt")
+    edge_sdk.convert(build_model_dir(root / "model", "deepseek_v3", seed=0), root / "b", **CONVERT)
+    return root / "b"
+
+
+def test_concurrent_completions_equal_each_alone(bundle, model):
+    check_concurrent_completions(bundle, model)
+
+
+def test_v3_bundle_concurrent_completions_equal_each_alone(v3_bundle):
+    model = edge_sdk.load(v3_bundle, provider="cpu")
+    assert model.backend.io.kv_bytes_per_token() == mla_bytes_per_token(v3_bundle, 4)
+    check_concurrent_completions(v3_bundle, model)
+
+
+def check_concurrent_completions(bundle, model):
     openai = pytest.importorskip("openai")
+    from edge_sdk.runtime.server.config import ServeConfig
+    from edge_sdk.runtime.server.daemon import build_service
     from test_server_helpers import ServerThread
 
     want = [model.generate(p, max_new_tokens=NEW) for p in PROMPTS]
     assert all(len(w.token_ids) == NEW for w in want)  # no early EOS: every step compared
+    service = build_service(ServeConfig(bundle=str(bundle), emulate="agx-orin-64gb"))
     with ServerThread(service.state) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
         sizes, restore = gate_until_all_in(s.state, len(PROMPTS))
