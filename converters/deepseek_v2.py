@@ -87,6 +87,7 @@ def check_config(cfg: dict, s, source: str = "config.json") -> dict:
                           hint="DeepSeek-V2 and V2-Lite ship norm_topk_prob false; transformers' DeepseekV2 ignores it")
     if arch != ARCH:
         _check_v3(cfg, source)
+    _check_moe_numbers(cfg, source)
     if s.moe_layer_freq != 1:
         raise ConfigError(f"{source}: moe_layer_freq {s.moe_layer_freq} is not supported for {arch}",
                           hint="every layer from first_k_dense_replace on is an MoE layer (moe_layer_freq 1)")
@@ -105,6 +106,21 @@ def check_config(cfg: dict, s, source: str = "config.json") -> dict:
         raise ConfigError(f"{source}: kv_lora_rank + qk_rope_head_dim = {s.kv_lora_rank + s.qk_rope_head_dim} is odd",
                           hint="the cache stores the latent and rope key as two equal halves")
     return r
+
+
+MOE_NUMBER_MAX = 4096  # n_routed_experts and the other MoE counts (releases: up to 384 experts)
+
+
+def _check_moe_numbers(cfg: dict, source: str) -> None:
+    """The MoE counts as written: integers in [0, MOE_NUMBER_MAX] (the checks list every expert's weights)."""
+    for key in ("n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "moe_layer_freq"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MOE_NUMBER_MAX):
+            raise ConfigError(f"{source}: {key} {v!r} is not an integer in [0, {MOE_NUMBER_MAX}]",
+                              hint="write it as the release's config.json does")
+    v = cfg.get("moe_intermediate_size")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise ConfigError(f"{source}: moe_intermediate_size {v!r} is not an integer", hint="write it as the release's config.json does")
 
 
 def _check_v3(cfg: dict, source: str) -> None:
@@ -159,9 +175,14 @@ def refuse_early(ck, shape, opts, src) -> dict:
     r = check_config(ck.config, shape, str(ck.path / "config.json"))
     if ck.quantization_config is not None:
         raise ConversionError(f"{ck.path}: importing a GPTQ checkpoint of {shape.architecture} is not supported", hint="convert the float checkpoint")
-    if opts.method != "rtn":
-        raise ConversionError(f"--method {opts.method} is not supported for {shape.architecture} yet",
-                              hint="pass --method rtn (round-to-nearest int4 for every expert and projection)")
+    if opts.method == "gptq":
+        from .layerwise import _gptqmodel
+
+        params = sum(_numel(src.shape(n)) for n in src.names())
+        if params > WHOLE_MODEL_PARAMS:  # deepseek_v2_gptq holds the float model whole
+            raise ConversionError(f"--method gptq is not supported for {shape.architecture} above {WHOLE_MODEL_PARAMS:,} "
+                                  f"parameters yet ({params:,})", hint="pass --method rtn (round-to-nearest int4, layer by layer)")
+        _gptqmodel()  # installed, or one line naming the extra
     if opts.dry_run:
         raise ConversionError(f"--dry-run is not supported for {shape.architecture} yet", hint="run the conversion itself")
     if "fp16" in opts.graphs:
@@ -181,11 +202,19 @@ def _numel(shape) -> int:
     return n
 
 
-def quantize(src, shape, opts) -> tuple[dict, dict]:
-    """-> (float weights {name: fp32 tensor}, {module: QuantizedLinear}) by round-to-nearest."""
+def quantize(src, shape, opts, calib=None, cfg=None, report=None) -> tuple[dict, dict]:
+    """-> (float weights {name: fp32 tensor}, {module: QuantizedLinear}) by round-to-nearest, or by GPTQ
+    (deepseek_v2_gptq) over the calibration windows, its expert coverage added to `report`."""
     weights = {n: src.get(n).float() for n in src.names()}
-    quantized = {n.removesuffix(".weight"): rtn(weights[n], opts.group_size)
-                 for i in range(shape.num_layers) for n in layer_names(shape, i) if is_quantized(n)}
+    if opts.method == "gptq":
+        from .deepseek_v2_gptq import gptq_mla, summary
+
+        quantized, stats = gptq_mla(weights, shape, cfg, routing(cfg), calib, opts)
+        if report is not None:
+            report["gptq"] = summary(stats)
+    else:
+        quantized = {n.removesuffix(".weight"): rtn(weights[n], opts.group_size)
+                     for i in range(shape.num_layers) for n in layer_names(shape, i) if is_quantized(n)}
     head = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
     if opts.lm_head_dtype == "int4":
         quantized["lm_head"] = rtn(weights[head], opts.group_size)
@@ -287,8 +316,9 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, **_) ->
     r = refuse_early(ck, shape, opts, src)
     inv_freq, rope_scale = rope_tables(ck.config)
     scale = attention_scale(ck.config, shape)
+    gptq_report: dict = {}
     with stages("quantize"):
-        weights, quantized = quantize(src, shape, opts)
+        weights, quantized = quantize(src, shape, opts, calib, ck.config, gptq_report)
     with staged_directory(output, overwrite=opts.overwrite) as tmp:
         with stages("export"):
             wsec, fp16_names, groups = write_weights(tmp / "model.weights", shape, weights, quantized)
@@ -299,7 +329,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, **_) ->
             for f in TOKENIZER_FILES:
                 (tmp / f).write_bytes((ck.path / f).read_bytes())
         quant_model = MLADecoder(shape, stored(weights, quantized), r, inv_freq, rope_scale, scale).eval()
-        report: dict = {}
+        report: dict = dict(gptq_report)
         if opts.verify:
             with stages("verify"):
                 report["onnx_vs_torch"] = accuracy.check_onnx(tmp / fname, quant_model, shape, calib.ids, seed=opts.seed)

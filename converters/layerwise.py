@@ -78,8 +78,7 @@ class GPTQLayers:
 
         self.ck, self.shape, self.src, self.opts, self.device = ck, shape, src, opts, device
         self.devices = tuple(opts.devices) if len(opts.devices) > 1 else (str(device),)
-        self.qc = gm.QuantizeConfig(bits=opts.bits, group_size=opts.group_size, sym=True, desc_act=False,
-                                    act_group_aware=opts.act_order == "act_group_aware", damp_percent=opts.damp_percent)
+        self.qc = quantize_config(gm, opts)
         self.hf_cfg = AutoConfig.for_model(**{k: v for k, v in ck.config.items() if k not in ("architectures", "transformers_version")})
         self.hf_cfg._attn_implementation = "sdpa"
         module = importlib.import_module(ck.arch.rotary.split(":")[0])
@@ -124,9 +123,6 @@ class GPTQLayers:
             return [_out(layer(x, **kw)) for x, kw in zip(xs, self._kw(dev))]
 
     def layer(self, i: int, xs: list[torch.Tensor]) -> tuple[dict[str, QuantizedLinear], list[torch.Tensor]]:
-        from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
-        from gptqmodel.quantization.gptq import GPTQ
-
         arch = self.ck.arch
         dev = self.device_for(i)
         xs = [x.to(dev, non_blocking=False) for x in xs]
@@ -136,11 +132,7 @@ class GPTQLayers:
             mods = {p: layer.get_submodule(f"{arch.attn if p in ATTN else arch.mlp}.{p}") for p in subset}
             tasks, hooks = {}, []
             for p, m in mods.items():
-                qc = clone_gptq_config_for_module(self.qc, arch.linear(i, p))
-                t = GPTQ(module=m, qcfg=qc)
-                t.fallback, t.expected_nsamples = qc.fallback, self.total_tokens
-                t.quantizer.configure(perchannel=True)
-                tasks[p] = t
+                tasks[p] = gptq_task(self.qc, arch.linear(i, p), m, self.total_tokens)
             for p, m in mods.items():
                 hooks.append(m.register_forward_hook(_hook(tasks[p], self)))
             try:
@@ -149,13 +141,35 @@ class GPTQLayers:
                 for h in hooks:
                     h.remove()
             for p, m in mods.items():
-                wq, scales, zeros, _g_idx, *_ = tasks[p].quantize()
-                tasks[p].free()
-                out[arch.linear(i, p)] = _integers(wq, scales, zeros, self.opts.group_size)
-                m.weight.data = wq
+                out[arch.linear(i, p)], m.weight.data = run_task(tasks[p], self.opts.group_size)
         nxt = self._forward(layer, xs, dev)
         del layer
         return out, nxt
+
+
+def quantize_config(gm, opts):
+    return gm.QuantizeConfig(bits=opts.bits, group_size=opts.group_size, sym=True, desc_act=False,
+                             act_group_aware=opts.act_order == "act_group_aware", damp_percent=opts.damp_percent)
+
+
+def gptq_task(qc, name: str, module, total_tokens: int):
+    """GPTQModel's GPTQ step for one linear, set up as its looper sets it up (per-module config, low-sample
+    fallback threshold relative to the calibration's total tokens)."""
+    from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
+    from gptqmodel.quantization.gptq import GPTQ
+
+    qc = clone_gptq_config_for_module(qc, name)
+    t = GPTQ(module=module, qcfg=qc)
+    t.fallback, t.expected_nsamples = qc.fallback, total_tokens
+    t.quantizer.configure(perchannel=True)
+    return t
+
+
+def run_task(task, group_size: int) -> tuple[QuantizedLinear, torch.Tensor]:
+    """-> (the integers, wq: the dequantized weights GPTQModel puts back in the layer)."""
+    wq, scales, zeros, _g_idx, *_ = task.quantize()
+    task.free()
+    return _integers(wq, scales, zeros, group_size), wq
 
 
 def _hook(task, owner):

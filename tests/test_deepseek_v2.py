@@ -95,11 +95,6 @@ def test_missing_expert_refused_before_quantizing(model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gptq_refused_with_one_line(model_dir, tmp_path):
-    with pytest.raises(ConversionError, match="--method gptq is not supported for DeepseekV2ForCausalLM"):
-        edge_sdk.convert(model_dir, tmp_path / "out", **(CONVERT | {"method": "gptq"}))
-
-
 # ---- the bundle ------------------------------------------------------------------------------------
 
 def test_every_projection_and_expert_int4_router_fp16(bundle):
