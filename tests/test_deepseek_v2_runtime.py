@@ -326,3 +326,19 @@ def test_tools_on_v2s_template_are_a_one_line_400(service):
     err = e.value.body
     assert err["param"] == "tools" and "has no tool-call format" in err["message"] and "\n" not in err["message"]
     assert r.choices[0].finish_reason in ("stop", "length")  # the daemon keeps serving
+
+
+def test_builtin_v2_renderer_equals_the_template_on_any_messages():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                     "content": st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)})
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(message, min_size=1, max_size=6), st.booleans())
+    def same(messages, prompt):
+        kw = dict(bos_token="<｜begin▁of▁sentence｜>", add_generation_prompt=prompt)
+        assert render_v2(messages, **kw) == render_template(DEEPSEEK_V2_TEMPLATE, messages, **kw)
+
+    same()
