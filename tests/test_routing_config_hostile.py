@@ -81,3 +81,18 @@ def test_any_json_number_is_honoured_or_refused():
         assert isinstance(r["norm_topk_prob"], bool) and r["n_group"] >= 1 and r["topk_group"] >= 1
 
     run()
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"n_routed_experts": 10 ** 12}, "n_routed_experts 1000000000000 is not an integer in \\[0, 4096\\]"),  # was: names for every expert built
+    ({"n_routed_experts": "8"}, "n_routed_experts '8' is not an integer"),  # was read as 8
+    ({"num_experts_per_tok": 2.5}, "num_experts_per_tok 2.5 is not an integer"),  # was read as 2
+    ({"moe_intermediate_size": True}, "moe_intermediate_size True is not an integer"),
+    ({"n_shared_experts": -1}, "n_shared_experts -1 is not an integer"),
+    ({"first_k_dense_replace": -1}, "first_k_dense_replace -1 is not an integer"),
+    ({"moe_layer_freq": "1"}, "moe_layer_freq '1' is not an integer"),
+])
+def test_hostile_expert_counts_are_one_line_before_any_name_is_listed(over, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        check(tiny_cfg(**over))
+    assert "\n" not in str(e.value) and e.value.hint
