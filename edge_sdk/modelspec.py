@@ -116,7 +116,7 @@ def load_config(path: str | Path) -> tuple[dict, Path]:
 def shape_from_config(cfg: dict, source: str = "config.json") -> ModelShape:
     archs = cfg.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else cfg.get("model_type")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:  # a list or object there: unhashable
         raise UnsupportedArchitectureError(
             f"{source}: architecture {arch!r} is not supported", hint=f"supported: {supported_architectures()}"
         )

@@ -96,3 +96,10 @@ def test_hostile_expert_counts_are_one_line_before_any_name_is_listed(over, word
     with pytest.raises(ConfigError, match=words) as e:
         check(tiny_cfg(**over))
     assert "\n" not in str(e.value) and e.value.hint
+
+
+@pytest.mark.parametrize("archs", [[["DeepseekV3ForCausalLM"]], [{}], [3], [None]])
+def test_an_architecture_that_is_not_a_name_is_one_line(archs):
+    with pytest.raises(ConfigError, match="is not supported") as e:
+        shape_from_config(tiny_cfg() | {"architectures": archs})
+    assert "\n" not in str(e.value)
