@@ -180,6 +180,9 @@ def load_config(path: str | Path | None) -> ServeConfig:
         raise ConfigError(f"config file {p} does not exist", hint="pass --config with an existing file; the default is jetson/edge-sdk.toml") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, or not UTF-8 text
+        raise ConfigError(f"config file {p} cannot be read ({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc})",
+                          hint="pass --config a readable UTF-8 TOML file") from None
     return parse_config(raw, str(p))
 
 
