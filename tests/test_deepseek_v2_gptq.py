@@ -221,3 +221,13 @@ def test_gptq_above_the_whole_model_limit_refused_with_one_line(model_dir, tmp_p
     with pytest.raises(ConversionError, match="--method gptq is not supported for DeepseekV2ForCausalLM above 1,000 parameters"):
         edge_sdk.convert(model_dir, tmp_path / "out", **CONVERT)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_summary_says_how_many_experts_are_round_to_nearest(converted, model_dir, tmp_path, monkeypatch, capsys):
+    from edge_sdk.cli.main import main
+
+    summary = converted[1]
+    monkeypatch.setattr(edge_sdk, "convert", lambda *a, **k: summary | {"accuracy": summary["accuracy"] | {
+        "gptq": summary["accuracy"]["gptq"] | {"gptq_routed_experts": 6, "rtn_fallback_experts": 2}}})
+    assert main(["convert", str(model_dir), "-o", str(tmp_path / "out")]) == 0
+    assert "experts       6 routed experts by GPTQ, 2 round-to-nearest" in capsys.readouterr().out

@@ -74,6 +74,10 @@ def run(args) -> int:
         print(f"  onnx check    max |logit diff| {acc['onnx_vs_torch']['max_abs_logit_diff']:.2e}, greedy tokens equal")
     print(f"  accuracy      ppl {acc['ppl_float']:.3f} -> {acc['ppl_quant']:.3f} ({acc['ppl_increase_percent']:+.2f}%), "
           f"top-1 agreement {acc['top1_agreement'] * 100:.1f}% on {acc['eval_tokens']} tokens")
+    if "gptq" in acc:  # MoE: routed experts without enough calibration tokens are round-to-nearest
+        g = acc["gptq"]
+        print(f"  experts       {g['gptq_routed_experts']} routed experts by GPTQ, {g['rtn_fallback_experts']} round-to-nearest "
+              "(fewer than 0.5% of the calibration tokens reached them)")
     print("  time          " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
     print(f"  peak memory   {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     if summary.get("layer_seconds"):
