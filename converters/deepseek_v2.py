@@ -70,8 +70,9 @@ def _flag(cfg: dict, key: str, defaults: dict) -> bool:
 
 
 def _arch(cfg: dict) -> str:
-    name = (cfg.get("architectures") or [ARCH])[0]
-    return name if name in ROUTING else ARCH
+    archs = cfg.get("architectures")  # read as modelspec.shape_from_config reads it
+    name = archs[0] if isinstance(archs, list) and archs else cfg.get("model_type")
+    return name if isinstance(name, str) and name in ROUTING else ARCH
 
 
 def check_config(cfg: dict, s, source: str = "config.json") -> dict:

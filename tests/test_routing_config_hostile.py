@@ -103,3 +103,12 @@ def test_an_architecture_that_is_not_a_name_is_one_line(archs):
     with pytest.raises(ConfigError, match="is not supported") as e:
         shape_from_config(tiny_cfg() | {"architectures": archs})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("archs", ["DeepseekV3ForCausalLM", {"x": 1}, 5])
+def test_routing_follows_the_architecture_the_shape_was_read_as(archs):
+    from edge_sdk.converters.deepseek_v2 import ROUTING, routing
+
+    cfg = tiny_cfg() | {"architectures": archs, "model_type": "DeepseekV3ForCausalLM"}
+    assert shape_from_config(cfg).architecture == "DeepseekV3ForCausalLM"
+    assert check(cfg) == routing(cfg) and check(cfg)["topk_method"] in ROUTING["DeepseekV3ForCausalLM"]["topk_method"]
