@@ -151,3 +151,19 @@ def test_the_configured_k_is_where_a_requests_speculation_starts(section, asked,
     got = sch.speculation_for(SpecRequest(asked))
     assert (got.k, got.prompt_lookup) == (k, True) and got.k_max >= k
     assert sch.speculation_for(SpecRequest(asked, k=2)).k == 2
+
+
+@pytest.mark.parametrize("prompt", [b"a", b"ab", b"abababab"])
+def test_an_ngram_longer_than_the_prompt_and_the_largest_k(prompt):
+    from edge_sdk.runtime.server.requests import SpecRequest
+
+    model, state, sch = _served(lookup=True)
+    spec = sch.speculation_for(SpecRequest("prompt_lookup", k=16, ngram=8))
+    sch.start()
+    try:
+        r = _run(sch, prompt, SamplingParams(max_tokens=40, temperature=0, speculative=SpecRequest("prompt_lookup", k=16, ngram=8)))
+    finally:
+        sch.stop()
+    assert (spec.k, spec.ngram) == (16, 8)
+    assert (_text(r), r.finish_reason) == reference_completion(list(prompt), 40)
+    assert model.broken == [] and model.seqs == {} and state.memory.stats()["kv_blocks_used"] == 0
