@@ -160,7 +160,7 @@ def compare(args, src: Path, out: Path, cmd: list[str]) -> int:
     total_p, total_m = dry["predicted"]["seconds"], sum(real["seconds"].values())
     print(json.dumps({"config": args.config, "layers": args.layers, "method": args.method, "cpus": os.cpu_count(),
                       "dry_run": {"loadavg_before": round(load0, 2), "loadavg_after": round(load1, 2),
-                                  "stage_seconds": dry["seconds"], "predicted": dry["predicted"]},
+                                  "cpu_per_wall": dry.get("cpu_per_wall"), "stage_seconds": dry["seconds"], "predicted": dry["predicted"]},
                       "stages": rows, "predicted_s": total_p, "measured_s": round(total_m, 1),
                       "error_percent": round(100 * (total_p - total_m) / total_m, 1),
                       "layer_seconds": real.get("layer_seconds"), "peak_rss_gib": round(real["peak_rss_bytes"] / 2**30, 2)}, indent=2))

@@ -241,6 +241,7 @@ def dry_run(ck, shape, output, opts, stages, *, calib, eval_tokens: int | None =
     """eval_tokens: how many held-out tokens there are (the evaluation uses at most --eval-tokens of them)."""
     from .streamed_convert import gpu_memory_errors, peak_rss, resolve_device
 
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     device = resolve_device(opts)
     check_groups(shape, ck.arch, opts.group_size)
     src = TensorSource(ck.path, ck.safetensors)
@@ -318,4 +319,6 @@ def dry_run(ck, shape, output, opts, stages, *, calib, eval_tokens: int | None =
     predicted["disk_bytes"] = predicted["bundle_weight_bytes"] + predicted["work_dir_bytes"]
     return {"dry_run": True, "source": str(ck.path), "output": str(output), "work_dir": str(work_path), "device": str(device),
             "layers": n, "measured_layer": i, "predicted": predicted, "seconds": stages.seconds, "peak_rss_bytes": peak_rss(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+            # CPU seconds per wall second while measuring: lower than usual means other work slowed the measurement
+            "cpu_per_wall": round((time.process_time() - cpu0) / (time.perf_counter() - wall0), 2)}
