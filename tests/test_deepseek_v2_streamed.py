@@ -79,3 +79,31 @@ def test_gptq_above_the_limit_refused_before_quantizing(model_dir, tmp_path):
     with pytest.raises(ConversionError, match="--method gptq is not supported for DeepseekV2ForCausalLM"):
         convert(model_dir, tmp_path / "out", True, method="gptq", work_dir=str(tmp_path / "work"))
     assert not (tmp_path / "out").exists() and not any((tmp_path / "work").glob("layer-*"))
+
+
+KILLED = """
+import sys
+from edge_sdk.converters import deepseek_v2
+deepseek_v2.WHOLE_MODEL_PARAMS = 0
+import edge_sdk
+s = edge_sdk.convert(sys.argv[1], sys.argv[2], work_dir=sys.argv[3], method="rtn", nsamples=4, seqlen=64, progress=False)
+print(sorted(s["layer_seconds"]))
+"""
+
+
+def test_kill_9_after_a_layer_then_the_same_call_gives_the_whole_model_bytes(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out, work = tmp_path / "b", tmp_path / "w"
+    cmd = [sys.executable, "-c", KILLED, str(model_dir), str(out), str(work)]
+    env = os.environ | {"EDGE_SDK_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(cmd, env=env | {"EDGE_SDK_CONVERT_KILL_AFTER_LAYER": "1"}, capture_output=True, text=True)
+    assert r.returncode == -9 and not out.exists()
+    assert sorted(p.name for p in work.glob("layer-*.safetensors")) == ["layer-0000.safetensors", "layer-0001.safetensors"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[2]"  # layers 0 and 1 came from the work directory
+    convert(model_dir, tmp_path / "whole", False)
+    assert (out / "model.weights").read_bytes() == (tmp_path / "whole" / "model.weights").read_bytes()
