@@ -2,7 +2,8 @@
 
   lookup  prompt lookup on a code-editing workload: the trained tiny Qwen2 (scripts/train_tiny.py, RTN int4)
           is given a held-out Python excerpt, an instruction to copy it with one identifier renamed, and
-          the first lines of that copy; it decodes the rest.
+          the first lines of that copy; it decodes the rest. The same for the model of the same shape
+          trained to copy (scripts/train_tiny.py --size copy, or --lookup-target DIR) when it is there.
   pair    a draft/target pair trained on the same corpus and tokenizer: the tiny model drafts for the
           larger one (scripts/train_tiny.py --size large), on held-out text.
   verify  the cost of checking k = 1..8 draft tokens in one forward (k + 1 tokens) as a ratio to a
@@ -79,18 +80,37 @@ def side_by_side(model, prompts: list[str], new_tokens: int, spec, repeats: int)
             "prompts": len(prompts), "new_tokens": new_tokens, "repeats": repeats}
 
 
-def part_lookup(work: Path, args) -> dict:
-    from train_tiny import DEFAULT_OUT, corpus_text
+def lookup_targets(args) -> list[Path]:
+    """The default tiny model, and the copy-trained one (or --lookup-target) when it is there."""
+    from train_tiny import COPY_OUT, DEFAULT_OUT
 
-    model = load(rtn_bundle(DEFAULT_OUT, work / "tiny-rtn"))
-    prompt, _ = code_edit_prompt(corpus_text("eval"))
+    extra = args.lookup_target or COPY_OUT
+    if args.lookup_target and not (extra / "model.safetensors").is_file():
+        raise SystemExit(f"--lookup-target {extra}: no model.safetensors there; give a trained model directory "
+                         "(python scripts/train_tiny.py --size copy writes one)")
+    return [DEFAULT_OUT] + ([extra] if (extra / "model.safetensors").is_file() else [])
+
+
+def part_lookup(work: Path, args) -> dict:
+    import hashlib
+
+    from train_tiny import corpus_text
+
+    prompt, expected = code_edit_prompt(corpus_text("eval"))
+    excerpt = prompt.split("\n\n# The same code")[0]
+    r = {"excerpt_in_training_text": excerpt in corpus_text("train")}  # False: the prompt is held-out text
     spec = {"prompt_lookup": True, "k": 4}
-    r = {"code_edit": side_by_side(model, [prompt], args.new_tokens, spec, args.repeats)}
-    r["code_edit"]["prompt_tokens"] = len(model.tokenizer.encode(prompt))
-    # a model this small does not copy: the upper bound puts its own greedy continuation in the prompt
-    # first (as a model that copies the source would produce it), then asks again
-    own = model.generate(prompt, max_new_tokens=args.new_tokens, speculative=False, ignore_eos=True).text
-    r["output_in_prompt"] = side_by_side(model, [prompt + own + "\n\n" + prompt], args.new_tokens, spec, args.repeats)
+    for target in lookup_targets(args):
+        tag = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()[:10]
+        model = load(rtn_bundle(target, work / f"{target.name}-{tag}-rtn"))
+        row = r[target.name] = {"code_edit": side_by_side(model, [prompt], args.new_tokens, spec, args.repeats)}
+        row["code_edit"]["prompt_tokens"] = len(model.tokenizer.encode(prompt))
+        own = model.generate(prompt, max_new_tokens=args.new_tokens, speculative=False, ignore_eos=True).text
+        # how much of the edited copy the model's own greedy continuation reproduces, in characters
+        row["code_edit"]["copied_chars"] = next((i for i, (a, b) in enumerate(zip(own, expected)) if a != b), min(len(own), len(expected)))
+        # the upper bound for a model that does not copy: its own greedy continuation placed in the
+        # prompt first (as a model that copies the source would produce it), then asked again
+        row["output_in_prompt"] = side_by_side(model, [prompt + own + "\n\n" + prompt], args.new_tokens, spec, args.repeats)
     return r
 
 
@@ -153,6 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/edge-sdk-bench-spec"))
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lookup-target", type=Path, default=None,
+                    help="a trained model directory measured by `lookup` beside the default tiny model "
+                         "(default: scripts/train_tiny.py --size copy's, when trained)")
     ap.add_argument("--verify-bundle", type=Path, default=Path("/tmp/bench-1.5b/bundle"))
     ap.add_argument("--verify-repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
