@@ -13,7 +13,7 @@ weights cannot. A few minutes on one CPU core.
     python scripts/train_tiny.py --check      # exit 0 when the cached model is current
     python scripts/train_tiny.py --size large # hidden 384, 4 layers, same tokenizer: a target for the
                                               # default model as speculative draft (tiny-trained-qwen2-large/)
-    python scripts/train_tiny.py --size copy  # the default shape and tokenizer, trained with a copy mix: 3 in 4
+    python scripts/train_tiny.py --size copy  # the default shape and tokenizer, trained with a copy mix: 3 in 4 of
                                               # the windows repeat a span (tiny-trained-qwen2-copy/), so the
                                               # model continues a repeat, as prompt lookup needs
 """
