@@ -41,9 +41,7 @@ def test_serve_pages_when_the_weights_exceed_the_budget(deep_bundle):  # noqa: F
 
 def test_serve_budget_from_the_config_file_and_the_command_line():
     assert parse_config({"memory": {"weights_budget": "50%"}}).memory.weights_budget == "50%"
+    from edge_sdk.cli.main import build_parser
 
-    class Args:
-        bundle = key = emulate = root = host = port = api_key = max_batch = context = when_full = None
-        memory_budget = "3000000000"
-
-    assert ServeConfig().with_overrides(**overrides(Args())).memory.weights_budget == "3000000000"
+    args = build_parser().parse_args(["serve", "--memory-budget", "3000000000"])  # every flag serve has
+    assert ServeConfig().with_overrides(**overrides(args)).memory.weights_budget == "3000000000"
