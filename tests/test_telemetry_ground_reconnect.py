@@ -183,3 +183,34 @@ def test_command_sent_across_an_outage_runs_once_and_its_replay_is_refused(tmp_p
         assert handler.executed == 1  # the stored result, not a second run
     ground.close()
     assert ground.stats.reconnects == 2
+
+
+def test_a_port_closed_by_a_failed_write_during_a_read_does_not_stop_the_ground(tmp_path):
+    """pyserial's read on a port another thread closed raises TypeError (its fd is None): the ground's
+    loop must take it as the outage the writer already reported, then reopen."""
+    opened = []
+
+    class Port:
+        in_waiting = 0
+
+        def __init__(self):
+            opened.append(self)
+
+        def read(self, n):
+            if len(opened) == 1:  # the writer notices the dead line while this read waits
+                ground._lost(self, OSError("write failed"))
+                self.fd = None
+                return os.read(self.fd, n)
+            return b""
+
+        def write(self, data):
+            return len(data)
+
+        def close(self):
+            pass
+
+    ground = GroundStation("loop://", KEY, tmp_path / "out.jsonl", port_factory=lambda url: Port())
+    ground.poll()  # raised TypeError before: the ground's thread died and every later command timed out
+    ground._retry_at = 0
+    ground.poll()
+    assert len(opened) == 2 and ground.stats.reconnects == 1

@@ -132,6 +132,10 @@ class GroundStation:
         except _PORT_ERRORS as exc:
             self._lost(port, exc)
             return
+        except (TypeError, AttributeError, ValueError):
+            if self._port is port:
+                raise
+            return  # a write on another thread found the port dead and closed it under this read
         if data:
             self.handle_bytes(data)
 
