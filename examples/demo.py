@@ -67,13 +67,19 @@ def ask(url: str) -> None:
     step(f"chat request to {url}/v1/chat/completions (model {model})")
     r = client.chat.completions.create(model=model, messages=question, max_tokens=32, temperature=0)
     print(f"reply ({r.choices[0].finish_reason}, {r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} generated tokens):")
-    print("  " + repr(r.choices[0].message.content))
+    msg = r.choices[0].message
+    reasoning = getattr(msg, "reasoning_content", None) or ""  # DeepSeek's field: the text inside <think>
+    print(f"  reasoning_content: {reasoning[:80]!r}{' ...' if len(reasoning) > 80 else ''}")
+    print(f"  content: {msg.content!r}")
     step("the same request, streamed")
-    parts = []
+    parts, thought = [], []
     for chunk in client.chat.completions.create(model=model, messages=question, max_tokens=32, temperature=0, stream=True):
-        if chunk.choices and chunk.choices[0].delta.content:
-            parts.append(chunk.choices[0].delta.content)
-    print(f"  {len(parts)} chunks, identical to the reply: {''.join(parts) == r.choices[0].message.content}")
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            thought.append(getattr(delta, "reasoning_content", None) or "")
+            parts.append(delta.content or "")
+    same = "".join(parts) == (msg.content or "") and "".join(thought) == reasoning
+    print(f"  {sum(1 for p, t in zip(parts, thought) if p or t)} chunks, identical to the reply: {same}")
 
 
 def default_dir() -> Path:
