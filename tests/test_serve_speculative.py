@@ -92,6 +92,14 @@ def test_a_missing_draft_is_one_line_before_anything_loads(tmp_path, capsys):
     assert "draft bundle" in err and "is not a directory" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_an_empty_draft_path_is_refused_by_the_flag(tmp_path, capsys, command):
+    argv = ["serve", "--bundle", str(tmp_path)] if command == "serve" else ["run", str(tmp_path), "--prompt", "x"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--draft", ""])
+    assert exc.value.code == 2 and "--draft: an empty path" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("raw, says", [
     ({"draft": "/d", "prompt_lookup": True}, "exclude each other"), ({"k": 0}, "speculative.k 0 is outside 1-16"),
     ({"k": 17}, "outside 1-16"), ({"prompt_lookup": 1}, "must be a bool"), ({"ngram": 3}, "unknown key"),

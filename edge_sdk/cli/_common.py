@@ -25,6 +25,13 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def bundle_path(text: str) -> str:
+    """argparse type: a non-empty path (an empty --draft would silently mean no draft)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; pass the bundle directory")
+    return text
+
+
 def int_at_least(low: int):
     """argparse type: an integer >= low, checked before any work starts (argparse names the flag)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import int_at_least, number_in, print_json
+from ._common import bundle_path, int_at_least, number_in, print_json
 
 
 def _load_options(p) -> None:
@@ -21,7 +21,7 @@ def _load_options(p) -> None:
     p.add_argument("--max-seq-len", type=int_at_least(2), help="KV capacity per sequence (tokens)")
     p.add_argument("--key", help="trusted ed25519 public key: the bundle's signature must verify")
     p.add_argument("--board", help="board the bundle runs on (checked against the bundle)")
-    p.add_argument("--draft", metavar="BUNDLE", help="speculate with this smaller bundle (same tokenizer)")
+    p.add_argument("--draft", metavar="BUNDLE", type=bundle_path, help="speculate with this smaller bundle (same tokenizer)")
     p.add_argument("--prompt-lookup", action="store_true", help="speculate with n-grams copied from the prompt")
     p.add_argument("--spec-k", type=int_at_least(1), default=4, help="draft tokens per speculative step (adapts from here)")
     p.add_argument("--memory-budget", metavar="BYTES|PERCENT",

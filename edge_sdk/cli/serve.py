@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ._common import bundle_path
 from .main import add_device_options
 
 
@@ -23,7 +24,7 @@ def register(sub) -> None:
                    help="memory for weights (memory.weights_budget); over it layers stream from storage")
     p.add_argument("--when-full", choices=("wait", "reject"), help="a request that does not fit now waits or gets 503")
     spec = p.add_mutually_exclusive_group()
-    spec.add_argument("--draft", metavar="BUNDLE", help="speculative decoding with this smaller bundle (same tokenizer) "
+    spec.add_argument("--draft", metavar="BUNDLE", type=bundle_path, help="speculative decoding with this smaller bundle (same tokenizer) "
                       "while one request runs ([speculative] draft)")
     spec.add_argument("--prompt-lookup", action="store_true", default=None,
                       help="speculative decoding with n-grams copied from the prompt while one request runs ([speculative] prompt_lookup)")
