@@ -108,9 +108,12 @@ def gptqmodel_checkpoint(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("gptqmodel") / "qwen2-gptq"
     calib = calib_windows(src, 4, 64)
     qc = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, act_group_aware=True, damp_percent=0.05)
+    from edge_sdk.converters.gptq import _stats_in
+
     m = GPTQModel.load(str(src), qc, device="cpu", dtype=torch.float32)
-    m.quantize([{"input_ids": torch.tensor([i]), "attention_mask": torch.ones(1, len(i), dtype=torch.long)} for i in calib.ids],
-               batch_size=1, calibration_sort=None)
+    with _stats_in(out.parent / "stats"):  # GPTQModel's per-layer log, not logs/ in the working directory
+        m.quantize([{"input_ids": torch.tensor([i]), "attention_mask": torch.ones(1, len(i), dtype=torch.long)} for i in calib.ids],
+                   batch_size=1, calibration_sort=None)
     m.save(str(out))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / f, out / f)
