@@ -110,6 +110,14 @@ GATE_HINT = ("use more or more representative calibration data (--calib, --nsamp
              "or --lm-head-dtype fp16")
 
 
+def settle(report: dict, opts, reference: str = "float checkpoint") -> None:
+    """Record what the report was measured against and the limits asked for, then apply the gate."""
+    report["reference"] = reference
+    report["max_ppl_increase_percent"] = opts.max_ppl_increase
+    report["min_top1_agreement"] = opts.min_top1_agreement
+    gate(report, opts.max_ppl_increase, opts.min_top1_agreement)
+
+
 def gate(report: dict, max_ppl_increase: float | None, min_top1_agreement: float | None) -> None:
     """Refuse a conversion whose accuracy report is past either limit (None: no limit)."""
     rise, top1 = report["ppl_increase_percent"], report["top1_agreement"]

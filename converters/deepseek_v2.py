@@ -340,10 +340,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, **_) ->
             float_model = MLADecoder(shape, weights, r, inv_freq, rope_scale, scale).eval()
             report |= accuracy.report(accuracy.nll(float_model, eval_tokens[: opts.eval_tokens], bos), quant_nll)
             del float_model
-        report["reference"] = "float checkpoint"
-        report["max_ppl_increase_percent"] = opts.max_ppl_increase
-        report["min_top1_agreement"] = opts.min_top1_agreement
-        accuracy.gate(report, opts.max_ppl_increase, opts.min_top1_agreement)
+        accuracy.settle(report, opts)
         with stages("package"):
             manifest = package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report, r)
     return manifest, report, {"weights": wsec, "routing": r}

@@ -207,10 +207,7 @@ def run(ck, shape, output, opts, stages, *, src, tk, calib, eval_tokens, bos, **
         with stages("accuracy"):
             quant_nll = nll(model("quant"), eval_tokens[: opts.eval_tokens], bos)
             report |= accuracy.report(nll(model("float"), eval_tokens[: opts.eval_tokens], bos), quant_nll)
-        report["reference"] = "float checkpoint"
-        report["max_ppl_increase_percent"] = opts.max_ppl_increase
-        report["min_top1_agreement"] = opts.min_top1_agreement
-        accuracy.gate(report, opts.max_ppl_increase, opts.min_top1_agreement)
+        accuracy.settle(report, opts)
         with stages("package"):
             manifest = package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report, r)
     if not opts.keep_work:

@@ -204,10 +204,7 @@ def _convert(model_dir, output, opts: ConvertOptions, stages: Stages) -> dict:
             report |= accuracy.report(accuracy.nll(float_model, eval_tokens[: opts.eval_tokens], bos), quant_nll)
             del float_model
         # an imported checkpoint has no float weights: its "float" side is the dequantized checkpoint
-        report["reference"] = "dequantized GPTQ checkpoint" if qr.section.get("imported") else "float checkpoint"
-        report["max_ppl_increase_percent"] = opts.max_ppl_increase
-        report["min_top1_agreement"] = opts.min_top1_agreement
-        accuracy.gate(report, opts.max_ppl_increase, opts.min_top1_agreement)
+        accuracy.settle(report, opts, "dequantized GPTQ checkpoint" if qr.section.get("imported") else "float checkpoint")
         with stages("package"):
             quantization = qr.section | {"lm_head_dtype": opts.lm_head_dtype if "lm_head" in quantized else "fp16",
                                          "embed_dtype": opts.embed_dtype}

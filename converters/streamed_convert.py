@@ -126,10 +126,7 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_fre
             quant_nll = nll(quant, eval_tokens[: opts.eval_tokens], bos)
             flt = StreamedModel("float", src, work, shape, ck.arch, opts, inv_freq, rope_scale)
             report |= accuracy.report(nll(flt, eval_tokens[: opts.eval_tokens], bos), quant_nll)
-        report["reference"] = "float checkpoint"
-        report["max_ppl_increase_percent"] = opts.max_ppl_increase
-        report["min_top1_agreement"] = opts.min_top1_agreement
-        accuracy.gate(report, opts.max_ppl_increase, opts.min_top1_agreement)
+        accuracy.settle(report, opts)
         with stages("package"):
             manifest = _package(tmp, ck, shape, opts, calib, tk, graphs, wsec, report)
     if not opts.keep_work:
