@@ -15,6 +15,7 @@ onnx = pytest.importorskip("onnx")
 import edge_sdk  # noqa: E402
 from edge_sdk.errors import ConfigError, ConversionError  # noqa: E402
 from edge_sdk.modelspec import shape_from_config  # noqa: E402
+from test_generation_e2e import runtime_greedy, torch_greedy  # noqa: E402,F401 (test_deepseek_v2_gptq imports them from here)
 
 PROMPTS = [[7], [5, 17, 42, 7, 99, 3, 64]]
 NEW = 8
@@ -22,10 +23,8 @@ CONVERT = dict(method="rtn", nsamples=4, seqlen=64, progress=False)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from edge_sdk.converters.tiny import build_model_dir
-
-    return build_model_dir(tmp_path_factory.mktemp("dsv2") / "model", "deepseek_v2", seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("deepseek_v2")
 
 
 @pytest.fixture(scope="module")
@@ -221,25 +220,6 @@ def stacked_experts(graph_path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def pair(model_dir, bundle):
     return edge_sdk.load(bundle, provider="cpu", accuracy_level=1, threads=1), reference_model(model_dir, bundle)
-
-
-def torch_greedy(hf, prompt, n):
-    import torch
-
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def runtime_greedy(model, prompts, n):
-    from edge_sdk.runtime.generate.generation import GenerationConfig, Generator
-
-    gen = Generator(model.backend, model.tokenizer, max_seq_len=64)
-    tokens = [[] for _ in prompts]
-    for c in gen.stream(prompts, GenerationConfig(max_new_tokens=n, ignore_eos=True)):
-        tokens[c.index].append(c.token_id)
-    return tokens
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["len1", "len7"])

@@ -38,10 +38,8 @@ def convert_spying(model_dir, out):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from edge_sdk.converters.tiny import build_model_dir
-
-    return build_model_dir(tmp_path_factory.mktemp("dsv2g") / "model", "deepseek_v2", seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("deepseek_v2")
 
 
 @pytest.fixture(scope="module")

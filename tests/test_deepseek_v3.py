@@ -18,6 +18,7 @@ onnx = pytest.importorskip("onnx")
 import edge_sdk  # noqa: E402
 from edge_sdk.errors import ConfigError, ConversionError  # noqa: E402
 from edge_sdk.modelspec import shape_from_config  # noqa: E402
+from test_generation_e2e import runtime_greedy, torch_greedy  # noqa: E402
 
 PROMPTS = [[7], [5, 17, 42, 7, 99, 3, 64]]
 NEW = 8
@@ -27,10 +28,8 @@ MOE_LAYERS = (1, 2)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from edge_sdk.converters.tiny import build_model_dir
-
-    return build_model_dir(tmp_path_factory.mktemp("dsv3") / "model", "deepseek_v3", seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("deepseek_v3")
 
 
 @pytest.fixture(scope="module")
@@ -269,23 +268,6 @@ def reference_model(model_dir, bundle):
 @pytest.fixture(scope="module")
 def pair(model_dir, bundle):
     return edge_sdk.load(bundle, provider="cpu", accuracy_level=1, threads=1), reference_model(model_dir, bundle)
-
-
-def torch_greedy(hf, prompt, n):
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def runtime_greedy(model, prompts, n):
-    from edge_sdk.runtime.generate.generation import GenerationConfig, Generator
-
-    gen = Generator(model.backend, model.tokenizer, max_seq_len=64)
-    tokens = [[] for _ in prompts]
-    for c in gen.stream(prompts, GenerationConfig(max_new_tokens=n, ignore_eos=True)):
-        tokens[c.index].append(c.token_id)
-    return tokens
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["len1", "len7"])
