@@ -28,13 +28,9 @@ from edge_sdk.paths import cache_dir
 
 def build(cfg_name: str, work: Path, layers: int | None, shard_bytes: int = 2 * 2**30) -> Path:
     """A sharded bf16 checkpoint with model.safetensors.index.json, written one tensor at a time."""
-    import torch
-    from safetensors.torch import save_file
-
     from edge_sdk.converters.archs import arch_for
     from edge_sdk.modelspec import shape_from_config
     from edge_sdk.converters.tensors import expected_shapes
-    from edge_sdk.converters.tiny import build_tokenizer, default_calibration_text, write_tokenizer
 
     d = work / (f"{cfg_name}-random" + (f"-{layers}l" if layers else ""))
     if (d / "model.safetensors.index.json").is_file():
@@ -54,8 +50,21 @@ def build(cfg_name: str, work: Path, layers: int | None, shard_bytes: int = 2 * 
     ordered[arch.final_norm] = names[arch.final_norm]
     if not shape.tie_word_embeddings:
         ordered[arch.lm_head] = names[arch.lm_head]
-    d.mkdir(parents=True, exist_ok=True)
     t = time.time()
+    write_random_checkpoint(d, cfg, ordered, shard_bytes)
+    print(f"built {d} in {time.time() - t:.0f}s", file=sys.stderr)
+    return d
+
+
+def write_random_checkpoint(d: Path, cfg: dict, ordered: dict, shard_bytes: int = 2 * 2**30) -> Path:
+    """A sharded bf16 checkpoint of random weights (norms near 1) with model.safetensors.index.json,
+    written one tensor at a time in `ordered`'s order, plus config.json and a small real tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edge_sdk.converters.tiny import build_tokenizer, default_calibration_text, write_tokenizer
+
+    d.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     weight_map, shard, size, k = {}, {}, 0, 0
 
@@ -83,7 +92,6 @@ def build(cfg_name: str, work: Path, layers: int | None, shard_bytes: int = 2 * 
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
     write_tokenizer(build_tokenizer([default_calibration_text()]), d)
-    print(f"built {d} in {time.time() - t:.0f}s", file=sys.stderr)
     return d
 
 

@@ -64,44 +64,15 @@ def tensor_shapes(s) -> dict[str, tuple[int, ...]]:
 
 def build(work: Path, layers: int, shard_bytes: int = 2 * 2**30) -> Path:
     """A sharded bf16 checkpoint with model.safetensors.index.json, written one tensor at a time."""
-    import torch
-    from safetensors.torch import save_file
+    from bench_convert import write_random_checkpoint
 
-    from edge_sdk.converters.tiny import build_tokenizer, default_calibration_text, write_tokenizer
     from edge_sdk.modelspec import shape_from_config
 
     d = work / f"deepseek-v2-lite-random-{layers}l"
     if (d / "model.safetensors.index.json").is_file():
         return d
     cfg = lite_config(layers)
-    d.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    weight_map, shard, size, k = {}, {}, 0, 0
-
-    def flush():
-        nonlocal shard, size, k
-        if shard:
-            k += 1
-            save_file(shard, str(d / f"model-{k:05d}.safetensors"), metadata={"format": "pt"})
-            weight_map.update({n: f"model-{k:05d}.safetensors" for n in shard})
-            shard, size = {}, 0
-
-    for name, shp in tensor_shapes(shape_from_config(cfg)).items():
-        x = torch.empty(shp, dtype=torch.bfloat16)
-        if "norm" in name:
-            x.copy_(1 + 0.1 * torch.randn(shp, generator=g))
-        else:
-            for a in range(0, shp[0], 4096):  # fp32 noise in row chunks
-                x[a:a + 4096] = 0.02 * torch.randn((min(4096, shp[0] - a), *shp[1:]), generator=g)
-        shard[name] = x
-        size += x.numel() * 2
-        if size >= shard_bytes:
-            flush()
-    flush()
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_tokenizer(build_tokenizer([default_calibration_text()]), d)
-    return d
+    return write_random_checkpoint(d, cfg, tensor_shapes(shape_from_config(cfg)), shard_bytes)
 
 
 def loadavg() -> float:
