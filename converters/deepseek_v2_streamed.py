@@ -11,6 +11,8 @@ Peak memory: one decoder layer in fp32 (an MoE layer's experts stacked once), ne
 
 from __future__ import annotations
 
+import functools
+
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,7 +52,7 @@ def quantize_layers(src, shape, opts, work: WorkDir, on_layer) -> dict[int, floa
     return seconds
 
 
-def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts) -> tuple[dict, set, dict]:
+def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts, lm_head=None) -> tuple[dict, set, dict]:
     """deepseek_v2.write_weights' file, one layer's int4 results in memory at a time."""
     w, fp16, groups = StreamWriter(path), set(), {}
     g = opts.group_size
@@ -91,7 +93,7 @@ def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts) ->
         del q
     half(arch.final_norm)
     if opts.lm_head_dtype == "int4":
-        _add_quant(w, "lm_head", lm_head_rtn(src, arch, shape, g))
+        _add_quant(w, "lm_head", lm_head() if lm_head else lm_head_rtn(src, arch, shape, g))
         groups["lm_head"] = SimpleNamespace(group_size=g)
     else:
         source = arch.lm_head if arch.lm_head in src else arch.embed
@@ -188,14 +190,15 @@ def run(ck, shape, output, opts, stages, *, src, tk, calib, eval_tokens, bos, **
         seconds = quantize_layers(src, shape, opts, work, LayerBar(stages, shape.num_layers))
     with staged_directory(output, overwrite=opts.overwrite) as tmp:
         with stages("export"):
-            wsec, fp16_names, groups = write_weights_streamed(tmp / "model.weights", src, work, shape, ck.arch, opts)
+            lm_head = functools.cache(lambda: lm_head_rtn(src, ck.arch, shape, opts.group_size))  # written, then verified
+            wsec, fp16_names, groups = write_weights_streamed(tmp / "model.weights", src, work, shape, ck.arch, opts, lm_head)
             fsync_path(tmp / "model.weights")
             small, stub = stub_weights(shape)
             graphs = export_graphs(tmp, ["fp32"], lambda _dtype: MLADecoder(small, stub, r, inv_freq, rope_scale, scale).eval(),
                                    shape, groups, fp16_names, wsec)
             for f in TOKENIZER_FILES:
                 (tmp / f).write_bytes((ck.path / f).read_bytes())
-        lm_q = lm_head_rtn(src, ck.arch, shape, opts.group_size) if opts.lm_head_dtype == "int4" else None
+        lm_q = lm_head() if opts.lm_head_dtype == "int4" else None
 
         def model(kind):
             return MLAStreamedModel(kind, src, work, shape, ck.arch, opts, inv_freq, rope_scale, r, scale, lm_q if kind == "quant" else None)

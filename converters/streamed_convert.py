@@ -7,6 +7,8 @@ enough to hold in fp32 · accuracy: streamed float and int4 models · package: m
 
 from __future__ import annotations
 
+import functools
+
 import resource
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,13 +110,14 @@ def run(ck, shape, output, opts, stages, *, tk, calib, eval_tokens, bos, inv_fre
              "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     with staged_directory(output, overwrite=opts.overwrite) as tmp:
         with stages("export"):
-            wsec, fp16_names, groups = write_weights_streamed(tmp / "model.weights", src, work, shape, ck.arch, opts)
+            lm_head = functools.cache(lambda: lm_head_rtn(src, ck.arch, shape, opts.group_size))  # written, then verified
+            wsec, fp16_names, groups = write_weights_streamed(tmp / "model.weights", src, work, shape, ck.arch, opts, lm_head)
             fsync_path(tmp / "model.weights")  # on disk within this stage, as --dry-run predicts it
             graphs = export_graphs(tmp, opts.graphs, lambda dtype: trace_stub(shape, ck.arch, inv_freq, rope_scale, dtype),
                                    shape, groups, fp16_names, wsec)
             for f in TOKENIZER_FILES:
                 (tmp / f).write_bytes((ck.path / f).read_bytes())
-        lm_q = lm_head_rtn(src, ck.arch, shape, opts.group_size) if opts.lm_head_dtype == "int4" else None
+        lm_q = lm_head() if opts.lm_head_dtype == "int4" else None
         report: dict = {}
         if opts.verify:
             with stages("verify"):

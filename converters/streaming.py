@@ -155,8 +155,9 @@ def lm_head_rtn(src, arch, shape, g: int):
     return QuantizedLinear(q, scales, g)
 
 
-def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts) -> tuple[dict, set, dict]:
-    """The bundle's weights file; returns the `weights` section, the fp16 names and {linear: group}."""
+def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts, lm_head=None) -> tuple[dict, set, dict]:
+    """The bundle's weights file; returns the `weights` section, the fp16 names and {linear: group}.
+    lm_head: () -> the int4 lm_head (the caller's cached lm_head_rtn, so verify reuses it), default computed here."""
     w = StreamWriter(path)
     fp16: set[str] = set()
     groups: dict[str, SimpleNamespace] = {}
@@ -182,7 +183,7 @@ def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts) ->
             groups[arch.linear(i, p)] = SimpleNamespace(group_size=opts.group_size)
     half(arch.final_norm, ends[arch.final_norm])
     if opts.lm_head_dtype == "int4":
-        _add_quant(w, "lm_head", lm_head_rtn(src, arch, shape, opts.group_size))
+        _add_quant(w, "lm_head", lm_head() if lm_head else lm_head_rtn(src, arch, shape, opts.group_size))
         groups["lm_head"] = SimpleNamespace(group_size=opts.group_size)
     elif arch.lm_head in src:
         half(arch.lm_head, ends[arch.lm_head], transpose=True)
