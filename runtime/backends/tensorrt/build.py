@@ -4,11 +4,18 @@ Written against TensorRT 10's Python API (`tensorrt.Builder`, `OnnxParser`, STRO
 networks, `IOptimizationProfile`, `ITimingCache`, `IBuilderConfig.set_memory_pool_limit`,
 `build_serialized_network`, `IProgressMonitor`). The `trt` module is passed in, so everything
 around the calls is tested here without TensorRT; the calls themselves run only on a device.
+
+DeepSeek-V2 / V3 bundles (MoE): the parser has no importer for the graph's com.microsoft QMoE, so the
+build parses a rewrite of that graph written into a scratch directory from the bundle's own weights
+(moe.py: one If per routed expert over 2-D INT4 DequantizeLinear -> Gemm); unverified on a device.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,6 +24,7 @@ from edge_sdk.errors import ConfigError, RuntimeBackendError
 
 from .. import engine_cache as ec
 from ..kv_cache import ModelIO
+from . import moe
 
 Shape = tuple[int, ...]
 
@@ -95,10 +103,35 @@ def check_bundle(manifest: dict, s: EngineBuildSettings, root: Path) -> str:
         raise ConfigError(f"{root}: INT4 group size {group}; TensorRT runs INT4 blocks of 64 or 128 only",
                           hint="convert the model again with --group-size 128 (or 64), or use provider='cpu'")
     entry = manifest["graphs"].get(s.graph)
+    if not entry and moe.is_moe(manifest) and s.graph == "fp16" and "fp32" in manifest["graphs"]:
+        return manifest["graphs"]["fp32"]["file"]  # MoE bundles carry the fp32 graph only; the routed experts run fp16 (moe.py)
     if not entry:
         raise ConfigError(f"{root}: the bundle has no {s.graph} graph (TensorRT runs INT4 weights with fp16 activations)",
                           hint="convert with --fp16-graph, or build with --graph fp32 (slower, fp32 activations)")
     return entry["file"]
+
+
+@contextmanager
+def _graph_to_parse(root: Path, manifest: dict, s: EngineBuildSettings, cache_root: Path, report: Callable[[str], None]):
+    """The graph file the parser reads: the bundle's own, or for an MoE bundle its TensorRT rewrite in a
+    scratch directory under cache_root that lasts until the engine is written."""
+    graph = check_bundle(manifest, s, root)
+    if not moe.is_moe(manifest):
+        yield root / graph, None
+        return
+    expert_dtype = "float16" if s.graph == "fp16" else "float32"
+    cache_root.mkdir(parents=True, exist_ok=True)
+    need, free = moe.scratch_bytes(manifest), shutil.disk_usage(cache_root).free
+    if need > free:
+        raise ConfigError(f"{cache_root}: the TensorRT build of this MoE bundle needs {need >> 20} MiB of scratch, {free >> 20} MiB free",
+                          hint="free space there, or pass --engine-cache on a larger disk")
+    scratch = Path(tempfile.mkdtemp(prefix=".moe-build-", dir=cache_root))
+    try:
+        report(f"rewriting {graph}'s routed experts for TensorRT ({need >> 20} MiB of INT4 experts into {scratch.name})")
+        yield moe.write_graph(root, graph, manifest, scratch, expert_dtype), {
+            "formulation": "If per routed expert, INT4 DequantizeLinear -> Gemm", "source_graph": graph, "activation_dtype": expert_dtype}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def engine_key(board: str, trt_version: str, bundle: Path, s: EngineBuildSettings) -> ec.EngineKey:
@@ -122,18 +155,9 @@ def _progress_monitor(trt, report: Callable[[str], None]):
     return Progress()
 
 
-def build_engine(bundle: str | Path, manifest: dict, board: str, trt, *, settings: EngineBuildSettings | None = None,
-                 cache_root: Path, force: bool = False, report: Callable[[str], None] = print) -> tuple[Path, bool]:
-    """Build (or find) the engine for this bundle, board and TensorRT; return (engine path, built now?)."""
-    s = settings or EngineBuildSettings()
-    root = Path(bundle)
-    io = ModelIO.from_manifest(manifest)
-    key = engine_key(board, trt.__version__, root, s)
-    cached = ec.lookup(cache_root, key)
-    if cached and not force:
-        report(f"engine up to date: {cached}")
-        return cached, False
-    graph = root / check_bundle(manifest, s, root)
+def _parse_and_build(trt, graph: Path, s: EngineBuildSettings, io: ModelIO, timing_path: Path, target: str,
+                     report: Callable[[str], None]) -> tuple[bytes, float]:
+    """The TensorRT calls: parse, profiles, workspace, timing cache, build -> (serialized engine, seconds)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # strongly typed: precision comes from the graph (fp16 activations, INT4 DequantizeLinear weights)
@@ -152,23 +176,38 @@ def build_engine(bundle: str | Path, manifest: dict, board: str, trt, *, setting
         for name, (lo, opt, hi) in prof.items():
             p.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(p)
-    timing_path = key.timing_cache(cache_root)
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.exists() else b"")
     config.set_timing_cache(timing, ignore_mismatch=False)
     monitor = _progress_monitor(trt, report)  # must outlive the build
     config.progress_monitor = monitor
-    report(f"building engine for {board} with TensorRT {trt.__version__} (this takes minutes)")
+    report(f"building engine for {target} (this takes minutes)")
     start = time.monotonic()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeBackendError("TensorRT failed to build the engine (see the TensorRT log above)",
                                   hint="lower --max-seq-len / --max-batch or raise --workspace-mb")
     ec.write_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized), round(time.monotonic() - start, 1)
+
+
+def build_engine(bundle: str | Path, manifest: dict, board: str, trt, *, settings: EngineBuildSettings | None = None,
+                 cache_root: Path, force: bool = False, report: Callable[[str], None] = print) -> tuple[Path, bool]:
+    """Build (or find) the engine for this bundle, board and TensorRT; return (engine path, built now?)."""
+    s = settings or EngineBuildSettings()
+    root = Path(bundle)
+    io = ModelIO.from_manifest(manifest)
+    key = engine_key(board, trt.__version__, root, s)
+    cached = ec.lookup(cache_root, key)
+    if cached and not force:
+        report(f"engine up to date: {cached}")
+        return cached, False
+    with _graph_to_parse(root, manifest, s, cache_root, report) as (graph, moe_experts):
+        serialized, seconds = _parse_and_build(trt, graph, s, io, key.timing_cache(cache_root), f"{board} with TensorRT {trt.__version__}", report)
     meta = {"tensorrt_version": trt.__version__, "board": board, "bundle": str(root.absolute()),
             "bundle_hash": key.bundle_hash, "settings": asdict(s), "graph": graph.name, "graph_kind": s.graph,
             "limits": limits(s), "profile_names": list(PROFILE_NAMES),
             "profiles": [{n: [list(x) for x in v] for n, v in p.items()} for p in profiles(s, io)],
-            "build_seconds": round(time.monotonic() - start, 1)}
+            "build_seconds": seconds} | ({"moe_experts": moe_experts} if moe_experts else {})
     path = ec.write_entry(cache_root, key, bytes(serialized), meta)
     report(f"engine written: {path} ({meta['build_seconds']} s)")
     return path, True

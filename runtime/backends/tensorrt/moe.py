@@ -51,6 +51,11 @@ def is_moe(manifest: dict) -> bool:
     return bool(manifest.get("architecture", {}).get("moe"))
 
 
+def scratch_bytes(manifest: dict) -> int:
+    """Bytes write_graph puts in its directory: the stacked experts (the only uint8 tensors), once."""
+    return sum(t["nbytes"] for t in manifest["weights"]["tensors"].values() if t["dtype"] == "uint8")
+
+
 def write_graph(bundle: Path, graph_file: str, manifest: dict, out: Path, expert_dtype: str = "float16") -> Path:
     """out/ gets the rewritten graph, the INT4 experts and model.weights (a link); returns the graph.
     expert_dtype: the experts' GEMM activations, float16 (the engine) or float32 (to check the
