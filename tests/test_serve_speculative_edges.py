@@ -167,3 +167,39 @@ def test_an_ngram_longer_than_the_prompt_and_the_largest_k(prompt):
     assert (spec.k, spec.ngram) == (16, 8)
     assert (_text(r), r.finish_reason) == reference_completion(list(prompt), 40)
     assert model.broken == [] and model.seqs == {} and state.memory.stats()["kv_blocks_used"] == 0
+
+
+class RightDraft:
+    """Proposes exactly the reference tokens: every draft token is accepted."""
+
+    def propose(self, history, k):
+        seq, out = list(history), []
+        for _ in range(k):
+            out.append(next_token(seq))
+            seq.append(out[-1])
+        return out, [None] * k
+
+    def commit(self, history):
+        pass
+
+
+@pytest.mark.parametrize("prompt, stop, steps, proposed, accepted", [
+    # "hi!" -> h (prefill) | step 1: drafts i q EOS x, the target takes i q EOS and the request ends on the EOS draft
+    (b"hi!", (), 1, 4, 3),
+    # "abcabcabc" -> v (prefill) | step 1: drafts q c u i, all taken, + q | step 2: drafts c u i q; c completes "iqc"
+    (b"abcabcabc", ("iqc",), 2, 8, 5),
+])
+def test_accepted_tokens_are_counted_when_a_request_ends_on_an_accepted_draft(prompt, stop, steps, proposed, accepted):
+    model, state, sch = _served(lookup=False)
+    model.draft_proposer = lambda sampling, capacity: RightDraft()
+    sch.speculative = SpeculativeConfig(k=4, adaptive=False, prompt_lookup=False)
+    sch.start()
+    try:
+        r = _run(sch, prompt, SamplingParams(max_tokens=40, temperature=0, stop=stop))
+    finally:
+        sch.stop()
+    assert r.finish_reason == "stop"
+    m = state.metrics
+    assert (m.spec_steps, m.spec_proposed, m.spec_accepted) == (steps, proposed, accepted)
+    assert f"edge_sdk_speculative_accepted_tokens_total {accepted}\n" in m.render({})
+    assert model.broken == [] and model.seqs == {}

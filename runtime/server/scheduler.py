@@ -383,16 +383,19 @@ class Scheduler:
         k = min(run.k.k, req.params.max_tokens - run.accept.accepted - 1)
         drafts, qs = run.proposer.propose(history, k) if k > 0 else ([], [])
         rows = self.model.verify(req.id, [run.last, *drafts])
-        taken = 0
+        taken = accepted = 0  # tokens this step produced; of them, draft tokens the target kept
         for i, row in enumerate(rows):
             draft, q = (drafts[i], qs[i]) if i < len(drafts) else (None, None)
             token = self._next(run, row, verify_pick(run.sampler.runtime, _NO_HISTORY, draft, q))
             taken += 1
-            if token is None or token != draft or req.id not in self._running:
+            if token is None or token != draft:
                 break
-        run.k.update(len(drafts), taken - 1)
+            accepted += 1  # counted before the end check: a request may end on an accepted draft token
+            if req.id not in self._running:
+                break
+        run.k.update(len(drafts), accepted)
         m = self.metrics
-        m.spec_steps, m.spec_proposed, m.spec_accepted = m.spec_steps + 1, m.spec_proposed + len(drafts), m.spec_accepted + taken - 1
+        m.spec_steps, m.spec_proposed, m.spec_accepted = m.spec_steps + 1, m.spec_proposed + len(drafts), m.spec_accepted + accepted
         if req.id in self._running:
             self.model.keep(req.id, taken)
         m.record_step(1, time.monotonic() - t0, tokens=taken)
