@@ -443,3 +443,40 @@ def test_the_grammar_compiler_is_built_once_in_the_background(bundle):
     assert structured._COMPILERS.get(bare) is None
     with pytest.raises(structured.BadRequest, match="no tokenizer"):
         structured.compiler_for(bare, "response_format")
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"regex": r"q[^\s\S]z"}, "regex", "matches nothing"),
+    ({"grammar": "start: (("}, "grammar", "does not compile"),
+    ({"json_schema": {"type": "object", "properties": {"m": {"type": "integer", "minimum": 9, "maximum": 1}}, "required": ["m"]}},
+     "json_schema", "unsatisfiable"),
+])
+def test_a_grammar_that_failed_to_build_is_refused_again_without_rebuilding(server, monkeypatch, body, param, words):
+    from edge_sdk.runtime.generate.constrain import GrammarCompiler
+
+    builds, build = [], GrammarCompiler._build
+    monkeypatch.setattr(GrammarCompiler, "_build", lambda self, c, grammar: builds.append(c) or build(self, c, grammar))
+    answers = [post(server.url + "/v1/chat/completions", {"messages": M, "max_tokens": 2, **body}) for _ in range(3)]
+    status, data = answers[0]
+    assert status == 400 and data["error"]["param"] == param and words in data["error"]["message"], data
+    assert "\n" not in data["error"]["message"] and answers == [answers[0]] * 3
+    assert len(builds) == 1
+
+
+def test_failed_grammars_are_remembered_within_the_cache_bound(model, monkeypatch):
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.runtime.generate import constrain
+
+    monkeypatch.setattr(constrain, "GRAMMAR_CACHE", 2)
+    compiler = constrain.GrammarCompiler.for_tokenizer(model.tokenizer, model.backend.io.vocab_size)
+    builds, build = [], compiler._build
+    monkeypatch.setattr(compiler, "_build", lambda c, grammar: builds.append(c.source) or build(c, grammar))
+    bad = [constrain.constraint(regex=f"{x}[^\\s\\S]") for x in "abc"]
+    for c in bad + bad[1:] + bad[:1]:  # a, b, c built; b, c remembered; a was dropped (the oldest) and is built again
+        with pytest.raises(ConfigError, match="matches nothing"):
+            compiler.matcher(c)
+    assert builds == [r"a[^\s\S]", r"b[^\s\S]", r"c[^\s\S]", r"a[^\s\S]"]
+    good = constrain.constraint(regex="[0-9]+")
+    compiler.matcher(good)
+    compiler.matcher(good)  # a grammar that built: its matcher is made from the cached grammar text each time
+    assert builds[-2:] == ["[0-9]+", "[0-9]+"]

@@ -21,7 +21,7 @@ import numpy as np
 from edge_sdk.errors import ConfigError, require
 
 DEAD_END = "grammar_dead_end"  # finish_reason when no token can continue the grammar
-GRAMMAR_CACHE = 64  # compiled grammars kept per tokenizer (JSON schemas repeat across requests)
+GRAMMAR_CACHE = 64  # compiled grammars kept per tokenizer (JSON schemas repeat across requests); as many failed ones
 # compact JSON with json.dumps' separators; a schema's own "x-guidance" options win
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edge-sdk-mask")
@@ -100,7 +100,8 @@ def _from_response_format(rf) -> Constraint | None:
 
 
 class GrammarCompiler:
-    """The tokenizer's llguidance view (built once per load: it is slow, docs/runtime.md) and a cache of checked grammars."""
+    """The tokenizer's llguidance view (built once per load: it is slow, docs/runtime.md), a cache of checked
+    grammars and one of grammars that failed to build (asked again, they fail with the same error, unbuilt)."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...], tokens: int | None = None):
         self._llg = require("llguidance", "runtime")
@@ -109,6 +110,7 @@ class GrammarCompiler:
         self.tokenizer = self._llg.LLTokenizer(tokenizer_json, eos_token=eos or None)
         self.vocab_size = max(vocab_size, self.tokenizer.vocab_size)  # logits may be padded past the tokenizer
         self._cache: OrderedDict[Constraint, str] = OrderedDict()
+        self._failed: OrderedDict[Constraint, ConfigError] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -125,9 +127,22 @@ class GrammarCompiler:
     def matcher(self, c: Constraint) -> "Matcher":
         """A fresh matcher for one sequence; ConfigError when the grammar does not compile or matches nothing."""
         with self._lock:
-            grammar = self._cache.get(c)
-            if grammar is not None:
-                self._cache.move_to_end(c)
+            failed, grammar = self._failed.get(c), self._cache.get(c)
+            for cache, hit in ((self._failed, failed), (self._cache, grammar)):
+                if hit is not None:
+                    cache.move_to_end(c)
+        if failed is not None:
+            raise ConfigError(failed.message, hint=failed.hint)
+        try:
+            m, grammar = self._build(c, grammar)
+        except ConfigError as exc:
+            self._remember(self._failed, c, exc)
+            raise
+        self._remember(self._cache, c, grammar)
+        return m
+
+    def _build(self, c: Constraint, grammar: str | None) -> tuple["Matcher", str]:
+        """A matcher for `c` from its checked grammar text, compiled and checked here when None."""
         if grammar is None:
             grammar = c.grammar()
             error = self._llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
@@ -137,11 +152,14 @@ class GrammarCompiler:
         m = Matcher(self._llg.LLMatcher(self.tokenizer, grammar, log_level=0), self.vocab_size, self.tokenizer.vocab_size)
         if not m.allowed().any() or m.dead:  # the first mask settles whether anything matches
             raise ConfigError(f"the {_NAMES[c.kind]} matches nothing the tokenizer can write", hint="check it accepts at least one string")
+        return m, grammar
+
+    def _remember(self, cache: OrderedDict, c: Constraint, value) -> None:
         with self._lock:
-            self._cache[c] = grammar
-            while len(self._cache) > GRAMMAR_CACHE:
-                self._cache.popitem(last=False)
-        return m
+            cache[c] = value
+            cache.move_to_end(c)
+            while len(cache) > GRAMMAR_CACHE:
+                cache.popitem(last=False)
 
 
 _NAMES = {"json": "JSON object format", "json_schema": "JSON schema", "regex": "regex", "lark": "grammar"}
