@@ -1,0 +1,646 @@
+"""Expert paging: a MoE bundle (DeepSeek-V2 / V3) under a memory budget below its weights.
+
+Resident: attention, routers, shared experts, dense layers, norms and lm_head (the graph's segments,
+moe_split.py); embedding rows are read per token. Routed experts are read from the weights file on
+demand into an expert cache, one onnxruntime session per expert (its int4 matrices prepacked by
+MatMulNBits, the fastest form onnxruntime's CPU provider computes them in), and dropped by the
+cache's policy:
+
+- `lru`: least recently used goes first (the baseline);
+- `lfu`: the expert used least often goes first, counts halved every `capacity` uses so the cache
+  follows a change of workload (ties: least recently used).
+
+Per MoE layer: the segment before it gives the routing weights; reads of the missing experts are
+issued at once (loader threads: read, then build), the cached ones compute meanwhile, each missing
+one computes when it arrives. Where the step is small (decode), the next MoE layer's experts are
+predicted by applying its router to the current hidden state and read ahead; a prediction that
+proves wrong costs a read and is dropped, never cached. Stats count hits, prefetch hits, misses and
+bytes read, so `bench` reports the hit rate and the storage bound the misses imply.
+
+`io="mmap"`: the naive baseline — every expert use builds its session from an mmap of the weights
+file, pages dropped after use, no cache and no read-ahead.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import logging
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.errors import BundleError, ConfigError, MemoryBudgetError, RuntimeBackendError, require
+from edge_sdk.paging_model import PAGE
+
+from ..backends.base import check_step
+from ..backends.fused.weights import EmbeddingRows
+from ..backends.kv_cache import KVCache, ModelIO
+from ..token_bucket import TokenBucket
+from .moe_split import EMBED, MoENode, MoESplit, split
+from .reader import READ_BURST, WeightsFile
+
+log = logging.getLogger("edge_sdk.runtime")
+
+EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
+POLICIES = ("lru", "lfu")
+PREFETCH_MAX_TOKENS = 4  # steps of up to this many tokens predict the next layer's experts (decode, speculation)
+ORT_ELEM = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_, 11: np.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertPagingOptions:
+    budget_bytes: int  # every weight the runtime holds: resident part + expert cache + reads in flight
+    read_bytes_per_s: float | None = None  # storage throttle (emulated boards); None = what the disk gives
+    policy: str = "lfu"
+    prefetch: bool = True
+    io: str = "reader"  # "reader" | "mmap" (the naive baseline)
+    loaders: int = 2  # threads that read and build experts
+    direct_io: bool = True
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ConfigError(f"expert cache policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.io not in ("reader", "mmap"):
+            raise ConfigError(f"paging io {self.io!r} is not 'reader' or 'mmap'")
+        if self.loaders < 1:
+            raise ConfigError(f"expert loaders must be >= 1, got {self.loaders}")
+
+
+# --- cache policies -------------------------------------------------------------------------------------------
+
+
+class LRUPolicy:
+    def __init__(self):
+        self.order: collections.OrderedDict = collections.OrderedDict()
+
+    def touch(self, key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def remove(self, key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, protected) -> object | None:
+        return next((k for k in self.order if k not in protected), None)
+
+
+class LFUPolicy:
+    """Least frequently used, with aging: every count is halved after `period` uses (so an expert that
+    was popular long ago does not stay forever); ties go to the least recently used."""
+
+    def __init__(self, period: int):
+        self.period = max(1, period)
+        self.count: dict = {}
+        self.last: dict = {}
+        self.clock = 0
+        self.heap: list = []
+
+    def touch(self, key) -> None:
+        self.clock += 1
+        self.count[key] = self.count.get(key, 0.0) + 1.0
+        self.last[key] = self.clock
+        heapq.heappush(self.heap, (self.count[key], self.clock, key))
+        if self.clock % self.period == 0:
+            for k in self.count:
+                self.count[k] /= 2
+            self._rebuild()
+        elif len(self.heap) > 4 * len(self.count) + 64:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.heap = [(c, self.last[k], k) for k, c in self.count.items()]
+        heapq.heapify(self.heap)
+
+    def remove(self, key) -> None:
+        self.count.pop(key, None)
+        self.last.pop(key, None)
+
+    def victim(self, protected) -> object | None:
+        held = []
+        found = None
+        while self.heap:
+            c, t, k = heapq.heappop(self.heap)
+            if self.count.get(k) != c or self.last.get(k) != t:
+                continue  # stale entry
+            if k in protected:
+                held.append((c, t, k))
+                continue
+            found = k
+            held.append((c, t, k))  # stays until remove()
+            break
+        for h in held:
+            heapq.heappush(self.heap, h)
+        return found
+
+
+def make_policy(name: str, capacity: int):
+    return LRUPolicy() if name == "lru" else LFUPolicy(capacity)
+
+
+class ExpertCache:
+    """At most `capacity` expert sessions, evicted by `policy`; keys are (layer, expert)."""
+
+    def __init__(self, capacity: int, policy: str):
+        self.capacity = capacity
+        self.policy = make_policy(policy, capacity)
+        self.entries: dict = {}
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key):
+        e = self.entries.get(key)
+        if e is not None:
+            self.policy.touch(key)
+        return e
+
+    def put(self, key, entry, protected=frozenset()) -> list:
+        """Insert (counted as a use); returns the evicted keys."""
+        evicted = []
+        while len(self.entries) >= self.capacity and key not in self.entries:
+            v = self.policy.victim(protected | {key})
+            if v is None:
+                break
+            self.entries.pop(v, None)
+            self.policy.remove(v)
+            evicted.append(v)
+        if len(self.entries) < self.capacity or key in self.entries:
+            self.entries[key] = entry
+            self.policy.touch(key)
+        return evicted
+
+
+# --- one expert: where it is in the weights file, its graph --------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """Byte ranges of expert e of one MoE layer: four slices of the layer's stacked tensors."""
+
+    spans: tuple[tuple[int, int, int], ...]  # (tensor offset, bytes per expert, dtype code) x 4
+    hidden: int
+    inter: int
+    block: int
+
+    def ranges(self, e: int) -> list[tuple[int, int]]:
+        return [(off + e * n, n) for off, n, _ in self.spans]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n, _ in self.spans)
+
+    @property
+    def held_bytes(self) -> int:
+        """What an expert costs in memory once built: int4 matrices, fp32 scales."""
+        (_, gq, _), (_, gs, _), (_, dq, _), (_, ds, _) = self.spans
+        return gq + 2 * gs + dq + 2 * ds
+
+
+def expert_layout(tensors: dict, m: MoENode, n_experts: int, where: str) -> ExpertLayout:
+    def spec(name, want_dtype, ndim):
+        t = tensors.get(name)
+        if t is None:
+            raise BundleError(f"{where}: the weights table has no {name}", hint="re-convert the model")
+        shape = [int(d) for d in t["shape"]]
+        if t["dtype"] != want_dtype or len(shape) != ndim or shape[0] != n_experts:
+            raise BundleError(f"{where}: {name} is {t['dtype']} {shape}, not the stacked {want_dtype} experts expected",
+                              hint="re-convert the model")
+        return int(t["offset"]), int(t["nbytes"]) // n_experts, shape
+
+    gq = spec(m.gate_up[0], "uint8", 3)
+    gs = spec(m.gate_up[1], "float16", 3)
+    dq = spec(m.down[0], "uint8", 3)
+    ds = spec(m.down[1], "float16", 3)
+    two_i, half_h = gq[2][1], gq[2][2]
+    hidden, inter = 2 * half_h, two_i // 2
+    if dq[2][1:] != [hidden, inter // 2] or gs[2][1:] != [two_i, hidden // m.block_size] or ds[2][1:] != [hidden, inter // m.block_size]:
+        raise BundleError(f"{where}: layer {m.layer}'s expert tensors do not agree in shape", hint="re-convert the model")
+    return ExpertLayout(spans=((gq[0], gq[1], 2), (gs[0], gs[1], 10), (dq[0], dq[1], 2), (ds[0], ds[1], 10)),
+                        hidden=hidden, inter=inter, block=m.block_size)
+
+
+def expert_graph(layout: ExpertLayout, accuracy_level: int, alpha: float, beta: float) -> bytes:
+    """x [N, hidden] -> y [N, hidden] = down(swiglu(gate_up(x))), gate/up rows interleaved as QMoE reads
+    them; swiglu(g, l) = g * sigmoid(alpha * g) * (l + beta) (onnxruntime's MoE activation)."""
+    onnx = require("onnx", "runtime")
+    h, i, blk = layout.hidden, layout.inter, layout.block
+    T, make = onnx.TensorProto, onnx.helper.make_node
+    nodes = [make("MatMulNBits", ["x", "gu.B", "gu.s"], ["h"], domain="com.microsoft", K=h, N=2 * i, bits=4,
+                  block_size=blk, accuracy_level=accuracy_level),
+             make("Reshape", ["h", "pairs"], ["hp"]),
+             make("Split", ["hp"], ["g", "l"], axis=-1, num_outputs=2)]
+    g = "g"
+    if alpha != 1.0:
+        nodes.append(make("Mul", ["g", "alpha"], ["ga"]))
+        g = "ga"
+    nodes += [make("Sigmoid", [g], ["sg"]), make("Mul", ["g", "sg"], ["act"])]
+    lin = "l"
+    if beta != 0.0:
+        nodes.append(make("Add", ["l", "beta"], ["lb"]))
+        lin = "lb"
+    nodes += [make("Mul", ["act", lin], ["m3"]), make("Reshape", ["m3", "flat"], ["m"]),
+              make("MatMulNBits", ["m", "dn.B", "dn.s"], ["y"], domain="com.microsoft", K=i, N=h, bits=4,
+                   block_size=blk, accuracy_level=accuracy_level)]
+    inits = [onnx.numpy_helper.from_array(np.array([0, i, 2], np.int64), "pairs"),
+             onnx.numpy_helper.from_array(np.array([0, i], np.int64), "flat"),
+             onnx.numpy_helper.from_array(np.array(alpha, np.float32), "alpha"),
+             onnx.numpy_helper.from_array(np.array(beta, np.float32), "beta")]
+    for name, dt, dims in (("gu.B", T.UINT8, [2 * i, h // blk, blk // 2]), ("gu.s", T.FLOAT, [2 * i * (h // blk)]),
+                           ("dn.B", T.UINT8, [h, i // blk, blk // 2]), ("dn.s", T.FLOAT, [h * (i // blk)])):
+        p = T(name=name, data_type=dt, dims=dims)
+        p.data_location = T.EXTERNAL  # given from memory (SessionOptions.add_initializer)
+        e = p.external_data.add()
+        e.key, e.value = "location", "model.weights"
+        inits.append(p)
+    graph = onnx.helper.make_graph(nodes, "expert", [onnx.helper.make_tensor_value_info("x", T.FLOAT, ["N", h])],
+                                   [onnx.helper.make_tensor_value_info("y", T.FLOAT, ["N", h])], initializer=inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)],
+                                   ir_version=10)
+    return model.SerializeToString()
+
+
+@dataclasses.dataclass
+class ExpertStats:
+    uses: int = 0  # expert computations (a token's k experts in k MoE layers: k * layers per decode token)
+    hits: int = 0  # found in the cache
+    prefetch_hits: int = 0  # found read ahead (in flight or done)
+    misses: int = 0  # read on demand
+    prefetch_issued: int = 0
+    prefetch_wasted: int = 0  # read ahead, not used by the layer it was predicted for
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    build_seconds: float = 0.0
+    wait_seconds: float = 0.0  # the computing thread waiting for an expert
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hit_rate"] = round(self.hits / self.uses, 4) if self.uses else None
+        d["served_without_wait_rate"] = round((self.hits + self.prefetch_hits) / self.uses, 4) if self.uses else None
+        return d
+
+
+class ExpertPagedBackend:
+    """The `Backend` interface over a MoE bundle whose weights exceed the memory budget."""
+
+    can_rollback = True  # host KV cache (kv_cache.KVCache): speculative decoding rolls it back
+    kv_copies = 2
+
+    def __init__(self, root: Path, manifest: dict, graph_path: Path, io: ModelIO, options: ExpertPagingOptions, *,
+                 threads: int, accuracy_level: int = 4):
+        self.ort = ort = require("onnxruntime", "runtime")
+        self.root, self.options, self.threads = Path(root), options, threads
+        weights = manifest.get("weights") or {}
+        self.tensors = weights.get("tensors") or {}
+        where = str(self.root)
+        self.split: MoESplit = split(graph_path, where)
+        moe_cfg = (manifest.get("architecture") or {}).get("moe") or {}
+        self.n_experts = int(moe_cfg.get("n_routed_experts") or 0)
+        if self.n_experts < 1:
+            raise BundleError(f"{where}: the manifest does not say how many routed experts the model has", hint="re-convert the model")
+        self.moe = self.split.moe
+        self.layouts = [expert_layout(self.tensors, m, self.n_experts, where) for m in self.moe]
+        lay = self.layouts[0]
+        if any((x.hidden, x.inter, x.block) != (lay.hidden, lay.inter, lay.block) for x in self.layouts):
+            raise BundleError(f"{where}: the MoE layers' experts differ in shape", hint="run the bundle without --memory-budget")
+        k = max(m.k for m in self.moe)
+        # budget: resident tensors (all but the routed experts and the embedding table) + cache + reads in flight
+        expert_names = {n for m in self.moe for n in (*m.gate_up, *m.down)}
+        self.resident_bytes = sum(int(t["nbytes"]) for n, t in self.tensors.items() if n not in expert_names and n != EMBED)
+        self.entry_bytes = lay.held_bytes
+        self.in_flight = 0 if options.io == "mmap" else max(k, 2 * options.loaders)
+        # demand reads and read-ahead in flight: each a read buffer and a session being built
+        room = options.budget_bytes - self.resident_bytes - 2 * self.in_flight * (lay.held_bytes + lay.nbytes)
+        self.capacity = 0 if options.io == "mmap" else room // self.entry_bytes
+        total = len(self.moe) * self.n_experts
+        if options.io != "mmap" and self.capacity < k:
+            need = self.resident_bytes + k * self.entry_bytes + 2 * self.in_flight * (lay.held_bytes + lay.nbytes)
+            raise MemoryBudgetError(f"a memory budget of {options.budget_bytes:,} bytes leaves room for {max(self.capacity, 0)} "
+                                    f"routed experts beside the {self.resident_bytes:,} resident bytes; a token needs {k}",
+                                    hint=f"raise the memory budget to at least {need:,} bytes")
+        self.capacity = min(self.capacity, total)
+
+        so = self._options(accuracy_level)
+        so.add_session_config_entry(EXTERNAL_DIR_KEY, str(self.root.absolute()))
+        try:
+            self.segments = [ort.InferenceSession(s.model, so, providers=["CPUExecutionProvider"]) for s in self.split.segments]
+        except Exception as exc:
+            raise RuntimeBackendError(f"onnxruntime could not load the segments of {graph_path.name}: {exc}") from exc
+        self.provider = "CPUExecutionProvider"
+        self.io = io
+        self._kv_names = {}
+        for i in range(io.num_layers):
+            for kind, n in (("key", 0), ("value", 1)):
+                self._kv_names[io.past_name.format(i=i, kind=kind)] = ("past", i, n)
+                self._kv_names[io.present_name.format(i=i, kind=kind)] = ("present", i, n)
+        self.embedding = EmbeddingRows(self.root, manifest)
+        throttle = TokenBucket(options.read_bytes_per_s, READ_BURST) if options.read_bytes_per_s else None
+        needed = max(int(t["offset"]) + int(t["nbytes"]) for t in self.tensors.values())
+        self.file = WeightsFile(self.root / weights.get("file", "model.weights"), needed, throttle, options.direct_io)
+        # experts compute as QMoE does (fp32 activations): level 1 at most, so paged and resident agree
+        self.expert_level = min(accuracy_level, 1)
+        self.graphs = {(m.alpha, m.beta): expert_graph(lay, self.expert_level, m.alpha, m.beta) for m in self.moe}
+        self.routers = self._routers() if options.prefetch and options.io != "mmap" else None
+
+        self.stats = ExpertStats()
+        self.cache = ExpertCache(self.capacity, options.policy)
+        self.pending: dict = {}  # key -> Future of a read-ahead
+        self._lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(options.loaders, thread_name_prefix="edge-sdk-expert-load")
+        self.mapped = None
+        if options.io == "mmap":
+            self.mapped = mmap.mmap(self.file.fd, 0, prot=mmap.PROT_READ)
+            self.mapped_bytes = np.frombuffer(self.mapped, np.uint8)
+        self.owns_weights = self._check_prepack_owns()
+        log.info("paging: %d MoE layers x %d routed experts streamed from %s (%s); cache of %d experts (%s, %s bytes each), "
+                 "%s resident bytes, budget %s bytes", len(self.moe), self.n_experts, self.file.path.name,
+                 "mmap" if self.mapped is not None else self.file.mode, self.capacity, options.policy,
+                 f"{self.entry_bytes:,}", f"{self.resident_bytes:,}", f"{options.budget_bytes:,}")
+
+    # --- sessions ------------------------------------------------------------------------------------------------
+
+    def _options(self, accuracy_level: int):
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        return so
+
+    def _build(self, j: int, parts: list[np.ndarray]):
+        """Expert session of MoE layer j from its four slices (uint8 views); scales widened to fp32."""
+        lay, m = self.layouts[j], self.moe[j]
+        i, h, blk = lay.inter, lay.hidden, lay.block
+        weights = {"gu.B": parts[0].reshape(2 * i, h // blk, blk // 2), "gu.s": parts[1].view(np.float16).astype(np.float32),
+                   "dn.B": parts[2].reshape(h, i // blk, blk // 2), "dn.s": parts[3].view(np.float16).astype(np.float32)}
+        so = self._options(self.expert_level)
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.add_session_config_entry(EXTERNAL_DIR_KEY, str(self.file.path.parent))
+        values = []
+        for name, w in weights.items():
+            values.append(self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)))
+            so.add_initializer(name, values[-1])
+        try:
+            sess = self.ort.InferenceSession(self.graphs[(m.alpha, m.beta)], so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise RuntimeBackendError(f"onnxruntime could not build an expert of layer {m.layer}: {exc}") from exc
+        # onnxruntime reads the scales from these at run time, and the int4 matrices too unless MatMulNBits
+        # prepacked its own copy of them (checked at load)
+        owned = getattr(self, "owns_weights", False)
+        sess._edge_sdk_keep = [v for n, v in zip(weights, values) if not (owned and n.endswith(".B"))]
+        return sess
+
+    def _read(self, j: int, e: int) -> list[np.ndarray]:
+        """Expert e of MoE layer j read from storage: one aligned read covering each of its four slices."""
+        out = []
+        for off, n in self.layouts[j].ranges(e):
+            start = off - off % PAGE
+            length = -(-(off + n - start) // PAGE) * PAGE
+            raw = np.empty(length + PAGE, np.uint8)
+            buf = raw[(-raw.ctypes.data) % PAGE:][:length]
+            t0 = time.perf_counter()
+            self.file.read_into(buf, start, min(length, self.file.size - start))
+            with self._lock:
+                self.stats.bytes_read += length
+                self.stats.read_seconds += time.perf_counter() - t0
+            out.append(buf[off - start:off - start + n])
+        return out
+
+    def _load(self, j: int, e: int):
+        parts = self._read(j, e)
+        t0 = time.perf_counter()
+        sess = self._build(j, parts)
+        with self._lock:
+            self.stats.build_seconds += time.perf_counter() - t0
+        return sess
+
+    def _mapped(self, j: int, e: int):
+        """The naive baseline: the session built straight from the mapped file, its pages dropped after."""
+        ranges = self.layouts[j].ranges(e)
+        parts = [self.mapped_bytes[off:off + n] for off, n in ranges]
+        t0 = time.perf_counter()
+        sess = self._build(j, parts)
+        with self._lock:
+            self.stats.build_seconds += time.perf_counter() - t0
+            self.stats.bytes_read += sum(n for _, n in ranges)
+        for off, n in ranges:
+            start = off - off % PAGE
+            length = -(-(off + n - start) // PAGE) * PAGE
+            self.mapped.madvise(mmap.MADV_DONTNEED, start, min(length, len(self.mapped) - start))
+            os.posix_fadvise(self.file.fd, start, length, os.POSIX_FADV_DONTNEED)
+        return sess
+
+    def _check_prepack_owns(self) -> bool:
+        """Whether an expert session keeps computing the same after the int4 matrices it was built from are
+        overwritten (MatMulNBits prepacked its own copy): then those read buffers are let go."""
+        if self.options.io == "mmap":
+            return False
+        parts = [np.array(p) for p in self._read(0, 0)]
+        with self._lock:
+            self.stats = ExpertStats()
+        self.owns_weights = False
+        sess = self._build(0, parts)
+        x = np.random.default_rng(0).standard_normal((1, self.layouts[0].hidden)).astype(np.float32)
+        before = sess.run(None, {"x": x})[0]
+        parts[0][:] = 0x5A  # the int4 matrices only: the scales are always kept
+        parts[2][:] = 0x5A
+        after = sess.run(None, {"x": x})[0]
+        return bool(np.array_equal(before, after))
+
+    # --- read-ahead --------------------------------------------------------------------------------------------
+
+    def _routers(self) -> list | None:
+        """Per MoE layer: (router weight [hidden, E] fp32, its post-attention norm weight, bias or None,
+        sigmoid?) for predicting its experts from an earlier layer's hidden state."""
+        out = []
+        for m in self.moe:
+            p = f"model.layers.{m.layer}"
+            w = self._tensor(f"{p}.mlp.gate.weight")
+            ln = self._tensor(f"{p}.post_attention_layernorm.weight")
+            if w is None or ln is None:
+                return None
+            bias = self._tensor(f"{p}.mlp.gate.e_score_correction_bias")
+            if w.shape[0] != self.layouts[0].hidden:
+                w = w.T
+            out.append((np.ascontiguousarray(w, np.float32), ln.astype(np.float32), bias))
+        return out
+
+    def _tensor(self, name: str) -> np.ndarray | None:
+        t = self.tensors.get(name)
+        if t is None or t["dtype"] not in ("float16", "float32"):
+            return None
+        data = self.file.pread(int(t["nbytes"]), int(t["offset"]))
+        return np.frombuffer(data, np.dtype(t["dtype"])).reshape([int(d) for d in t["shape"]]).astype(np.float32)
+
+    def _predict(self, j: int, x: np.ndarray) -> set[int]:
+        """Experts of MoE layer j + 1 predicted from layer j's normalised input x: the residual stream
+        changes little from one layer to the next, so its router applied to x (renormalised with its own
+        norm weight) picks most of the experts it will pick."""
+        w1, ln1, bias = self.routers[j + 1]
+        ln0 = self.routers[j][1]
+        scale = np.divide(ln1, ln0, out=np.zeros_like(ln1), where=ln0 != 0)
+        logits = (x * scale) @ w1  # [N, E]
+        if bias is not None:
+            logits = 1 / (1 + np.exp(-logits)) + bias
+        k = self.moe[j + 1].k
+        top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+        return set(int(e) for e in top.ravel())
+
+    # --- compute -------------------------------------------------------------------------------------------------
+
+    def _experts(self, j: int, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """sum over each token's chosen experts of weight * expert(x): QMoE's output, computed from the cache."""
+        x = np.ascontiguousarray(x, np.float32)
+        w = np.asarray(w, np.float32)
+        out = np.zeros_like(x)
+        chosen = [int(e) for e in np.nonzero(w.max(axis=0) > 0)[0]]
+        if self.mapped is not None:
+            for e in chosen:
+                self._apply(self._mapped(j, e), e, x, w, out)
+                self.stats.uses += 1
+                self.stats.misses += 1
+            return out
+        layer = self.moe[j].layer
+        keys = {(layer, e) for e in chosen}
+        ready, waiting = [], []
+        for e in chosen:
+            key = (layer, e)
+            sess = self.cache.get(key)
+            if sess is not None:
+                self.stats.hits += 1
+                ready.append((e, sess))
+            else:
+                fut = self.pending.pop(key, None)
+                if fut is not None:
+                    self.stats.prefetch_hits += 1
+                else:
+                    self.stats.misses += 1
+                waiting.append((e, fut))
+        self.stats.uses += len(chosen)
+        # demand reads first, at most `in_flight` at once; then the next layer's read-ahead
+        queue = collections.deque(waiting)
+        inflight: collections.deque = collections.deque()
+
+        def refill():
+            while queue and len(inflight) < self.in_flight:
+                e, fut = queue.popleft()
+                inflight.append((e, fut if fut is not None else self.pool.submit(self._load, j, e)))
+
+        refill()
+        if self.routers is not None and j + 1 < len(self.moe) and x.shape[0] <= PREFETCH_MAX_TOKENS:
+            nxt = self.moe[j + 1].layer
+            for e in sorted(self._predict(j, x)):
+                key = (nxt, e)
+                if len(self.pending) < self.in_flight and key not in self.cache and key not in self.pending:
+                    self.pending[key] = self.pool.submit(self._load, j + 1, e)
+                    self.stats.prefetch_issued += 1
+        for e, sess in ready:
+            self._apply(sess, e, x, w, out)
+        while inflight:
+            e, fut = inflight.popleft()
+            t0 = time.perf_counter()
+            sess = fut.result()
+            self.stats.wait_seconds += time.perf_counter() - t0
+            refill()
+            self._apply(sess, e, x, w, out)
+            self.cache.put((layer, e), sess, protected=keys)
+        return out
+
+    def _drop_stale_prefetch(self, j: int) -> None:
+        """Read-ahead for MoE layer j that layer j did not use: counted as wasted, not cached."""
+        layer = self.moe[j].layer
+        for key in [k for k in self.pending if k[0] == layer]:
+            fut = self.pending.pop(key)
+            self.stats.prefetch_wasted += 1
+            if not fut.done():
+                fut.cancel()
+
+    def _apply(self, sess, e: int, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+        rows = np.nonzero(w[:, e] > 0)[0]
+        try:
+            y = sess.run(None, {"x": x[rows] if len(rows) != x.shape[0] else x})[0]
+        except Exception as exc:
+            raise RuntimeBackendError(f"onnxruntime failed running expert {e}: {exc}") from exc
+        out[rows] += w[rows, e:e + 1] * y
+
+    # --- Backend interface ----------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.io, batch, capacity)
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
+        ids, mask = check_step(input_ids, cache, new_mask)
+        attn, pos = cache.step_inputs(mask)
+        values = {"input_ids": ids, "attention_mask": attn, "position_ids": pos,
+                  self.split.embedding: np.ascontiguousarray(self.embedding(ids, np.float32))}
+        dt = np.dtype(self.io.kv_dtype)
+        new = ids.shape[1]
+        for s, (sess, seg) in enumerate(zip(self.segments, self.split.segments)):
+            b = sess.io_binding()
+            for name in seg.inputs:
+                kv = self._kv_names.get(name)
+                if kv is not None:
+                    ptr, shape = cache.binding(kv[1], kv[2])
+                    b.bind_input(name, cache.device, 0, dt, list(shape), ptr)
+                else:
+                    b.bind_cpu_input(name, values[name])
+            # host outputs bound first: get_outputs() follows binding order
+            host_out = [n for n in seg.outputs if n not in self._kv_names]
+            for name in host_out:
+                b.bind_output(name, "cpu")
+            for name in seg.outputs:
+                kv = self._kv_names.get(name)
+                if kv is not None:
+                    ptr, shape = cache.binding(kv[1], kv[2], new)
+                    b.bind_output(name, cache.device, 0, dt, list(shape), ptr)
+            try:
+                sess.run_with_iobinding(b)
+            except Exception as exc:
+                raise RuntimeBackendError(f"onnxruntime failed running segment {s} of the paged MoE graph: {exc}") from exc
+            outs = b.get_outputs()
+            values.update({n: np.ascontiguousarray(o.numpy()) for n, o in zip(host_out, outs)})
+            if s < len(self.moe):
+                m = self.moe[s]
+                values[m.out] = self._experts(s, values[m.x], values[m.w])
+                self._drop_stale_prefetch(s)  # read ahead for this layer and not used by it
+        cache.advance(mask)
+        return np.asarray(values["logits"], dtype=np.float32)
+
+    def describe(self) -> dict:
+        return {"backend": "onnxruntime-expert-paged", "provider": self.provider, "threads": self.threads,
+                "accuracy_level": self.expert_level, "kv_dtype": self.io.kv_dtype,
+                "io": "mmap" if self.mapped is not None else self.file.mode,
+                "read_bytes_per_s": self.options.read_bytes_per_s,
+                "paging": {"moe_layers": len(self.moe), "routed_experts": self.n_experts, "cache_experts": self.capacity,
+                           "policy": self.options.policy, "prefetch": self.routers is not None,
+                           "expert_bytes": self.layouts[0].nbytes, "expert_held_bytes": self.entry_bytes,
+                           "resident_bytes": self.resident_bytes, "budget_bytes": self.options.budget_bytes,
+                           "stats": self.stats.to_dict()}}
+
+    def close(self) -> None:
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if getattr(self, "mapped", None) is not None:
+            del self.mapped_bytes
+            self.mapped.close()
+            self.mapped = None
+        f = getattr(self, "file", None)
+        if f is not None and f.fd is not None:
+            f.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
