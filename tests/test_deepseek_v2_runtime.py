@@ -17,7 +17,6 @@ pytest.importorskip("onnxruntime")
 import edge_sdk  # noqa: E402
 from edge_sdk.chat import DEEPSEEK_V2_TEMPLATE, render_template, render_v2  # noqa: E402
 from edge_sdk.cli.main import main  # noqa: E402
-from edge_sdk.errors import ConfigError  # noqa: E402
 from edge_sdk.modelspec import shape_from_config  # noqa: E402
 
 CONVERT = dict(method="rtn", nsamples=4, seqlen=64, progress=False)
@@ -297,19 +296,6 @@ def test_real_deepseek_tokenizer_with_v2s_template_equals_transformers(tmp_path)
 
 
 # ---- what does not run yet: one line each ------------------------------------------------------------------------
-
-def test_tensorrt_engine_build_refuses_with_one_line(bundle, tmp_path, monkeypatch):
-    import trt_fake
-
-    from edge_sdk.runtime.backends.tensorrt import build as tb
-
-    trt, _ = trt_fake.install(monkeypatch)
-    m = json.loads((bundle / "manifest.json").read_text())
-    with pytest.raises(ConfigError, match="the bundle has no fp16 graph") as e:
-        tb.build_engine(bundle, m, "agx-orin-64gb", trt, settings=tb.EngineBuildSettings(), cache_root=tmp_path,
-                        report=lambda _: None)
-    assert "\n" not in str(e.value)
-
 
 def test_tools_on_v2s_template_are_a_one_line_400(service):
     """V2-Chat's template has no tool-call format: a tools request is refused, not rendered in R1's turns."""

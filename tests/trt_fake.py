@@ -10,8 +10,11 @@ reasons the documentation does not state:
   outside the active profile's [min, max]; execute_async_v3 returns False unless every input shape
   and every I/O tensor address is set, and checks each binding fits inside its allocation;
 - the builder refuses profiles that miss a dynamic input, change a fixed dimension or are not
-  min <= opt <= max.
-The engine computes through onnxruntime on the CPU from the graph the parser read.
+  min <= opt <= max;
+- the ONNX parser refuses what onnx-tensorrt's docs/operators.md (10.1 GA, 96e7811) and TensorRT's
+  quantization docs state it cannot import (see ParserRules), naming the node as the real parser does.
+The engine computes through onnxruntime on the CPU from a self-contained copy of the graph the parser
+read (an engine holds its weights: the files the parser read may be gone when it runs).
 """
 
 from __future__ import annotations
@@ -220,16 +223,184 @@ class Network:
     graph: str | None = None
 
 
+# onnx-tensorrt docs/operators.md (TensorRT 10.x ONNX parser, 10.1 GA): the standard-domain operators marked "Y"
+SUPPORTED_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil Celu Clip
+Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout
+Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool
+GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization GRU HardSigmoid HardSwish Hardmax
+Identity If ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
+Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg
+NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike
+RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean
+ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan
+Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign
+SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+# operators.md: "`axes` must be an initializer" (a build-time constant: an initializer or a Constant node's output)
+AXES_INPUT = {"ReduceMax": 1, "ReduceMin": 1, "ReduceSum": 1, "ReduceSumSquare": 1, "ReduceMean": 1, "ReduceProd": 1,
+              "ReduceL1": 1, "ReduceL2": 1, "ReduceLogSum": 1, "ReduceLogSumExp": 1, "Slice": 3, "Squeeze": 1, "Unsqueeze": 1,
+              "CumSum": 1}
+
+
+class ParserRules:
+    """What the parser refuses, each from the documentation:
+
+    - an op outside SUPPORTED_OPS or outside the standard domain (com.microsoft QMoE): "No importer
+      registered for op" (onnx-tensorrt operators.md lists standard ops only);
+    - `axes` that is not a build-time constant, TopK with sorted != 1 or K >= 3840, ScatterND with a
+      reduction, If branches whose outputs share a name (operators.md restrictions);
+    - DequantizeLinear (TensorRT "Working with Quantized Types", the Dequantize operator and
+      IDequantizeLayer): input INT8 / INT4 / FP8 only (not UINT8 / UINT4); INT4 is weight-only, so an
+      INT4 input must be a constant (an initializer); the scale a build-time constant; a zero point, if
+      any, all zeros (symmetric only); block quantization (scale of the input's rank) for INT4 only,
+      2-D, blocked along one of the last two axes; an INT4 tensor's last dimension even.
+    """
+
+    def __init__(self, model):
+        self.errors: list[str] = []
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.inputs = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+        self.constant = set(self.inits)
+        self.cast_of: dict[str, str] = {}  # a folded Cast's output -> its initializer
+        self.check_graph(model.graph)
+
+    def fail(self, i, node, msg):
+        self.errors.append(f"In node {i} with name: {node.name} and operator: {node.op_type} ({msg})")
+
+    def check_graph(self, graph):
+        self.inits.update({t.name: t for t in graph.initializer})
+        self.constant.update(t.name for t in graph.initializer)
+        for i, n in enumerate(graph.node):
+            self.check(i, n)
+            if n.op_type == "Constant" or (n.op_type in ("Cast", "Identity") and all(x in self.constant for x in n.input)):
+                self.constant.update(n.output)  # folded at build time
+                if n.input:
+                    self.cast_of[n.output[0]] = n.input[0]
+
+    def check(self, i, n):
+        from onnx import TensorProto, helper
+
+        if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS:
+            return self.fail(i, n, f"No importer registered for op: {n.op_type}")
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        k = AXES_INPUT.get(n.op_type)
+        if k is not None and len(n.input) > k and n.input[k] and n.input[k] not in self.constant:
+            self.fail(i, n, "axes must be an initializer")
+        if n.op_type == "TopK":
+            if attrs.get("sorted", 1) != 1:
+                self.fail(i, n, "sorted must be 1")
+            kv = self.values(n.input[1])
+            if kv is not None and int(kv.max()) >= 3840:
+                self.fail(i, n, "K must be less than 3840")
+        if n.op_type == "ScatterND" and attrs.get("reduction", b"none") not in (b"none", "none"):
+            self.fail(i, n, "reduction is not supported")
+        if n.op_type == "If":
+            then_out = {o.name for o in attrs["then_branch"].output}
+            if then_out & {o.name for o in attrs["else_branch"].output}:
+                self.fail(i, n, "Output tensors of the two conditional branches must have different names")
+            for branch in ("then_branch", "else_branch"):
+                self.check_graph(attrs[branch])
+        if n.op_type == "DequantizeLinear":
+            self.check_dq(i, n, attrs, TensorProto)
+
+    def check_dq(self, i, n, attrs, TensorProto):
+        x = self.inits.get(n.input[0])
+        kind = x.data_type if x is not None else self.inputs.get(n.input[0])
+        if kind in (TensorProto.UINT8, TensorProto.UINT4):
+            return self.fail(i, n, "TensorRT only allows FP8, INT8, and INT4 quantization")
+        if x is None:
+            if kind == TensorProto.INT4:
+                self.fail(i, n, "INT4 is weight-only: the input must be a constant initializer")
+            return None  # an activation (Q -> DQ, INT8 / FP8)
+        if n.input[1] not in self.constant:
+            self.fail(i, n, "the scale must be a build-time constant")
+        if len(n.input) > 2 and n.input[2]:
+            zp = self.values(n.input[2])
+            if zp is None or zp.any():
+                self.fail(i, n, "TensorRT only supports symmetric quantization: the zero point must be all zeros")
+        scale = self.inits.get(n.input[1]) or self.inits.get(self.cast_of.get(n.input[1], ""))
+        if kind == TensorProto.INT4 and x.dims[-1] % 2:
+            self.fail(i, n, "Quantization to INT4 is not supported for tensors with an odd last dimension")
+        if scale is not None and len(scale.dims) == len(x.dims) and len(x.dims) > 1:
+            blocked = [a for a, (d, s) in enumerate(zip(x.dims, scale.dims)) if d != s]
+            if kind != TensorProto.INT4 or len(x.dims) != 2:
+                self.fail(i, n, f"block quantization is 2-D INT4 only, got rank {len(x.dims)}")
+            elif len(blocked) != 1 or blocked[0] != attrs.get("axis", 1) % 2:
+                self.fail(i, n, "Only a single blocking dimension is allowed")
+        elif kind == TensorProto.INT4 and (scale is None or len(scale.dims) > 1):
+            self.fail(i, n, "INT4 scale must be a build-time constant of rank 0, 1 or the input's rank")
+
+    def values(self, name):
+        import numpy as np
+        from onnx import numpy_helper
+
+        t = self.inits.get(name)
+        if t is None or t.data_location == 1:
+            return None
+        return np.asarray(numpy_helper.to_array(t))
+
+
 class OnnxParser:
     def __init__(self, network, logger):
-        self.network, self.num_errors = network, 0
+        self.network, self.errors = network, []
+
+    @property
+    def num_errors(self):
+        return len(self.errors)
 
     def parse_from_file(self, path):
-        self.network.graph = str(path)
-        return Path(path).is_file()
+        import onnx
+
+        if not Path(path).is_file():
+            self.errors = [f"Failed to open file: {path}"]
+            return False
+        model = onnx.load(str(path), load_external_data=False)
+        self.errors = ParserRules(model).errors
+        if self.errors:
+            return False
+        try:
+            self.network.graph = _self_contained(path)
+        except ValueError as e:
+            self.errors = [str(e)]
+            return False
+        return True
 
     def get_error(self, i):
-        return "no such file"
+        return self.errors[i]
+
+
+def _self_contained(path) -> str:
+    """The graph with its external weights inline, in a file the fake owns (the engine's weights). External
+    data is read as onnx-tensorrt's WeightsContext reads it: relative to the graph, no `../`, links followed."""
+    import tempfile
+
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(path), load_external_data=False)
+    for t in _tensors(model.graph):
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            if ".." in Path(info["location"]).parts:
+                raise ValueError(f"Relative paths to parent (../) are not allowed in ONNX external weights! {info['location']}")
+            with open(Path(path).parent / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                t.raw_data = f.read(int(info["length"]))
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    fd, out = tempfile.mkstemp(suffix=".onnx", dir=ENGINE_DIR)
+    with open(fd, "wb") as f:
+        f.write(model.SerializeToString())
+    return out
+
+
+def _tensors(graph):
+    yield from graph.initializer
+    for n in graph.node:
+        for a in n.attribute:
+            if a.g.node:
+                yield from _tensors(a.g)
 
 
 class TimingCache:
@@ -420,12 +591,20 @@ class IProgressMonitor:
 
 
 CUDART = FakeCudart()
+ENGINE_DIR: str | None = None  # the fake engines' graphs, removed at exit
 
 
 def install(monkeypatch) -> tuple[types.SimpleNamespace, FakeCudart]:
     """Fresh fakes, installed as `tensorrt` and `cuda.bindings.runtime`; returns (trt, cudart)."""
-    global CUDART
+    global CUDART, ENGINE_DIR
     CUDART = FakeCudart()
+    if ENGINE_DIR is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        ENGINE_DIR = tempfile.mkdtemp(prefix="trt-fake-engines-")
+        atexit.register(shutil.rmtree, ENGINE_DIR, True)
     trt = types.SimpleNamespace(
         __version__="10.3.0", Logger=Logger, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime,
         IProgressMonitor=IProgressMonitor, DataType=DataType, TensorIOMode=TensorIOMode,
