@@ -78,8 +78,9 @@ class _Skewed:
 @pytest.mark.parametrize("spec", ["prompt-lookup", {"prompt_lookup": True, "k": 2, "ngram": 1}, "skewed draft"])
 def test_paged_speculative_greedy_equals_resident_greedy(models, graph, spec):
     resident, paged = models[graph]
-    if spec == "skewed draft":  # the same bundle resident, biased: drafts are kept, cut short and rejected
-        paged.draft, paged.generator.draft, spec = resident, _Skewed(resident.backend), {"k": 3}
+    if spec == "skewed draft":  # the same bundle, paged on the other executor and biased: drafts are kept, cut short
+        other = models["standard" if graph == "fused" else "fused"][1]  # and rejected, and the draft's cache rolls back too
+        paged.draft, paged.generator.draft, spec = other, _Skewed(other.backend), {"k": 3}
     proposed = accepted = 0
     try:
         for prompt in PROMPTS:
@@ -145,7 +146,22 @@ def test_the_cache_holds_the_accepted_tokens_after_a_partially_accepted_step(mod
     assert cache.length == n + 4 and int(np.argmax(nxt)) == t5 and np.allclose(nxt, rows[4], atol=1e-3)
 
 
-def test_the_daemon_speculates_on_a_paged_model(paged_bundle, models):
+def test_the_bundle_graph_executor_speculates_whatever_provider_runs_its_layers(models):
+    """The bundle graph's executor is what the CUDA and TensorRT providers page with; its KV cache is host
+    memory there too, so speculation is not refused as it is for a resident model's device cache."""
+    resident, paged = models["standard"]
+    provider = paged.backend.provider
+    paged.backend.provider = "CUDAExecutionProvider"
+    try:
+        fast = paged.generate(PROMPTS[0], max_new_tokens=12, speculative="prompt-lookup")
+    finally:
+        paged.backend.provider = provider
+    assert fast.timings.spec_proposed > 0
+    assert fast.token_ids == resident.generate(PROMPTS[0], max_new_tokens=12, speculative=False).token_ids
+
+
+@pytest.mark.parametrize("graph", list(EXECUTORS))
+def test_the_daemon_speculates_on_a_paged_model(paged_bundle, models, graph):
     """serve --memory-budget with --prompt-lookup: the scheduler's verify / keep run on the paged executor's
     cache, and the output is plain greedy's."""
     from edge_sdk.runtime.server.adapter import BundleStepModel
@@ -154,8 +170,8 @@ def test_the_daemon_speculates_on_a_paged_model(paged_bundle, models):
     from edge_sdk.runtime.server.engine import SamplingParams
 
     bundle, budget = paged_bundle
-    resident = models["fused"][0]
-    model = edge_sdk.load(bundle, memory_budget=budget, max_batch=2, **EXACT)
+    resident = models[graph][0]
+    model = edge_sdk.load(bundle, memory_budget=budget, max_batch=2, graph=graph, **EXACT)
     step_model = BundleStepModel(model, max_batch=2)
     assert step_model.can_speculate
     service = build_service(ServeConfig(bundle=str(bundle), emulate="agx-orin-64gb",

@@ -158,6 +158,11 @@ class PagedBackend:
             out.append((role, int(t["offset"]) - base, ONNX_TYPES[t["dtype"]], [int(d) for d in t["shape"]]))
         return out
 
+    # the cache is host memory whatever the provider (CUDA included; the layer binds it as "cpu"), so
+    # speculative decoding rolls it back: to the start of the last step by swapping buffers, inside it
+    # by copying the kept tokens (what the graph's Concat does every step anyway)
+    can_rollback = True
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.io, batch, capacity)
 

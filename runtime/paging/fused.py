@@ -334,6 +334,7 @@ class FusedPagedBackend:
     # --- Backend interface -------------------------------------------------------------------------------------
 
     kv_copies = 1  # GroupQueryAttention appends in place (kv_cache.SharedKVCache)
+    can_rollback = True  # speculative decoding: a rollback sets the shared buffer's length, no copy
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return SharedKVCache(self.io, batch, capacity)
