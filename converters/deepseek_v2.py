@@ -176,13 +176,9 @@ def refuse_early(ck, shape, opts, src) -> dict:
     r = check_config(ck.config, shape, str(ck.path / "config.json"))
     if ck.quantization_config is not None:
         raise ConversionError(f"{ck.path}: importing a GPTQ checkpoint of {shape.architecture} is not supported", hint="convert the float checkpoint")
-    if opts.method == "gptq":
+    if opts.method == "gptq":  # whole model or one layer at a time (deepseek_v2_streamed), the same per-layer step
         from .layerwise import _gptqmodel
 
-        params = sum(_numel(src.shape(n)) for n in src.names())
-        if params > WHOLE_MODEL_PARAMS:  # deepseek_v2_gptq holds the float model whole
-            raise ConversionError(f"--method gptq is not supported for {shape.architecture} above {WHOLE_MODEL_PARAMS:,} "
-                                  f"parameters yet ({params:,})", hint="pass --method rtn (round-to-nearest int4, layer by layer)")
         _gptqmodel()  # installed, or one line naming the extra
     if opts.dry_run:
         raise ConversionError(f"--dry-run is not supported for {shape.architecture} yet", hint="run the conversion itself")

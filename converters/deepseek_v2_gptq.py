@@ -15,7 +15,9 @@ GPTQ step (layerwise.gptq_task / run_task) driven as GPTQModel 7.6's layer loop 
   - as GPTQModel's GPTQ processor (fwd_replay_after_process), the next layer's inputs are a replay of
     the layer with every linear quantized. The weights put back are the stored ones (int4 * fp16 scale),
     which differ from GPTQModel's wq only by the scales' fp16 rounding: the replay is what the bundle computes.
-Memory: the whole float model (as the round-to-nearest path), one layer's GPTQ tasks, the activations twice.
+LayerGPTQ.layer is that step for one layer; gptq_mla runs it over the whole float model (the path below
+deepseek_v2.WHOLE_MODEL_PARAMS), deepseek_v2_streamed over one layer read from the checkpoint at a time.
+Memory: the float model (gptq_mla: whole; streamed: one layer), one subset's GPTQ tasks, the activations twice.
 """
 
 from __future__ import annotations
@@ -56,28 +58,29 @@ class CountingMoE(nn.Module):
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
-def float_layer(weights: dict, s, i: int, routing: dict, scale: float) -> MLALayer:
+def float_layer(get, s, i: int, routing: dict, scale: float) -> MLALayer:
+    """Layer i in fp32 with nn.Linear modules named as the checkpoint names them; get(name) -> one tensor."""
     p = f"model.layers.{i}"
 
     def linear(name):
-        w = weights[f"{name}.weight"].float()
-        m = nn.Linear(w.shape[1], w.shape[0], bias=False)
-        m.weight.data = w.clone()
+        w = get(f"{name}.weight").float()
+        m = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # no random init: the weight is replaced
+        m.weight = nn.Parameter(w.clone(), requires_grad=False)
         return m
 
     def block(prefix):
         return DenseMLP({n: linear(f"{prefix}.{n}") for n in PROJ})
 
     attn = MLAttention(s, {n: linear(f"{p}.self_attn.{n}") for n in attention_linears(s)},
-                       {n: RMSNorm(weights[f"{p}.self_attn.{n}.weight"].float(), s.rms_norm_eps) for n in attention_norms(s)}, scale)
+                       {n: RMSNorm(get(f"{p}.self_attn.{n}.weight").float(), s.rms_norm_eps) for n in attention_norms(s)}, scale)
     if s.is_moe_layer(i):
-        bias = weights[f"{p}.mlp.gate.e_score_correction_bias"] if s.router_bias else None
-        mlp = CountingMoE(Router(weights[f"{p}.mlp.gate.weight"].float().t().contiguous(), s, routing, bias),
+        bias = get(f"{p}.mlp.gate.e_score_correction_bias") if s.router_bias else None
+        mlp = CountingMoE(Router(get(f"{p}.mlp.gate.weight").float().t().contiguous(), s, routing, bias),
                           [block(f"{p}.mlp.experts.{e}") for e in range(s.n_routed_experts)],
                           block(f"{p}.mlp.shared_experts") if s.n_shared_experts else None)
     else:
         mlp = block(f"{p}.mlp")
-    norms = (weights[f"{p}.input_layernorm.weight"].float(), weights[f"{p}.post_attention_layernorm.weight"].float())
+    norms = (get(f"{p}.input_layernorm.weight").float(), get(f"{p}.post_attention_layernorm.weight").float())
     return MLALayer(s, attn, mlp, norms).eval()
 
 
@@ -113,45 +116,69 @@ class Calibration:
             return [layer(x, cos, sin, mask, self.empty, self.empty)[0] for x, (cos, sin, mask) in zip(xs, self.kw)]
 
 
-def gptq_mla(weights: dict, s, cfg: dict, routing: dict, calib, opts) -> tuple[dict[str, QuantizedLinear], dict]:
-    """-> ({module: QuantizedLinear} for every attention projection, dense MLP and expert linear,
-    {"expert_tokens": {layer: [tokens per routed expert]}, "rtn_fallback": [modules]})."""
-    # GPTQModel prints banners and logs on stdout; keep stdout for the CLI's --json
-    with contextlib.redirect_stdout(sys.stderr):
+class LayerGPTQ:
+    """GPTQModel's settings and the calibration windows; quantizes one float layer at a time, the whole-model
+    path (gptq_mla) and the streamed one (deepseek_v2_streamed) alike. Call inside quiet_stdout()."""
+
+    def __init__(self, cfg: dict, s, calib_ids: list[list[int]], opts):
         gm = _gptqmodel()
         from gptqmodel.utils.fallback import should_use_fallback
 
-        qc = quantize_config(gm, opts)
-        cal = Calibration(cfg, s, calib.ids)
-        torch.manual_seed(opts.seed)
-        xs = [weights["model.embed_tokens.weight"][w[0]].float().unsqueeze(0) for w in cal.ids]  # [1, T, hidden] each
+        self.s, self.opts, self.qc, self.low_sample = s, opts, quantize_config(gm, opts), should_use_fallback
+        self.cal = Calibration(cfg, s, calib_ids)
+
+    def inputs(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Layer 0's inputs from the embedding rows of the windows' tokens, concatenated: fp32 [1, T, hidden] each."""
+        return [x.float().unsqueeze(0) for x in rows.split([w.shape[1] for w in self.cal.ids])]
+
+    def layer(self, i: int, layer: MLALayer, xs: list[torch.Tensor]) -> tuple[dict[str, QuantizedLinear], dict, list[torch.Tensor]]:
+        """-> ({module: QuantizedLinear} of layer i, {"expert_tokens": [tokens per routed expert] (MoE layers),
+        "rtn_fallback": [modules]}, the next layer's inputs: the layer replayed with its weights as stored)."""
+        s, cal, g = self.s, self.cal, self.opts.group_size
+        torch.manual_seed(self.opts.seed)  # per layer: a resumed run starts any layer as a whole run does
+        quantized, fallback = {}, []
+        for subset in subsets(s, i):
+            mods = {n: layer.get_submodule(n) for n in subset}
+            tasks = {n: gptq_task(self.qc, f"model.layers.{i}.{n}", m, cal.total_tokens) for n, m in mods.items()}
+            hooks = [m.register_forward_hook(_feed(tasks[n])) for n, m in mods.items()]
+            if s.is_moe_layer(i):
+                layer.mlp.counts.zero_()
+            try:
+                cal.forward(layer, xs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for n, m in mods.items():
+                name = f"model.layers.{i}.{n}"
+                if self.low_sample(tasks[n].fallback, float(tasks[n].nsamples), cal.total_tokens):
+                    tasks[n].free()
+                    quantized[name] = rtn(m.weight.data, g)
+                    fallback.append(name)
+                else:
+                    quantized[name], _wq = run_task(tasks[n], g)
+                m.weight.data = quantized[name].dequantize()
+        stats = {"rtn_fallback": fallback} | ({"expert_tokens": layer.mlp.counts.tolist()} if s.is_moe_layer(i) else {})
+        return quantized, stats, cal.forward(layer, xs)
+
+
+def quiet_stdout():
+    """GPTQModel prints banners and logs on stdout; keep stdout for the CLI's --json."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def gptq_mla(weights: dict, s, cfg: dict, routing: dict, calib, opts) -> tuple[dict[str, QuantizedLinear], dict]:
+    """-> ({module: QuantizedLinear} for every attention projection, dense MLP and expert linear,
+    {"expert_tokens": {layer: [tokens per routed expert]}, "rtn_fallback": [modules]})."""
+    with quiet_stdout():
+        run = LayerGPTQ(cfg, s, calib.ids, opts)
+        xs = run.inputs(weights["model.embed_tokens.weight"][torch.cat([w[0] for w in run.cal.ids])])
         quantized, counts, fallback = {}, {}, []
         for i in range(s.num_layers):
-            layer = float_layer(weights, s, i, routing, cal.scale)
-            for subset in subsets(s, i):
-                mods = {n: layer.get_submodule(n) for n in subset}
-                tasks = {n: gptq_task(qc, f"model.layers.{i}.{n}", m, cal.total_tokens) for n, m in mods.items()}
-                hooks = [m.register_forward_hook(_feed(tasks[n])) for n, m in mods.items()]
-                if s.is_moe_layer(i):
-                    layer.mlp.counts.zero_()
-                try:
-                    cal.forward(layer, xs)
-                finally:
-                    for h in hooks:
-                        h.remove()
-                for n, m in mods.items():
-                    name = f"model.layers.{i}.{n}"
-                    if should_use_fallback(tasks[n].fallback, float(tasks[n].nsamples), cal.total_tokens):
-                        tasks[n].free()
-                        quantized[name] = rtn(m.weight.data, opts.group_size)
-                        fallback.append(name)
-                    else:
-                        quantized[name], _wq = run_task(tasks[n], opts.group_size)
-                    m.weight.data = quantized[name].dequantize()
-            if s.is_moe_layer(i):
-                counts[i] = layer.mlp.counts.tolist()
-            xs = cal.forward(layer, xs)
-            del layer
+            q, stats, xs = run.layer(i, float_layer(weights.__getitem__, s, i, routing, run.cal.scale), xs)
+            quantized |= q
+            fallback += stats["rtn_fallback"]
+            if "expert_tokens" in stats:
+                counts[i] = stats["expert_tokens"]
     return quantized, {"expert_tokens": counts, "rtn_fallback": fallback}
 
 

@@ -2,11 +2,16 @@
 deepseek_v2.WHOLE_MODEL_PARAMS: the dense path's pieces (streaming.py, workdir.py, layer_check.py,
 streamed_eval.py) with an MLA layer in place of the dense one.
 
-quantize: RTN of each layer's linears (every routed expert one tensor at a time) into the work
-directory (resumable) · export: the weights file of deepseek_v2.write_weights, byte for byte, written
-layer by layer (each MoE layer's stacked experts one expert at a time) · verify: head, each layer
+quantize: into the work directory (resumable: a rerun goes on from the first missing layer with the
+same bytes), RTN of each layer's linears (every routed expert one tensor at a time), or GPTQ by
+deepseek_v2_gptq.LayerGPTQ (the whole-model path's per-layer step), the calibration activations
+carried from layer to layer through the work directory · export: the weights file of
+deepseek_v2.write_weights, byte for byte, written layer by layer (each MoE layer's stacked experts
+one expert at a time) · verify: head, each layer
 and tail of the graph against PyTorch (layer_check) · accuracy: streamed float and int4 models.
-Peak memory: one decoder layer in fp32 (an MoE layer's experts stacked once), never the whole model.
+Peak memory: one decoder layer in fp32 (an MoE layer's experts stacked once), never the whole model;
+with GPTQ also the calibration activations and one subset's GPTQ tasks (a hidden x hidden fp32
+Hessian per gate/up of every expert of the layer).
 """
 
 from __future__ import annotations
@@ -20,9 +25,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from edge_sdk.errors import ConversionError
-
-from . import accuracy, deepseek_v2
+from . import accuracy
 from .checkpoint import TOKENIZER_FILES
 from .decoder import Linear, RMSNorm
 from .deepseek_v2 import CORRECTION_BIAS, interleaved, is_quantized, layer_names, package, pack_uint4_chunks, refuse_early
@@ -31,7 +34,8 @@ from .mla import (MLADecoder, MLALayer, DenseMLP, MoE, Router, Stacked, attentio
                   interleave, rope_tables, stub_weights)
 from .quant import rtn
 from .streamed_eval import StreamedModel
-from .streaming import StreamWriter, _add_quant, _half_chunks, lm_head_rtn, work_identity
+from .streaming import StreamWriter, _add_quant, _half_chunks, lm_head_rtn, rows_per_chunk, work_identity
+from .tensors import embedding_rows
 from .workdir import WorkDir, default_work_dir, maybe_kill, remove_work_dir
 
 
@@ -50,6 +54,83 @@ def quantize_layers(src, shape, opts, work: WorkDir, on_layer) -> dict[int, floa
         on_layer(i, seconds[i])
         maybe_kill(i)
     return seconds
+
+
+def gptq_layers(src, shape, arch, opts, work: WorkDir, on_layer, cfg: dict, routing: dict, calib) -> dict[int, float]:
+    """GPTQ of every layer not yet in the work directory, as deepseek_v2_gptq.gptq_mla quantizes it
+    (the same LayerGPTQ step on the same inputs: the same integers); {layer: seconds} of those done now.
+    After layer i: acts-i (layer i+1's inputs), then layer-i (its integers, scales and GPTQ statistics);
+    acts-(i-1) is dropped. A finished layer whose next-layer inputs are lost is redone."""
+    from .deepseek_v2_gptq import LayerGPTQ, float_layer, quiet_stdout
+
+    n, seconds = shape.num_layers, {}
+    start = work.first_missing_layer(n)
+    acts = None
+    while 0 < start < n and (acts := work.load("acts", start - 1)) is None:
+        work.drop("layer", start - 1)
+        start -= 1
+    for i in range(start):
+        on_layer(i, None)
+    if start == n:
+        return seconds
+    with quiet_stdout():
+        run = LayerGPTQ(cfg, shape, calib.ids, opts)
+        if start == 0:
+            shp = (shape.vocab_size, shape.hidden_size)
+            ids = torch.cat([w[0] for w in run.cal.ids])
+            xs = run.inputs(embedding_rows(src, arch.embed, shp, ids, rows_per_chunk(shape.hidden_size)))
+        else:
+            xs = [acts[str(k)] for k in range(len(acts))]
+        del acts
+        for i in range(start, n):
+            t = time.perf_counter()
+            layer = float_layer(lambda name: src.get(name).float(), shape, i, routing, run.cal.scale)
+            q, stats, xs = run.layer(i, layer, xs)
+            del layer
+            if i < n - 1:
+                work.save("acts", i, {str(k): x for k, x in enumerate(xs)})
+            work.save("layer", i, layer_result(q) | _stats_tensors(shape, i, stats))
+            if i > 0:
+                work.drop("acts", i - 1)
+            del q
+            seconds[i] = round(time.perf_counter() - t, 3)
+            on_layer(i, seconds[i])
+            maybe_kill(i)
+    return seconds
+
+
+STATS = "gptq."  # the GPTQ statistics' keys in a layer result, beside the integers and scales
+
+
+def _stats_tensors(shape, i: int, stats: dict) -> dict[str, torch.Tensor]:
+    """rtn_fallback as one flag per linear of the layer (in deepseek_v2_gptq.subsets order), expert_tokens as is."""
+    from .deepseek_v2_gptq import subsets
+
+    fallback = set(stats["rtn_fallback"])
+    out = {f"{STATS}rtn_fallback": torch.tensor([f"model.layers.{i}.{n}" in fallback for n in sum(subsets(shape, i), [])],
+                                                dtype=torch.uint8)}
+    if "expert_tokens" in stats:
+        out[f"{STATS}expert_tokens"] = torch.tensor(stats["expert_tokens"], dtype=torch.int64)
+    return out
+
+
+def gptq_stats(shape, work: WorkDir) -> dict:
+    """deepseek_v2_gptq.gptq_mla's statistics, read back from every layer result."""
+    from .deepseek_v2_gptq import subsets
+
+    counts, fallback = {}, []
+    for i in range(shape.num_layers):
+        r = work.load("layer", i)
+        names = [f"model.layers.{i}.{n}" for n in sum(subsets(shape, i), [])]
+        fallback += [m for m, f in zip(names, r[f"{STATS}rtn_fallback"].tolist()) if f]
+        if f"{STATS}expert_tokens" in r:
+            counts[i] = r[f"{STATS}expert_tokens"].tolist()
+    return {"expert_tokens": counts, "rtn_fallback": fallback}
+
+
+def layer_quantized(work: WorkDir, i: int, group_size: int) -> dict:
+    """{module: QuantizedLinear} of layer i's result (its GPTQ statistics left aside)."""
+    return from_result({k: v for k, v in work.load("layer", i).items() if not k.startswith(STATS)}, group_size)
 
 
 def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts, lm_head=None) -> tuple[dict, set, dict]:
@@ -73,7 +154,7 @@ def write_weights_streamed(path: Path, src, work: WorkDir, shape, arch, opts, lm
 
     half(arch.embed)
     for i in range(shape.num_layers):
-        q = from_result(work.load("layer", i), g)
+        q = layer_quantized(work, i, g)
         for n in layer_names(shape, i):
             m = n.removesuffix(".weight")
             if ".mlp.experts." in m:
@@ -111,7 +192,7 @@ class MLAStreamedModel(StreamedModel):
 
     def layer(self, i: int) -> MLALayer:
         s = self.s
-        q = from_result(self.work.load("layer", i), self.opts.group_size) if self.kind == "quant" else {}
+        q = layer_quantized(self.work, i, self.opts.group_size) if self.kind == "quant" else {}
 
         def w(name):  # fp32: what the bundle stores (kind "quant") or the source
             m = name.removesuffix(".weight")
@@ -178,16 +259,16 @@ def run(ck, shape, output, opts, stages, *, src, tk, calib, eval_tokens, bos, **
     from .streamed_eval import nll
 
     r = refuse_early(ck, shape, opts, src)
-    if opts.method != "rtn":
-        raise ConversionError(f"--method {opts.method} is not supported for {shape.architecture} above "
-                              f"{deepseek_v2.WHOLE_MODEL_PARAMS:,} parameters yet (converted one layer at a time)",
-                              hint="pass --method rtn (round-to-nearest int4 for every expert and projection)")
     inv_freq, rope_scale = rope_tables(ck.config)
     scale = attention_scale(ck.config, shape)
     work_path = Path(opts.work_dir) if opts.work_dir else default_work_dir(output)
     work = WorkDir(work_path, work_identity(ck, opts, calib))
     with stages("quantize"):
-        seconds = quantize_layers(src, shape, opts, work, LayerBar(stages, shape.num_layers))
+        bar = LayerBar(stages, shape.num_layers)
+        if opts.method == "gptq":
+            seconds = gptq_layers(src, shape, ck.arch, opts, work, bar, ck.config, r, calib)
+        else:
+            seconds = quantize_layers(src, shape, opts, work, bar)
     with staged_directory(output, overwrite=opts.overwrite) as tmp:
         with stages("export"):
             lm_head = functools.cache(lambda: lm_head_rtn(src, ck.arch, shape, opts.group_size))  # written, then verified
@@ -204,6 +285,10 @@ def run(ck, shape, output, opts, stages, *, src, tk, calib, eval_tokens, bos, **
             return MLAStreamedModel(kind, src, work, shape, ck.arch, opts, inv_freq, rope_scale, r, scale, lm_q if kind == "quant" else None)
 
         report: dict = {}
+        if opts.method == "gptq":
+            from .deepseek_v2_gptq import summary
+
+            report["gptq"] = summary(gptq_stats(shape, work))
         if opts.verify:
             with stages("verify"):
                 report["onnx_vs_torch"] = check_layers(tmp / graphs["fp32"]["file"], model("quant"), shape, calib.ids, seed=opts.seed)

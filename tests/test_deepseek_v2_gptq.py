@@ -204,16 +204,6 @@ def test_expert_without_tokens_is_round_to_nearest_and_counted(tmp_path):
     assert summary["quantization"]["method"] == "gptq" and torch.isfinite(torch.tensor(summary["accuracy"]["ppl_quant"]))
 
 
-def test_gptq_above_the_whole_model_limit_refused_with_one_line(model_dir, tmp_path, monkeypatch):
-    from edge_sdk.converters import deepseek_v2
-    from edge_sdk.errors import ConversionError
-
-    monkeypatch.setattr(deepseek_v2, "WHOLE_MODEL_PARAMS", 1000)
-    with pytest.raises(ConversionError, match="--method gptq is not supported for DeepseekV2ForCausalLM above 1,000 parameters"):
-        edge_sdk.convert(model_dir, tmp_path / "out", **CONVERT)
-    assert not (tmp_path / "out").exists()
-
-
 def test_cli_summary_says_how_many_experts_are_round_to_nearest(converted, model_dir, tmp_path, monkeypatch, capsys):
     from edge_sdk.cli.main import main
 

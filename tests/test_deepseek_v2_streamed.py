@@ -72,15 +72,6 @@ def test_kept_work_directory_is_reused(model_dir, tmp_path):
     assert not any(work.glob("layer-*"))  # removed once the bundle is written
 
 
-def test_gptq_above_the_limit_refused_before_quantizing(model_dir, tmp_path):
-    from edge_sdk.errors import ConversionError
-
-    pytest.importorskip("gptqmodel")
-    with pytest.raises(ConversionError, match="--method gptq is not supported for DeepseekV2ForCausalLM"):
-        convert(model_dir, tmp_path / "out", True, method="gptq", work_dir=str(tmp_path / "work"))
-    assert not (tmp_path / "out").exists() and not any((tmp_path / "work").glob("layer-*"))
-
-
 KILLED = """
 import sys
 from edge_sdk.converters import deepseek_v2
