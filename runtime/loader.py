@@ -104,6 +104,15 @@ def make_backend(root: Path, manifest: dict, options: RuntimeOptions):
     from .paging.select import paging_options
 
     paging = paging_options(manifest, options)
+    if paging is not None and (manifest.get("architecture") or {}).get("moe"):
+        if providers[0] != "CPUExecutionProvider":
+            raise ConfigError(f"expert paging runs on onnxruntime's CPU provider, not {providers[0]}",
+                              hint="load with provider='cpu', or give a memory budget the whole model fits in")
+        from .paging.experts import ExpertPagedBackend, ExpertPagingOptions
+
+        return ExpertPagedBackend(root, manifest, path, io,
+                                  ExpertPagingOptions(paging.budget_bytes, paging.read_bytes_per_s, policy=options.expert_cache),
+                                  threads=options.num_threads, accuracy_level=options.accuracy_level)
     if paging is not None:
         fused = fused_graph_for(root, manifest, options, providers)
         if fused is not None:

@@ -28,6 +28,7 @@ class RuntimeOptions:
     engine_cache_dir: str | None = None  # default: <bundle parent>/.edge-sdk-engines
     kv_budget_bytes: int | None = None  # KV cache limit; None = from the board's memory plan when a board is given
     memory_budget: int | str | None = None  # weights memory, bytes or "50%"; over it layers stream from storage (docs/paging.md)
+    expert_cache: str = "lfu"  # MoE bundles over the budget: routed experts paged through an "lfu" or "lru" cache
     log_provider: bool = True
 
     def __post_init__(self):
@@ -52,6 +53,9 @@ class RuntimeOptions:
             from edge_sdk.paging_model import parse_budget
 
             parse_budget(self.memory_budget, 1)
+        if self.expert_cache not in ("lfu", "lru"):
+            raise ConfigError(f"expert_cache {self.expert_cache!r} is not 'lfu' or 'lru'",
+                              hint="'lfu' keeps the experts used most often (with aging), 'lru' the ones used last")
         if self.board and self.emulate and self.board != self.emulate:
             raise ConfigError(f"board {self.board!r} and emulate {self.emulate!r} disagree", hint="pass one of them")
 

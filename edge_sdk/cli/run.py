@@ -26,6 +26,8 @@ def _load_options(p) -> None:
     p.add_argument("--spec-k", type=int_at_least(1), default=4, help="draft tokens per speculative step (adapts from here)")
     p.add_argument("--memory-budget", metavar="BYTES|PERCENT",
                    help="memory for weights, e.g. 2000000000 or 50%%; when the weights exceed it, layers stream from storage")
+    p.add_argument("--expert-cache", choices=("lfu", "lru"), default="lfu",
+                   help="MoE bundles over the memory budget: which routed experts the cache keeps (default lfu)")
     add_device_options(p)
 
 
@@ -62,7 +64,8 @@ def _load(args, max_batch: int = 1):
     kw = dict(provider=args.provider, threads=args.threads, accuracy_level=args.accuracy_level,
               max_seq_len=args.max_seq_len, public_key=args.key, board=args.board,
               emulate=None if args.board else args.emulate, root=args.root,
-              memory_budget=args.memory_budget, graph=args.graph, huge_pages=not args.no_huge_pages)
+              memory_budget=args.memory_budget, graph=args.graph, huge_pages=not args.no_huge_pages,
+              expert_cache=args.expert_cache)
     model = load(args.bundle, max_batch=max_batch, **kw)
     if getattr(args, "draft", None):
         model.attach_draft(load(args.draft, **kw))

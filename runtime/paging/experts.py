@@ -7,8 +7,8 @@ MatMulNBits, the fastest form onnxruntime's CPU provider computes them in), and 
 cache's policy:
 
 - `lru`: least recently used goes first (the baseline);
-- `lfu`: the expert used least often goes first, counts halved every `capacity` uses so the cache
-  follows a change of workload (ties: least recently used).
+- `lfu`: the expert used least often goes first, with dynamic aging so the cache follows a change
+  of workload (LFU-DA; ties: least recently used).
 
 Per MoE layer: the segment before it gives the routing weights; reads of the missing experts are
 issued at once (loader threads: read, then build), the cached ones compute meanwhile, each missing
@@ -92,56 +92,48 @@ class LRUPolicy:
 
 
 class LFUPolicy:
-    """Least frequently used, with aging: every count is halved after `period` uses (so an expert that
-    was popular long ago does not stay forever); ties go to the least recently used."""
+    """Least frequently used with dynamic aging (LFU-DA): an expert's priority is the cache's age plus
+    how often it has been used (counted across evictions), the lowest goes first, and the age rises to
+    each evicted priority, so experts popular long ago do not stay forever. Ties: least recently used."""
 
-    def __init__(self, period: int):
-        self.period = max(1, period)
-        self.count: dict = {}
-        self.last: dict = {}
+    def __init__(self):
+        self.count: dict = {}  # uses of every expert seen, cached or not
+        self.priority: dict = {}  # cached experts only
+        self.age = 0.0
         self.clock = 0
         self.heap: list = []
 
     def touch(self, key) -> None:
         self.clock += 1
-        self.count[key] = self.count.get(key, 0.0) + 1.0
-        self.last[key] = self.clock
-        heapq.heappush(self.heap, (self.count[key], self.clock, key))
-        if self.clock % self.period == 0:
-            for k in self.count:
-                self.count[k] /= 2
-            self._rebuild()
-        elif len(self.heap) > 4 * len(self.count) + 64:
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        self.heap = [(c, self.last[k], k) for k, c in self.count.items()]
-        heapq.heapify(self.heap)
+        self.count[key] = self.count.get(key, 0) + 1
+        self.priority[key] = (self.age + self.count[key], self.clock)
+        heapq.heappush(self.heap, (*self.priority[key], key))
+        if len(self.heap) > 4 * len(self.priority) + 64:
+            self.heap = [(*p, k) for k, p in self.priority.items()]
+            heapq.heapify(self.heap)
 
     def remove(self, key) -> None:
-        self.count.pop(key, None)
-        self.last.pop(key, None)
+        p = self.priority.pop(key, None)
+        if p is not None:
+            self.age = max(self.age, p[0])
 
     def victim(self, protected) -> object | None:
-        held = []
-        found = None
+        held, found = [], None
         while self.heap:
-            c, t, k = heapq.heappop(self.heap)
-            if self.count.get(k) != c or self.last.get(k) != t:
+            pri, t, k = item = heapq.heappop(self.heap)
+            if self.priority.get(k) != (pri, t):
                 continue  # stale entry
-            if k in protected:
-                held.append((c, t, k))
-                continue
-            found = k
-            held.append((c, t, k))  # stays until remove()
-            break
+            held.append(item)
+            if k not in protected:
+                found = k
+                break
         for h in held:
             heapq.heappush(self.heap, h)
         return found
 
 
-def make_policy(name: str, capacity: int):
-    return LRUPolicy() if name == "lru" else LFUPolicy(capacity)
+def make_policy(name: str):
+    return LRUPolicy() if name == "lru" else LFUPolicy()
 
 
 class ExpertCache:
@@ -149,7 +141,7 @@ class ExpertCache:
 
     def __init__(self, capacity: int, policy: str):
         self.capacity = capacity
-        self.policy = make_policy(policy, capacity)
+        self.policy = make_policy(policy)
         self.entries: dict = {}
 
     def __contains__(self, key) -> bool:

@@ -1,0 +1,288 @@
+"""Expert paging (runtime/paging/experts.py, moe_split.py): a DeepSeek-V2 / V3 bundle under a memory
+budget below its weights keeps attention, routers and shared experts resident and reads routed experts
+on demand into an expert cache. Greedy tokens equal transformers holding the bundle's dequantized
+weights (batch 1 with prompts of 1 and 7 tokens, left-padded batch 2); logits equal the resident
+runtime's; what is read equals a hand count from the manifest; the cache policies evict as LRU and
+LFU-DA define it; too small a budget and unsupported graphs are refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import edge_sdk  # noqa: E402
+from edge_sdk.cli.main import main  # noqa: E402
+from edge_sdk.errors import BundleError, ConfigError, MemoryBudgetError  # noqa: E402
+from edge_sdk.paging_model import PAGE  # noqa: E402
+from edge_sdk.runtime.backends.kv_cache import ModelIO  # noqa: E402
+from edge_sdk.runtime.paging.experts import ExpertCache, ExpertPagedBackend, ExpertPagingOptions, LFUPolicy, LRUPolicy  # noqa: E402
+from edge_sdk.runtime.paging.moe_split import moe_nodes, split  # noqa: E402
+from test_generation_e2e import runtime_greedy, torch_greedy  # noqa: E402
+
+PROMPTS = [[7], [5, 17, 42, 7, 99, 3, 64]]
+NEW = 8
+CONVERT = dict(method="rtn", nsamples=4, seqlen=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_model_dir, tmp_path_factory):
+    out = {}
+    for arch in ("deepseek_v2", "deepseek_v3"):
+        out[arch] = tmp_path_factory.mktemp(f"{arch}-paged") / "b"
+        edge_sdk.convert(tiny_model_dir(arch), out[arch], **CONVERT)
+    return out
+
+
+def manifest(bundle) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def weight_bytes(bundle) -> int:
+    return sum(t["nbytes"] for t in manifest(bundle)["weights"]["tensors"].values())
+
+
+def backend(bundle, budget, **kw) -> ExpertPagedBackend:
+    m = manifest(bundle)
+    return ExpertPagedBackend(bundle, m, bundle / "model.onnx", ModelIO.from_manifest(m), ExpertPagingOptions(budget, **kw),
+                              threads=1, accuracy_level=1)
+
+
+def expert_read_bytes(bundle, layer: int, e: int) -> int:
+    """Bytes one expert read takes, by hand: its four slices of the stacked tensors, each widened to pages."""
+    t = manifest(bundle)["weights"]["tensors"]
+    total = 0
+    for name in ("gate_up_proj.qweight", "gate_up_proj.scales", "down_proj.qweight", "down_proj.scales"):
+        s = t[f"model.layers.{layer}.mlp.experts.{name}"]
+        per = s["nbytes"] // s["shape"][0]
+        off = s["offset"] + e * per
+        start = off - off % PAGE
+        total += -(-(off + per - start) // PAGE) * PAGE
+    return total
+
+
+# ---- tokens and logits -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, bundles):
+    from test_deepseek_v2 import reference_model as v2_reference
+    from test_deepseek_v3 import reference_model as v3_reference
+
+    return {"deepseek_v2": v2_reference(tiny_model_dir("deepseek_v2"), bundles["deepseek_v2"]),
+            "deepseek_v3": v3_reference(tiny_model_dir("deepseek_v3"), bundles["deepseek_v3"])}
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_paged_greedy_equals_transformers(bundles, references, arch, policy):
+    bundle = bundles[arch]
+    model = edge_sdk.load(bundle, provider="cpu", accuracy_level=1, threads=1, memory_budget=weight_bytes(bundle) - 1,
+                          expert_cache=policy)
+    assert model.backend.describe()["backend"] == "onnxruntime-expert-paged"
+    b = model.backend
+    assert b.capacity < len(b.moe) * b.n_experts  # fewer experts cached than the model has: some are read again
+    hf = references[arch]
+    for p in PROMPTS:
+        assert runtime_greedy(model, [p], NEW)[0] == torch_greedy(hf, p, NEW)
+    assert runtime_greedy(model, PROMPTS, NEW) == [torch_greedy(hf, p, NEW) for p in PROMPTS]
+    assert model.backend.stats.misses > 0
+
+
+@pytest.mark.parametrize("io", ["reader", "mmap"])
+def test_paged_logits_equal_the_resident_runtime(bundles, io):
+    bundle = bundles["deepseek_v2"]
+    resident = edge_sdk.load(bundle, provider="cpu", accuracy_level=1, threads=1).backend
+    m = manifest(bundle)
+    k = m["architecture"]["moe"]["num_experts_per_tok"]
+    paged = backend(bundle, weight_bytes(bundle) - 1, io=io)
+    assert io == "mmap" or paged.capacity >= k
+    ids = np.array([PROMPTS[1], [0, 0, 0, 4, 8, 15, 16]])
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    c1, c2 = resident.new_cache(2, 32), paged.new_cache(2, 32)
+    a, b = resident.forward(ids, c1, mask), paged.forward(ids, c2, mask)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    for _ in range(4):
+        nxt = a[:, -1].argmax(-1)[:, None]
+        a, b = resident.forward(nxt, c1), paged.forward(nxt, c2)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    for layer in range(m["io"]["kv"]["num_layers"]):
+        for kind in (0, 1):
+            np.testing.assert_allclose(c2.past(layer, kind), c1.past(layer, kind), rtol=0, atol=1e-5)
+
+
+def test_what_is_read_equals_a_hand_count(bundles):
+    """Without read-ahead and with room for every expert, each (layer, expert) a step uses is read once,
+    exactly its four page-widened slices; the same prompt again is all hits and reads nothing."""
+    bundle = bundles["deepseek_v2"]
+    b = backend(bundle, 10 * weight_bytes(bundle), prefetch=False)
+    assert b.capacity == 2 * 4
+    used = set()
+    orig = b._experts
+
+    def spy(j, x, w):
+        used.update((b.moe[j].layer, int(e)) for e in np.nonzero(w.max(0) > 0)[0])
+        return orig(j, x, w)
+
+    b._experts = spy
+    ids = np.array([PROMPTS[1]])
+    b.forward(ids, b.new_cache(1, 16))
+    assert b.stats.misses == len(used) and b.stats.hits == 0
+    assert b.stats.bytes_read == sum(expert_read_bytes(bundle, layer, e) for layer, e in used)
+    read = b.stats.bytes_read
+    b.forward(ids, b.new_cache(1, 16))
+    assert b.stats.bytes_read == read and b.stats.misses == len(used) and b.stats.hits == len(used)
+
+
+def test_read_ahead_predicts_from_the_next_router(bundles):
+    """Decode steps read the next MoE layer's predicted experts ahead; every prediction is either used
+    by that layer or counted as wasted, and none is cached unless used."""
+    bundle = bundles["deepseek_v3"]
+    b = backend(bundle, weight_bytes(bundle) - 1)
+    cache = b.new_cache(1, 32)
+    logits = b.forward(np.array([PROMPTS[1]]), cache)
+    for _ in range(12):
+        logits = b.forward(logits[:, -1].argmax(-1)[:, None], cache)
+    s = b.stats
+    assert s.prefetch_issued > 0
+    assert s.prefetch_hits + s.prefetch_wasted == s.prefetch_issued
+    assert not b.pending
+    assert s.uses == s.hits + s.prefetch_hits + s.misses
+
+
+def test_speculative_greedy_on_the_paged_backend_equals_plain(bundles):
+    bundle = bundles["deepseek_v2"]
+    model = edge_sdk.load(bundle, provider="cpu", accuracy_level=1, threads=1, memory_budget=weight_bytes(bundle) - 1)
+    prompt = "def f(x): return x + 1\ndef g(x): return x + 1\ndef h(x): return x"
+    plain = model.generate(prompt, max_new_tokens=12, ignore_eos=True, speculative=False)
+    spec = model.generate(prompt, max_new_tokens=12, ignore_eos=True, speculative="prompt-lookup")
+    assert spec.token_ids == plain.token_ids and len(plain.token_ids) == 12
+
+
+def test_cli_run_pages_experts_with_either_policy(bundles, capsys):
+    bundle = bundles["deepseek_v2"]
+    outs = []
+    for policy in ("lfu", "lru"):
+        assert main(["run", str(bundle), "--prompt", "Hello", "--max-tokens", "6", "--provider", "cpu", "--accuracy-level", "1",
+                     "--memory-budget", str(weight_bytes(bundle) - 1), "--expert-cache", policy, "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["text"])
+    resident = edge_sdk.load(bundle, provider="cpu", accuracy_level=1).generate("Hello", max_new_tokens=6)
+    assert outs == [resident.text, resident.text]
+
+
+# ---- refusals ----------------------------------------------------------------------------------------------
+
+def test_too_small_a_budget_is_refused_with_the_size_needed(bundles):
+    bundle = bundles["deepseek_v2"]
+    with pytest.raises(MemoryBudgetError) as e:
+        backend(bundle, 800_000)
+    msg = str(e.value)
+    assert "leaves room for 0 routed experts" in msg and "a token needs 2" in msg and "\n" not in msg
+    need = int(msg.split("at least ")[1].split(" bytes")[0].replace(",", ""))
+    assert backend(bundle, need).capacity == 2  # exactly the size named is enough
+
+
+def test_unknown_expert_cache_policy_refused():
+    with pytest.raises(ConfigError, match="expert_cache 'fifo' is not 'lfu' or 'lru'"):
+        edge_sdk.runtime.options.RuntimeOptions(expert_cache="fifo")
+
+
+@pytest.mark.parametrize("attr, value, words", [
+    ("normalize_routing_weights", 1, "normalize_routing_weights=1; expert paging computes normalize_routing_weights=0 only"),
+    ("activation_type", "gelu", "activation_type='gelu'"),
+    ("expert_weight_bits", 8, "expert_weight_bits=8"),
+])
+def test_a_qmoe_node_paging_does_not_compute_is_refused(bundles, tmp_path, attr, value, words):
+    g = onnx.load(str(bundles["deepseek_v2"] / "model.onnx"), load_external_data=False).graph
+    node = next(n for n in g.node if n.op_type == "QMoE")
+    for a in node.attribute:
+        if a.name == attr:
+            node.attribute.remove(a)
+            break
+    node.attribute.append(onnx.helper.make_attribute(attr, value))
+    with pytest.raises(BundleError, match=words):
+        moe_nodes(g, "b")
+
+
+def test_a_graph_without_experts_is_refused(tiny_bundle):
+    with pytest.raises(BundleError, match="no routed-expert"):
+        split(tiny_bundle("qwen2") / "model.onnx")
+
+
+def test_split_segments_cover_the_graph_once(bundles):
+    """n MoE layers give n + 1 segments; presents and logits come out of exactly one segment each; no
+    segment holds a routed expert's weights or the embedding table."""
+    bundle = bundles["deepseek_v2"]
+    s = split(bundle / "model.onnx")
+    assert len(s.segments) == len(s.moe) + 1 == 3  # layers 1 and 2 are MoE
+    outs = [o for seg in s.segments for o in seg.outputs if o == "logits" or o.startswith("present.")]
+    assert sorted(outs) == sorted(o.name for o in onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.output)
+    for seg in s.segments:
+        names = {t.name for t in onnx.load_from_string(seg.model).graph.initializer}
+        assert not any(".mlp.experts." in n for n in names)
+        assert "model.embed_tokens.weight" not in names
+
+
+# ---- cache policies ----------------------------------------------------------------------------------------
+
+def test_lru_evicts_the_least_recently_used():
+    c = ExpertCache(2, "lru")
+    c.put("a", 1)
+    c.put("b", 2)
+    assert c.get("a") == 1
+    assert c.put("c", 3) == ["b"]
+    assert c.put("d", 4, protected=frozenset({"a"})) == ["c"]
+    assert set(c.entries) == {"a", "d"}
+
+
+def test_lfu_keeps_the_most_used_and_ages():
+    c = ExpertCache(2, "lfu")
+    c.put("hot", 1)
+    for _ in range(3):
+        c.get("hot")
+    c.put("x", 2)
+    assert c.put("y", 3) == ["x"]  # hot (4 uses) stays, the one-use x goes
+    # aging: newcomers start at the age of the last eviction, so a long enough run of new experts
+    # eventually outranks an expert that stopped being used
+    evicted = []
+    for i in range(10):
+        evicted += c.put(f"n{i}", i)
+        c.get(f"n{i}")
+    assert "hot" in evicted
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["lru", "lfu"]), st.integers(1, 6),
+       st.lists(st.tuples(st.integers(0, 12), st.booleans()), min_size=1, max_size=80))
+def test_cache_never_exceeds_capacity_and_keeps_what_it_just_took(policy, cap, ops):
+    c = ExpertCache(cap, policy)
+    for key, protect_prev in ops:
+        prev = frozenset(list(c.entries)[:1]) if protect_prev and cap > 1 else frozenset()
+        if c.get(key) is None:
+            evicted = c.put(key, key, protected=prev)
+            assert key in c.entries
+            assert not (set(evicted) & prev)
+        assert len(c) <= cap
+
+
+def test_policies_are_what_they_claim_on_a_skewed_trace():
+    """A skewed stream (one expert in two uses is from a small hot set) through a small cache: LFU keeps
+    the hot set and hits more than LRU; both count every use."""
+    rng = np.random.default_rng(0)
+    trace = [int(rng.integers(0, 4)) if rng.random() < 0.5 else int(rng.integers(4, 64)) for _ in range(4000)]
+    hits = {}
+    for policy in ("lru", "lfu"):
+        c, h = ExpertCache(6, policy), 0
+        for k in trace:
+            if c.get(k) is not None:
+                h += 1
+            else:
+                c.put(k, k)
+        hits[policy] = h
+    assert hits["lfu"] > 1.3 * hits["lru"]
+    assert isinstance(LRUPolicy().victim(frozenset()), type(None)) and LFUPolicy().victim(frozenset()) is None
