@@ -99,13 +99,17 @@ def test_every_expert_weight_is_read_inside_its_conditional(bundle, tmp_path):
     assert len(int4) == 2 * layers * moe_cfg["n_routed_experts"] and all(len(t.dims) == 2 for t in int4.values())
 
 
-def test_engine_build_accepts_the_bundle_and_removes_its_scratch(bundle, tmp_path, monkeypatch):
+@pytest.mark.parametrize("graph, experts", [("fp16", "float16"), ("fp32", "float32")])
+def test_engine_build_accepts_the_bundle_and_removes_its_scratch(bundle, tmp_path, monkeypatch, graph, experts):
+    from dataclasses import replace
+
     trt, _ = trt_fake.install(monkeypatch)
     lines = []
-    path, built = tb.build_engine(bundle, manifest_of(bundle), "agx-orin-64gb", trt, settings=SETTINGS, cache_root=tmp_path,
-                                  report=lines.append)
+    path, built = tb.build_engine(bundle, manifest_of(bundle), "agx-orin-64gb", trt, settings=replace(SETTINGS, graph=graph),
+                                  cache_root=tmp_path, report=lines.append)
     meta = json.loads((path.parent / "engine.json").read_text())
-    assert built and meta["graph"] == moe.GRAPH_FILE and meta["moe_experts"]["activation_dtype"] == "float16"
+    assert built and meta["graph"] == moe.GRAPH_FILE and meta["moe_experts"]["activation_dtype"] == experts
+    assert meta["graph_kind"] == graph
     assert meta["moe_experts"]["source_graph"] == "model.onnx"
     assert any("routed experts" in m for m in lines)
     assert not list(tmp_path.glob(".moe-build-*"))  # the scratch (INT4 experts) is gone, the engine holds them
@@ -116,6 +120,11 @@ def test_engine_build_accepts_the_bundle_and_removes_its_scratch(bundle, tmp_pat
 def test_the_bundles_qmoe_graph_is_refused_by_name(bundle):
     errors = trt_fake.ParserRules(onnx.load(str(bundle / "model.onnx"), load_external_data=False)).errors
     assert errors and all("No importer registered for op: QMoE" in e for e in errors)
+
+
+def test_fake_parser_takes_the_dense_graph(tiny_bundle):
+    errors = trt_fake.ParserRules(onnx.load(str(tiny_bundle("qwen2") / "model.onnx"), load_external_data=False)).errors
+    assert errors == []
 
 
 def test_scratch_that_does_not_fit_is_one_line(bundle, tmp_path, monkeypatch):

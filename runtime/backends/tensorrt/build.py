@@ -102,9 +102,9 @@ def check_bundle(manifest: dict, s: EngineBuildSettings, root: Path) -> str:
     if group not in TRT_INT4_BLOCKS:
         raise ConfigError(f"{root}: INT4 group size {group}; TensorRT runs INT4 blocks of 64 or 128 only",
                           hint="convert the model again with --group-size 128 (or 64), or use provider='cpu'")
+    if moe.is_moe(manifest):  # the source of moe.py's rewrite, whose routed experts run in s.graph's precision
+        return manifest["graphs"]["fp32"]["file"]
     entry = manifest["graphs"].get(s.graph)
-    if not entry and moe.is_moe(manifest) and s.graph == "fp16" and "fp32" in manifest["graphs"]:
-        return manifest["graphs"]["fp32"]["file"]  # MoE bundles carry the fp32 graph only; the routed experts run fp16 (moe.py)
     if not entry:
         raise ConfigError(f"{root}: the bundle has no {s.graph} graph (TensorRT runs INT4 weights with fp16 activations)",
                           hint="convert with --fp16-graph, or build with --graph fp32 (slower, fp32 activations)")
