@@ -286,3 +286,29 @@ def test_policies_are_what_they_claim_on_a_skewed_trace():
         hits[policy] = h
     assert hits["lfu"] > 1.3 * hits["lru"]
     assert isinstance(LRUPolicy().victim(frozenset()), type(None)) and LFUPolicy().victim(frozenset()) is None
+
+
+def test_serve_pages_experts_and_answers_as_the_runtime(bundles):
+    import openai
+
+    from edge_sdk.runtime.generate.generation import GenerationConfig
+    from edge_sdk.runtime.server.config import ServeConfig
+    from edge_sdk.runtime.server.daemon import build_service
+    from test_server_helpers import ServerThread
+
+    bundle = bundles["deepseek_v2"]
+    budget = str(weight_bytes(bundle) - 1)
+    service = build_service(ServeConfig(bundle=str(bundle)).with_overrides(memory_weights_budget=budget))
+    b = service.state.model.backend
+    assert isinstance(b, ExpertPagedBackend)
+    assert service.state.memory.layout.weights_bytes >= b.plan.peak_bytes  # the manager charges the executor's peak
+    assert b.plan.peak_bytes <= int(budget)
+    reference = edge_sdk.load(bundle, provider="cpu")
+    prompt = "Experts stream from storage"
+    want = "".join(c.text for c in reference.generator.stream([reference.tokenizer.encode(prompt)],
+                                                              GenerationConfig(max_new_tokens=10, temperature=0.0)))
+    with ServerThread(service.state) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = c.completions.create(model=s.state.model_id, prompt=prompt, max_tokens=10, temperature=0)
+    assert r.choices[0].text == want
+    b.close()

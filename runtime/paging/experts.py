@@ -261,6 +261,24 @@ def expert_graph(layout: ExpertLayout, accuracy_level: int, alpha: float, beta: 
     return model.SerializeToString()
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertPlan:
+    """What the executor holds at most: resident tensors, the cache, reads in flight (the daemon's
+    memory manager charges `peak_bytes`)."""
+
+    resident_bytes: int
+    cache_experts: int
+    expert_held_bytes: int
+    in_flight_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.resident_bytes + self.cache_experts * self.expert_held_bytes + self.in_flight_bytes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"peak_bytes": self.peak_bytes}
+
+
 @dataclasses.dataclass
 class ExpertStats:
     uses: int = 0  # expert computations (a token's k experts in k MoE layers: k * layers per decode token)
@@ -320,6 +338,8 @@ class ExpertPagedBackend:
                                     f"routed experts beside the {self.resident_bytes:,} resident bytes; a token needs {k}",
                                     hint=f"raise the memory budget to at least {need:,} bytes")
         self.capacity = min(self.capacity, total)
+        self.plan = ExpertPlan(self.resident_bytes, self.capacity, self.entry_bytes,
+                               2 * self.in_flight * (lay.held_bytes + lay.nbytes))
 
         so = self._options(accuracy_level)
         so.add_session_config_entry(EXTERNAL_DIR_KEY, str(self.root.absolute()))
@@ -351,7 +371,7 @@ class ExpertPagedBackend:
         self.mapped = None
         if options.io == "mmap":
             self.mapped = mmap.mmap(self.file.fd, 0, prot=mmap.PROT_READ)
-            self.mapped_bytes = np.frombuffer(self.mapped, np.uint8)
+            self.map_view = np.frombuffer(self.mapped, np.uint8)
         self.owns_weights = self._check_prepack_owns()
         log.info("paging: %d MoE layers x %d routed experts streamed from %s (%s); cache of %d experts (%s, %s bytes each), "
                  "%s resident bytes, budget %s bytes", len(self.moe), self.n_experts, self.file.path.name,
@@ -418,7 +438,7 @@ class ExpertPagedBackend:
     def _mapped(self, j: int, e: int):
         """The naive baseline: the session built straight from the mapped file, its pages dropped after."""
         ranges = self.layouts[j].ranges(e)
-        parts = [self.mapped_bytes[off:off + n] for off, n in ranges]
+        parts = [self.map_view[off:off + n] for off, n in ranges]
         t0 = time.perf_counter()
         sess = self._build(j, parts)
         with self._lock:
@@ -616,6 +636,7 @@ class ExpertPagedBackend:
                            "policy": self.options.policy, "prefetch": self.routers is not None,
                            "expert_bytes": self.layouts[0].nbytes, "expert_held_bytes": self.entry_bytes,
                            "resident_bytes": self.resident_bytes, "budget_bytes": self.options.budget_bytes,
+                           "peak_bytes": self.plan.peak_bytes,
                            "stats": self.stats.to_dict()}}
 
     def close(self) -> None:
@@ -623,7 +644,7 @@ class ExpertPagedBackend:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if getattr(self, "mapped", None) is not None:
-            del self.mapped_bytes
+            del self.map_view
             self.mapped.close()
             self.mapped = None
         f = getattr(self, "file", None)
