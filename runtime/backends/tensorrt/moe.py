@@ -95,6 +95,8 @@ def _write_experts(weights: Path, wsec: dict, nodes: list, dst: Path) -> dict[st
                 left = meta["nbytes"]
                 while left:
                     buf = np.frombuffer(src.read(min(CHUNK, left)), np.uint8)
+                    if not buf.size:
+                        raise ConfigError(f"{weights}: ends inside {name}", hint="the bundle is incomplete: edge-sdk verify names the file")
                     f.write((buf ^ np.uint8(0x88)).tobytes())
                     left -= buf.size
                 at += meta["nbytes"]
@@ -157,84 +159,98 @@ def _external(name: str, dtype, shape, location: str, offset: int, nbytes: int):
 def _experts_subgraph(node, wsec: dict, experts: dict[str, int], fp16: bool) -> tuple[list, list]:
     """One QMoE node -> (nodes, initializers). QMoE inputs: 0 x [N, H], 1 router weights [N, E] (0 outside
     the top-k), 2 / 5 stacked uint4 fc1 [E, 2I, H / 2] (gate and up rows interleaved) / fc2 [E, H, I / 2]."""
-    from onnx import TensorProto, helper
-
-    tensors = wsec["tensors"]
-    x, w = node.input[0], node.input[1]
-    fc1, fc2 = node.input[2], node.input[5]
-    group = int(_attr(node, "block_size"))
     if _attr(node, "swiglu_fusion") != 1 or _attr(node, "activation_type", b"").decode() != "swiglu":
         raise ConfigError(f"{node.name}: QMoE with activation {_attr(node, 'activation_type')!r} is not rewritten for TensorRT",
                           hint="convert the model again with this edge-sdk")
-    (e1, two_i, h_half), (e2, hidden, i_half) = tensors[fc1]["shape"], tensors[fc2]["shape"]
-    assert e1 == e2 and two_i == 4 * i_half and hidden == 2 * h_half, (tensors[fc1]["shape"], tensors[fc2]["shape"])
-    p = node.name.removesuffix("/QMoE") or node.name
-    stacked = fc1.removesuffix(".gate_up_proj.qweight")  # model.layers.1.mlp.experts
-    nodes, inits = [], []
+    b = _Experts(node, wsec, experts, fp16)
+    outs = [b.expert(e) for e in range(b.count)]
+    b.add("Sum", outs, node.output[0], "Sum")
+    return b.nodes, b.inits
 
-    def name(s):
-        return f"{p}/trt_moe/{s}"
 
-    x16 = name("x_fp16") if fp16 else x
-    if fp16:
-        nodes.append(helper.make_node("Cast", [x], [x16], name=name("x/Cast"), to=TensorProto.FLOAT16))
-    one = name("one")
-    inits.append(helper.make_tensor(one, TensorProto.INT64, [1], [1]))
-    cols, zero = name("axes1"), name("zero")
-    inits += [helper.make_tensor(cols, TensorProto.INT64, [1], [1]), helper.make_tensor(zero, TensorProto.FLOAT, [], [0.0])]
-    two, i_size, starts0 = name("two"), name("inter2"), name("start0")
-    inits += [helper.make_tensor(two, TensorProto.INT64, [1], [2]), helper.make_tensor(i_size, TensorProto.INT64, [1], [two_i]),
-              helper.make_tensor(starts0, TensorProto.INT64, [1], [0])]
-    shape = name("x/Shape")
-    nodes.append(helper.make_node("Shape", [x], [shape], name=name("x/Shape")))
-    outs = []
-    for e in range(e1):
-        q = f"{stacked}.{e}"
-        start, end = name(f"e{e}/start"), name(f"e{e}/end")
-        inits += [helper.make_tensor(start, TensorProto.INT64, [1], [e]), helper.make_tensor(end, TensorProto.INT64, [1], [e + 1])]
-        col, peak, cond = name(f"e{e}/w"), name(f"e{e}/w_max"), name(f"e{e}/chosen")
-        nodes += [helper.make_node("Slice", [w, start, end, cols], [col], name=name(f"e{e}/w/Slice")),  # [N, 1]
-                  helper.make_node("ReduceMax", [col], [peak], name=name(f"e{e}/w/ReduceMax"), keepdims=0),  # scalar
-                  helper.make_node("Greater", [peak, zero], [cond], name=name(f"e{e}/Greater"))]
-        then_nodes = []
-        h = x16
-        for fc, kind, out_rows, in_cols in ((fc1, "gate_up", two_i, hidden), (fc2, "down", hidden, two_i // 2)):
-            qname, sname = f"{q}.{kind}_proj.qweight", f"{q}.{kind}_proj.scales"
-            per_expert = tensors[fc]["nbytes"] // e1
-            inits.append(_external(qname, TensorProto.INT4, (out_rows, in_cols), EXPERTS_FILE, experts[fc] + e * per_expert, per_expert))
-            smeta = tensors[fc.removesuffix(".qweight") + ".scales"]
-            s_bytes = smeta["nbytes"] // e1
-            inits.append(_external(sname, TensorProto.FLOAT16, (out_rows, in_cols // group), wsec["file"], smeta["offset"] + e * s_bytes, s_bytes))
-            dq, y = name(f"e{e}/{kind}/DequantizeLinear/output_0"), name(f"e{e}/{kind}/Gemm/output_0")
-            if not fp16:
-                then_nodes.append(helper.make_node("Cast", [sname], [sname + "_fp32"], name=name(f"e{e}/{kind}/scales/Cast"), to=TensorProto.FLOAT))
-                sname += "_fp32"
-            then_nodes += [helper.make_node("DequantizeLinear", [qname, sname], [dq], name=name(f"e{e}/{kind}/DequantizeLinear"),
-                                            axis=1, block_size=group),  # [out, in] fp16
-                           helper.make_node("Gemm", [h, dq], [y], name=name(f"e{e}/{kind}/Gemm"), transB=1)]  # [N, out]
-            if kind == "gate_up":  # rows interleaved: gate 0, up 0, gate 1, ...
-                gate, up, sig, act = (name(f"e{e}/{s}") for s in ("gate", "up", "gate_sigmoid", "act"))
-                then_nodes += [helper.make_node("Slice", [y, starts0, i_size, cols, two], [gate], name=name(f"e{e}/gate/Slice")),
-                               helper.make_node("Slice", [y, one, i_size, cols, two], [up], name=name(f"e{e}/up/Slice")),
-                               helper.make_node("Sigmoid", [gate], [sig], name=name(f"e{e}/Sigmoid")),
-                               helper.make_node("Mul", [gate, sig], [name(f"e{e}/silu")], name=name(f"e{e}/silu/Mul")),
-                               helper.make_node("Mul", [name(f"e{e}/silu"), up], [act], name=name(f"e{e}/act/Mul"))]
-                h = act
-            else:
-                y32, then_out = name(f"e{e}/y_fp32"), name(f"e{e}/then")
-                if fp16:
-                    then_nodes.append(helper.make_node("Cast", [y], [y32], name=name(f"e{e}/y/Cast"), to=TensorProto.FLOAT))
-                then_nodes.append(helper.make_node("Mul", [y32 if fp16 else y, col], [then_out], name=name(f"e{e}/weighted/Mul")))
-        else_out = name(f"e{e}/else")
-        else_nodes = [helper.make_node("ConstantOfShape", [shape], [else_out], name=name(f"e{e}/zeros"),
-                                       value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]))]
-        out = name(f"e{e}/output_0")
-        branch = lambda ns, o: helper.make_graph(ns, o.split("/")[-1], [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)])  # noqa: E731
-        nodes.append(helper.make_node("If", [cond], [out], name=name(f"e{e}/If"),
-                                      then_branch=branch(then_nodes, name(f"e{e}/then")), else_branch=branch(else_nodes, else_out)))
-        outs.append(out)
-    nodes.append(helper.make_node("Sum", outs, [node.output[0]], name=name("Sum")))
-    return nodes, inits
+class _Experts:
+    """Builds one MoE layer's routed experts; node and tensor names under `<QMoE's path>/trt_moe/`."""
+
+    def __init__(self, node, wsec: dict, experts: dict[str, int], fp16: bool):
+        from onnx import TensorProto
+
+        self.wsec, self.experts, self.fp16, self.T = wsec, experts, fp16, TensorProto
+        tensors = wsec["tensors"]
+        self.x, self.w, self.fc1, self.fc2 = node.input[0], node.input[1], node.input[2], node.input[5]
+        self.group = int(_attr(node, "block_size"))
+        (self.count, self.two_i, h_half), (e2, self.hidden, i_half) = tensors[self.fc1]["shape"], tensors[self.fc2]["shape"]
+        assert self.count == e2 and self.two_i == 4 * i_half and self.hidden == 2 * h_half, (tensors[self.fc1], tensors[self.fc2])
+        self.path = f"{node.name.removesuffix('/QMoE') or node.name}/trt_moe"
+        self.stacked = self.fc1.removesuffix(".gate_up_proj.qweight")  # model.layers.1.mlp.experts
+        self.nodes, self.inits, self.raw_outputs = [], [], set(node.output)
+        self.shape = self.add("Shape", [self.x], "x_shape", "x/Shape")
+        self.x_in = self.add("Cast", [self.x], "x_fp16", "x/Cast", to=TensorProto.FLOAT16) if fp16 else self.x
+        self.c = {k: self.const(k, v) for k, v in (("zero", None), ("0", 0), ("1", 1), ("2", 2), ("2I", self.two_i))}
+
+    def name(self, s: str) -> str:
+        return f"{self.path}/{s}"
+
+    def const(self, key, value):
+        from onnx import helper
+
+        t = helper.make_tensor(self.name(f"const_{key}"), self.T.FLOAT if value is None else self.T.INT64,
+                               [] if value is None else [1], [0.0 if value is None else value])
+        self.inits.append(t)
+        return t.name
+
+    def add(self, op, inputs, out, node_name=None, into=None, **attrs) -> str:
+        """A node writing `<path>/<out>` (or `out` itself when it is the QMoE's output), named `<path>/<node_name>`."""
+        from onnx import helper
+
+        out_name = out if out in self.raw_outputs else self.name(out)
+        (self.nodes if into is None else into).append(helper.make_node(op, inputs, [out_name], name=self.name(node_name or out), **attrs))
+        return out_name
+
+    def expert(self, e: int) -> str:
+        """If(max_n w[n, e] > 0, then: w[:, e] * expert_e(x), else: zeros) -> its output's name."""
+        from onnx import helper
+
+        start, end = self.const(f"e{e}", e), self.const(f"e{e}+1", e + 1)
+        col = self.add("Slice", [self.w, start, end, self.c["1"]], f"e{e}/w", f"e{e}/w/Slice")  # [N, 1]
+        peak = self.add("ReduceMax", [col], f"e{e}/w_max", f"e{e}/w/ReduceMax", keepdims=0)  # scalar
+        cond = self.add("Greater", [peak, self.c["zero"]], f"e{e}/chosen", f"e{e}/Greater")
+        then_nodes, else_nodes = [], []
+        gate_up = self.linear(e, "gate_up", self.fc1, (self.two_i, self.hidden), self.x_in, then_nodes)  # [N, 2I]
+        c = self.c  # rows interleaved: gate 0, up 0, gate 1, ...
+        gate = self.add("Slice", [gate_up, c["0"], c["2I"], c["1"], c["2"]], f"e{e}/gate", f"e{e}/gate/Slice", then_nodes)
+        up = self.add("Slice", [gate_up, c["1"], c["2I"], c["1"], c["2"]], f"e{e}/up", f"e{e}/up/Slice", then_nodes)
+        sig = self.add("Sigmoid", [gate], f"e{e}/gate_sigmoid", f"e{e}/Sigmoid", then_nodes)
+        silu = self.add("Mul", [gate, sig], f"e{e}/silu", f"e{e}/silu/Mul", then_nodes)
+        act = self.add("Mul", [silu, up], f"e{e}/act", f"e{e}/act/Mul", then_nodes)
+        y = self.linear(e, "down", self.fc2, (self.hidden, self.two_i // 2), act, then_nodes)  # [N, H]
+        if self.fp16:
+            y = self.add("Cast", [y], f"e{e}/y_fp32", f"e{e}/y/Cast", then_nodes, to=self.T.FLOAT)
+        then_out = self.add("Mul", [y, col], f"e{e}/then", f"e{e}/weighted/Mul", then_nodes)
+        else_out = self.add("ConstantOfShape", [self.shape], f"e{e}/else", f"e{e}/zeros", else_nodes,
+                            value=helper.make_tensor("value", self.T.FLOAT, [1], [0.0]))
+
+        def branch(ns, out):
+            return helper.make_graph(ns, out.rsplit("/", 1)[-1], [], [helper.make_tensor_value_info(out, self.T.FLOAT, None)])
+
+        return self.add("If", [cond], f"e{e}/output_0", f"e{e}/If",
+                        then_branch=branch(then_nodes, then_out), else_branch=branch(else_nodes, else_out))
+
+    def linear(self, e: int, kind: str, stacked: str, rows_cols: tuple[int, int], x: str, into: list) -> str:
+        """x @ W_e^T with W_e = DequantizeLinear(INT4 [out, in], fp16 scales [out, in / g], axis 1): slices of
+        the converted experts file and of the bundle's weights file."""
+        rows, cols = rows_cols
+        qname, sname = f"{self.stacked}.{e}.{kind}_proj.qweight", f"{self.stacked}.{e}.{kind}_proj.scales"
+        q_bytes = self.wsec["tensors"][stacked]["nbytes"] // self.count
+        smeta = self.wsec["tensors"][stacked.removesuffix(".qweight") + ".scales"]
+        s_bytes = smeta["nbytes"] // self.count
+        q_at, s_at = self.experts[stacked] + e * q_bytes, smeta["offset"] + e * s_bytes
+        self.inits += [_external(qname, self.T.INT4, (rows, cols), EXPERTS_FILE, q_at, q_bytes),
+                       _external(sname, self.T.FLOAT16, (rows, cols // self.group), self.wsec["file"], s_at, s_bytes)]
+        if not self.fp16:
+            sname = self.add("Cast", [sname], f"e{e}/{kind}/scales_fp32", f"e{e}/{kind}/scales/Cast", into, to=self.T.FLOAT)
+        w = self.add("DequantizeLinear", [qname, sname], f"e{e}/{kind}/DequantizeLinear/output_0",
+                     f"e{e}/{kind}/DequantizeLinear", into, axis=1, block_size=self.group)  # [out, in]
+        return self.add("Gemm", [x, w], f"e{e}/{kind}/Gemm/output_0", f"e{e}/{kind}/Gemm", into, transB=1)  # [N, out]
 
 
 def _drop_unused(g) -> None:
