@@ -117,6 +117,27 @@ def test_engine_build_accepts_the_bundle_and_removes_its_scratch(bundle, tmp_pat
     assert {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)} >= {"input_ids", "logits", "present.0.key"}
 
 
+@pytest.mark.parametrize("graph", ["fp16", "fp32"])
+def test_native_backend_on_the_engine_gives_the_cpu_backends_greedy_tokens(bundle, tmp_path, monkeypatch, graph):
+    """TensorRTBackend (profiles, device KV of MLA latents) over the engine, against the bundle's QMoE graph
+    on the CPU backend: prompts of 1 and 7 tokens, batch 2 left-padded, whole prefill then 4 greedy steps."""
+    from dataclasses import replace
+
+    from test_tensorrt_runtime import greedy
+
+    from edge_sdk.runtime.backends.kv_cache import ModelIO
+    from edge_sdk.runtime.backends.ort import OrtBackend
+    from edge_sdk.runtime.backends.tensorrt.backend import TensorRTBackend
+
+    trt, _ = trt_fake.install(monkeypatch)
+    man = manifest_of(bundle)
+    path, _ = tb.build_engine(bundle, man, "local", trt, settings=replace(SETTINGS, graph=graph), cache_root=tmp_path, report=lambda m: None)
+    io = ModelIO.from_manifest(man)
+    cpu = OrtBackend(bundle / "model.onnx", io, providers=["CPUExecutionProvider"], threads=1)
+    prompts = [np.random.default_rng(i).integers(3, man["architecture"]["vocab_size"], n).tolist() for i, n in enumerate((1, 7))]
+    assert greedy(TensorRTBackend(path, io, trt), prompts) == greedy(cpu, prompts)
+
+
 def test_the_bundles_qmoe_graph_is_refused_by_name(bundle):
     errors = trt_fake.ParserRules(onnx.load(str(bundle / "model.onnx"), load_external_data=False)).errors
     assert errors and all("No importer registered for op: QMoE" in e for e in errors)
