@@ -11,8 +11,8 @@ that reads the layer's whole stack of experts. Expert paging runs the graph with
   `w` [N, experts] (0 outside each token's top-k), and hands the result on as the node's output.
 
 The embedding lookup is taken out too (rows are read from the weights file per token), so neither
-the table nor its fp32 copy is ever held. Tensors that cross a cut go through the host; constants are
-copied into the segment that reads them. Needs only `onnx` (protobuf; no torch).
+the table nor its fp32 copy is ever held. Activations that cross a cut go through the host; static
+subgraphs (constants, dequantized or cast weights) are copied into each segment that reads them. Needs only `onnx` (protobuf; no torch).
 """
 
 from __future__ import annotations
@@ -158,21 +158,26 @@ def split(graph_path: Path, where: str | None = None) -> MoESplit:
         live.add(id(n))
         need.update(i for i in n.input if i)
 
+    # static nodes (no graph input or expert output upstream: constants, dequantized weights, casts of
+    # weights) are copied into each segment that reads them, never passed through the host
+    runtime_inputs = {i.name for i in g.input} | {embedding} | set(by_out)
+    static: dict[str, object] = {}
+    for n in g.node:
+        if id(n) in live and not any(i in runtime_inputs or (i in producers and i not in static and id(producers[i]) in live)
+                                     for i in n.input if i and i not in inits):
+            static.update({o: n for o in n.output})
+
     # segment of every tensor: QMoE j's output starts segment j + 1 (its inputs come from an earlier one)
     level: dict[str, int] = {embedding: 0}
     node_level: dict[int, int] = {}
-    constants: dict[str, object] = {}
     for n in g.node:
         if n.op_type == "QMoE" and n.output[0] in by_out:
             m = by_out[n.output[0]]
             level[m.out] = max(level.get(m.x, 0), level.get(m.w, 0)) + 1
             continue
-        if id(n) not in live:
+        if id(n) not in live or n.output[0] in static:
             continue
-        if n.op_type == "Constant":
-            constants.update({o: n for o in n.output})
-            continue
-        lv = max((level.get(i, 0) for i in n.input if i and i not in constants), default=0)
+        lv = max((level.get(i, 0) for i in n.input if i and i not in static), default=0)
         node_level[id(n)] = lv
         for o in n.output:
             level[o] = lv
@@ -193,10 +198,19 @@ def split(graph_path: Path, where: str | None = None) -> MoESplit:
     segments = []
     for s in range(len(moe) + 1):
         nodes = [n for n in g.node if node_level.get(id(n)) == s]
-        produced = {o for n in nodes for o in n.output}
-        used = [i for n in nodes for i in n.input if i]
-        consts = [constants[i] for i in dict.fromkeys(used) if i in constants]
-        ins = [i for i in dict.fromkeys(used) if i not in produced and i not in inits and i not in constants]
+        # the static nodes these read, transitively, in graph order
+        want, stack = set(), [i for n in nodes for i in n.input if i in static]
+        while stack:
+            t = stack.pop()
+            node = static[t]
+            if id(node) not in want:
+                want.add(id(node))
+                stack.extend(i for i in node.input if i in static)
+        copied = [n for n in g.node if id(n) in want]
+        body = [*copied, *nodes]
+        produced = {o for n in body for o in n.output}
+        used = [i for n in body for i in n.input if i]
+        ins = [i for i in dict.fromkeys(used) if i not in produced and i not in inits]
         outs = [o for o in dict.fromkeys(o for n in nodes for o in n.output)
                 if o in graph_outputs or consumers_level.get(o, -1) > s]
         missing = [t for t in (*ins, *outs) if t not in types]
@@ -208,7 +222,7 @@ def split(graph_path: Path, where: str | None = None) -> MoESplit:
                 return graph_inputs[name]
             return onnx.helper.make_tensor_value_info(name, types[name], None)
 
-        sub = onnx.helper.make_graph([*consts, *nodes], f"segment{s}", [value_info(i) for i in ins],
+        sub = onnx.helper.make_graph(body, f"segment{s}", [value_info(i) for i in ins],
                                      [onnx.helper.make_tensor_value_info(o, types[o], None) for o in outs],
                                      initializer=[inits[i] for i in dict.fromkeys(used) if i in inits])
         sm = onnx.helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
