@@ -17,7 +17,8 @@ GPTQ step (layerwise.gptq_task / run_task) driven as GPTQModel 7.6's layer loop 
     which differ from GPTQModel's wq only by the scales' fp16 rounding: the replay is what the bundle computes.
 LayerGPTQ.layer is that step for one layer; gptq_mla runs it over the whole float model (the path below
 deepseek_v2.WHOLE_MODEL_PARAMS), deepseek_v2_streamed over one layer read from the checkpoint at a time.
-Memory: the float model (gptq_mla: whole; streamed: one layer), one subset's GPTQ tasks, the activations twice.
+Memory: the float model (gptq_mla: whole; streamed: one layer), one subset's GPTQ tasks (their Hessians
+within HESSIAN_BYTES, the expert subsets cut to fit), the activations twice.
 """
 
 from __future__ import annotations
@@ -84,14 +85,33 @@ def float_layer(get, s, i: int, routing: dict, scale: float) -> MLALayer:
     return MLALayer(s, attn, mlp, norms).eval()
 
 
+HESSIAN_BYTES = 2**30  # GPTQ tasks held at once: an fp32 [in, in] Hessian per linear (V2-Lite: 16.8 MB per expert gate)
+
+
 def subsets(s, i: int) -> list[list[str]]:
-    """Module names relative to the layer, in GPTQModel's order for DeepSeek-V2."""
+    """Module names relative to the layer, in GPTQModel's order for DeepSeek-V2. An MoE layer's gate/up and
+    down subsets are cut between experts into pieces whose Hessians fit HESSIAN_BYTES, each piece its own
+    forward: the same integers (an expert's inputs never depend on another expert's weights)."""
     attn = [f"self_attn.{n}" for n in attention_linears(s)]
     if not s.is_moe_layer(i):
-        blocks = ["mlp"]
+        blocks = [("mlp", s.intermediate_size)]
     else:
-        blocks = [f"mlp.experts.{e}" for e in range(s.n_routed_experts)] + (["mlp.shared_experts"] if s.n_shared_experts else [])
-    return [attn[:-1], attn[-1:], [f"{b}.{n}" for b in blocks for n in PROJ[:2]], [f"{b}.down_proj" for b in blocks]]
+        blocks = [(f"mlp.experts.{e}", s.moe_intermediate_size) for e in range(s.n_routed_experts)]
+        blocks += [("mlp.shared_experts", s.moe_intermediate_size * s.n_shared_experts)] if s.n_shared_experts else []
+    gate_up = _pieces([[f"{b}.{n}" for n in PROJ[:2]] for b, _ in blocks], [2 * 4 * s.hidden_size ** 2] * len(blocks))
+    down = _pieces([[f"{b}.down_proj"] for b, _ in blocks], [4 * d ** 2 for _, d in blocks])
+    return [attn[:-1], attn[-1:], *gate_up, *down]
+
+
+def _pieces(groups: list[list[str]], nbytes: list[int]) -> list[list[str]]:
+    out, size = [[]], 0
+    for g, b in zip(groups, nbytes):
+        if out[-1] and size + b > HESSIAN_BYTES:
+            out.append([])
+            size = 0
+        out[-1] += g
+        size += b
+    return out
 
 
 class Calibration:

@@ -10,8 +10,8 @@ deepseek_v2.write_weights, byte for byte, written layer by layer (each MoE layer
 one expert at a time) · verify: head, each layer
 and tail of the graph against PyTorch (layer_check) · accuracy: streamed float and int4 models.
 Peak memory: one decoder layer in fp32 (an MoE layer's experts stacked once), never the whole model;
-with GPTQ also the calibration activations and one subset's GPTQ tasks (a hidden x hidden fp32
-Hessian per gate/up of every expert of the layer).
+with GPTQ also the calibration activations and one subset's GPTQ tasks (their fp32 Hessians within
+deepseek_v2_gptq.HESSIAN_BYTES).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 deepseek_v2.WHOLE_MODEL_PARAMS, forced here by lowering the limit): the same per-layer step on the same
 calibration as the whole-model GPTQ path (deepseek_v2_gptq.gptq_mla) gives its weights file byte for
 byte and its report's GPTQ section, round-to-nearest fallbacks counted; a run killed after a layer
-goes on from the work directory with the same bytes; a lost activations file redoes the layers before."""
+goes on from the work directory with the same bytes; a lost activations file redoes the layers before;
+the routed experts' subsets cut into pieces (the Hessian budget) give the same bytes."""
 
 import json
 
@@ -95,6 +96,20 @@ def test_streamed_gptq_counts_round_to_nearest_experts_as_the_whole_model_path(v
                                                       (2, "down_proj"), (3, "down_proj"))]
     for c in g["expert_tokens"].values():
         assert c[2:4] == [0, 0] and min(c[:2] + c[4:]) > 0
+
+
+def test_expert_subsets_cut_into_pieces_give_the_same_bytes(v2_dir, v2_whole, tmp_path, monkeypatch):
+    """With a Hessian budget below one linear's, every expert's gate/up and down run as pieces of their own."""
+    from edge_sdk.converters import deepseek_v2_gptq
+    from edge_sdk.modelspec import shape_from_config
+
+    monkeypatch.setattr(deepseek_v2_gptq, "HESSIAN_BYTES", 1)
+    s = shape_from_config(json.loads((v2_dir / "config.json").read_text()))
+    assert len(deepseek_v2_gptq.subsets(s, 1)) == 2 + 5 + 5  # attention 2, then 4 routed + 1 shared, twice
+    assert len(deepseek_v2_gptq.subsets(s, 0)) == 4
+    convert(v2_dir, tmp_path / "b", True, verify=False)
+    assert (tmp_path / "b" / "model.weights").read_bytes() == (v2_whole[0] / "model.weights").read_bytes()
+    assert manifest(tmp_path / "b")["accuracy"]["gptq"] == manifest(v2_whole[0])["accuracy"]["gptq"]
 
 
 KILLED = """
