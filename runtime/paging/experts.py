@@ -526,6 +526,10 @@ class ExpertPagedBackend:
             return out
         layer = self.moe[j].layer
         keys = {(layer, e) for e in chosen}
+        # read-ahead for this layer that the router did not choose: cancelled before the demand reads queue
+        for key in [k for k in self.pending if k[0] == layer and k not in keys]:
+            self.pending.pop(key).cancel()
+            self.stats.prefetch_wasted += 1
         ready, waiting = [], []
         for e in chosen:
             key = (layer, e)
