@@ -106,6 +106,40 @@ def cold_read_mb_per_s(bundle: Path, nbytes: int = 256 << 20) -> float:
     return done / (time.perf_counter() - start) / 1e6
 
 
+def equivalent_budget(manifest: dict, pct: int, full_layers: int, loaders: int = 2) -> tuple[int, float]:
+    """The budget that gives this cut of the model the expert-cache share the whole model (`full_layers`
+    decoder layers, the same per-layer tensors) gets at `pct` % of its weights: (bytes, cache share)."""
+    from edge_sdk.runtime.paging.experts import resident_held_bytes
+
+    t = manifest["weights"]["tensors"]
+    moe = manifest["architecture"]["moe"]
+    e, k = int(moe["n_routed_experts"]), int(moe["num_experts_per_tok"])
+    dense = int(moe.get("first_k_dense_replace") or 0)
+    layers = int(manifest["architecture"]["num_layers"])
+
+    def part(pred, held=False):
+        sel = {n: v for n, v in t.items() if pred(n)}
+        return resident_held_bytes(sel) if held else sum(v["nbytes"] for v in sel.values())
+
+    is_expert = lambda n: ".mlp.experts." in n  # noqa: E731
+    moe_layer = lambda n: n.startswith(f"model.layers.{dense}.")  # noqa: E731
+    other = lambda n: not n.startswith("model.layers.") or any(n.startswith(f"model.layers.{i}.") for i in range(dense))  # noqa: E731
+    w_other, w_moe, w_exp = part(other), part(lambda n: moe_layer(n) and not is_expert(n)), part(lambda n: moe_layer(n) and is_expert(n))
+    r_other = part(lambda n: other(n) and n != "model.embed_tokens.weight", True)
+    r_moe = part(lambda n: moe_layer(n) and not is_expert(n), True)
+    g = {n: v for n, v in t.items() if n.startswith(f"model.layers.{dense}.mlp.experts.")}
+    qb = sum(v["nbytes"] for n, v in g.items() if n.endswith("qweight")) // e
+    sb = sum(v["nbytes"] for n, v in g.items() if n.endswith("scales")) // e
+    held, raw = qb + 4 * sb, qb + sb
+    in_flight = 2 * max(k, 2 * loaders) * (held + raw)
+    n_full, n_cut = full_layers - dense, layers - dense
+    w_full = w_other + n_full * (w_moe + w_exp)
+    share = (pct / 100 * w_full - r_other - n_full * r_moe - in_flight) / (n_full * e * held)
+    share = max(0.0, min(1.0, share))
+    budget = r_other + n_cut * r_moe + in_flight + int(round(share * n_cut * e)) * held
+    return budget, share
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
@@ -114,6 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--no-resident", action="store_true")
+    ap.add_argument("--full-layers", type=int, default=0,
+                    help="budgets as the whole model of this many layers gets them (the same expert-cache share); "
+                         "0: percent of this bundle's weights")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     m = json.loads((args.bundle / "manifest.json").read_text())
@@ -124,7 +161,7 @@ def main(argv=None) -> int:
     if not args.no_resident:
         results["resident"] = run(args, 0, 0, "lfu", False, "reader")
     for pct in (int(x) for x in args.budgets.split(",")):
-        budget = weights * pct // 100
+        budget, share = (equivalent_budget(m, pct, args.full_layers) if args.full_layers else (weights * pct // 100, None))
         for mbps in (float(x) for x in args.read_mbps.split(",")):
             for policy, prefetch, io in (("lfu", True, "reader"), ("lru", True, "reader"), ("lfu", False, "reader"), ("lfu", False, "mmap")):
                 if io == "mmap" and mbps:
@@ -135,7 +172,7 @@ def main(argv=None) -> int:
                     bound = speed * 1e6 / r["bytes_read_per_token"]
                     r["storage_bound_tokens_per_s"] = round(bound, 3)
                     r["share_of_storage_bound"] = round(r["decode_tokens_per_s"] / bound, 3)
-                row = {"budget_percent": pct, "budget_bytes": budget, "storage_mb_per_s": mbps or None, "policy": policy,
+                row = {"budget_percent": pct, "budget_bytes": budget, "full_model_cache_share": share, "storage_mb_per_s": mbps or None, "policy": policy,
                        "prefetch": prefetch, "io": io} | r
                 results["runs"].append(row)
                 if not args.json:
