@@ -10,8 +10,11 @@ as it is), one child process per configuration: the expert cache with LFU-DA and
 read-ahead, and the naive baseline (every expert use built from an mmap of the weights file, pages
 dropped after use). Each run: a seeded random prompt, then greedy decode; the stats are taken over the
 decode only. Reported: decode tok/s, cache hit rate, read-ahead hits and waste, bytes read per token,
-the storage speed the reads got, and the storage bound = read speed / bytes read per token, with the
-measured speed as a share of it. The resident runtime (no budget) is run too when it fits.
+the storage speed the reads got, and the storage bound from the misses = read speed / bytes of the
+chosen experts that were not cached (read on demand or ahead; wasted read-ahead excluded), with the
+measured speed as a share of it and of the lower of that bound and the compute bound (the same
+executor with every expert cached before the run). The resident runtime (the bundle's QMoE graph, no
+budget) is run too.
 
 Random weights route tokens almost uniformly, the worst case for any cache: a trained model's skew
 raises every hit rate here. The load average is printed beside each run (the machine may be shared).
@@ -33,7 +36,7 @@ import edge_sdk
 from edge_sdk.runtime.paging.experts import ExpertPagedBackend, ExpertPagingOptions
 from edge_sdk.runtime.backends.kv_cache import ModelIO
 from edge_sdk.runtime.generate.bench import peak_rss_bytes
-bundle, budget, mbps, policy, prefetch, io, prompt, new = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5] == "1", sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
+bundle, budget, mbps, policy, prefetch, io, prompt, new = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
 from pathlib import Path
 root = Path(bundle)
 man = json.loads((root / "manifest.json").read_text())
@@ -42,6 +45,13 @@ t0 = time.perf_counter()
 if budget:
     b = ExpertPagedBackend(root, man, root / "model.onnx", mio, ExpertPagingOptions(budget, mbps * 1e6 or None, policy=policy,
                            prefetch=prefetch, io=io), threads=len(os.sched_getaffinity(0)), accuracy_level=4)
+elif policy == "all-cached":  # every expert built and cached before the run: this executor's compute bound
+    b = ExpertPagedBackend(root, man, root / "model.onnx", mio, ExpertPagingOptions(1 << 60, prefetch="off"),
+                           threads=len(os.sched_getaffinity(0)), accuracy_level=4)
+    for j, m in enumerate(b.moe):
+        for e in range(b.n_experts):
+            b.cache.put((m.layer, e), b._load(j, e))
+    budget = 1
 else:
     b = edge_sdk.load(root, provider="cpu", graph="standard").backend
 load_s = time.perf_counter() - t0
@@ -72,8 +82,8 @@ print(json.dumps(out))
 """
 
 
-def run(args, budget: int, mbps: float, policy: str, prefetch: bool, io: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(args.bundle), str(budget), str(mbps), policy, "1" if prefetch else "0", io,
+def run(args, budget: int, mbps: float, policy: str, prefetch: str, io: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, str(args.bundle), str(budget), str(mbps), policy, prefetch, io,
                         str(args.prompt), str(args.new)], stdout=subprocess.PIPE, text=True)
     if r.returncode:
         return {"error": f"exit {r.returncode}"}
@@ -159,27 +169,47 @@ def main(argv=None) -> int:
     disk = cold_read_mb_per_s(args.bundle)
     results["disk_cold_read_mb_per_s"] = round(disk, 1)
     if not args.no_resident:
-        results["resident"] = run(args, 0, 0, "lfu", False, "reader")
+        results["resident"] = run(args, 0, 0, "lfu", "off", "reader")
+    # the same executor with every expert cached: what it computes per token when storage costs nothing
+    results["all_cached"] = compute = run(args, 0, 0, "all-cached", "off", "reader")
+    if not args.json:
+        print(f"resident graph: {results.get('resident', {}).get('decode_tokens_per_s')} tok/s   expert executor, all cached: "
+              f"{compute.get('decode_tokens_per_s')} tok/s  load {compute.get('loadavg')}", flush=True)
     for pct in (int(x) for x in args.budgets.split(",")):
         budget, share = (equivalent_budget(m, pct, args.full_layers) if args.full_layers else (weights * pct // 100, None))
         for mbps in (float(x) for x in args.read_mbps.split(",")):
-            for policy, prefetch, io in (("lfu", True, "reader"), ("lru", True, "reader"), ("lfu", False, "reader"), ("lfu", False, "mmap")):
+            for policy, prefetch, io in (("lfu", "auto", "reader"), ("lru", "auto", "reader"), ("lfu", "off", "reader"),
+                                         ("lfu", "on", "reader"), ("lfu", "off", "mmap")):
                 if io == "mmap" and mbps:
                     continue  # the page cache is not throttled: the naive baseline runs on the disk as it is
                 r = run(args, budget, mbps, policy, prefetch, io)
                 speed = (mbps or disk) if io == "reader" else disk
-                if "bytes_read_per_token" in r and r["bytes_read_per_token"]:
-                    bound = speed * 1e6 / r["bytes_read_per_token"]
+                d = r.get("decode") or {}
+                if io == "reader" and d.get("reads"):
+                    # the storage bound from the misses: the experts the router chose that were not cached
+                    # (read on demand or ahead), at the bytes one expert read takes
+                    needed = (d["misses"] + d["prefetch_hits"]) * d["bytes_read"] / d["reads"] / args.new
+                    r["needed_bytes_per_token"] = int(needed)
+                elif io == "mmap":
+                    needed = r.get("bytes_read_per_token") or 0
+                else:
+                    needed = 0
+                if needed:
+                    bound = speed * 1e6 / needed
                     r["storage_bound_tokens_per_s"] = round(bound, 3)
                     r["share_of_storage_bound"] = round(r["decode_tokens_per_s"] / bound, 3)
+                    if compute.get("decode_tokens_per_s"):
+                        lower = min(bound, compute["decode_tokens_per_s"])
+                        r["share_of_lower_bound"] = round(r["decode_tokens_per_s"] / lower, 3)
                 row = {"budget_percent": pct, "budget_bytes": budget, "full_model_cache_share": share, "storage_mb_per_s": mbps or None, "policy": policy,
                        "prefetch": prefetch, "io": io} | r
                 results["runs"].append(row)
                 if not args.json:
                     print(f"budget {pct:>3} %  storage {('%g MB/s' % mbps) if mbps else 'disk':>10}  {io:6} {policy} "
-                          f"prefetch={'on ' if prefetch else 'off'}  decode {r.get('decode_tokens_per_s')} tok/s  "
+                          f"read-ahead {prefetch:4}  decode {r.get('decode_tokens_per_s')} tok/s  "
                           f"hit {r.get('hit_rate')}  read/token {r.get('bytes_read_per_token', 0) / 1e6:.1f} MB  "
-                          f"bound {r.get('storage_bound_tokens_per_s')}  share {r.get('share_of_storage_bound')}  "
+                          f"bound {r.get('storage_bound_tokens_per_s')}  share {r.get('share_of_storage_bound')} "
+                          f"(of min(storage, all cached): {r.get('share_of_lower_bound')})  "
                           f"reads at {r.get('read_mb_per_s')} MB/s  load {r.get('loadavg')}", flush=True)
     print(json.dumps(results, indent=1))
     return 0

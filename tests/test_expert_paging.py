@@ -123,7 +123,7 @@ def test_what_is_read_equals_a_hand_count(bundles):
     """Without read-ahead and with room for every expert, each (layer, expert) a step uses is read once,
     exactly its four page-widened slices; the same prompt again is all hits and reads nothing."""
     bundle = bundles["deepseek_v2"]
-    b = backend(bundle, 10 * weight_bytes(bundle), prefetch=False)
+    b = backend(bundle, 10 * weight_bytes(bundle), prefetch="off")
     assert b.capacity == len(b.moe) * b.n_experts == 2 * 32
     used = set()
     orig = b._experts
@@ -146,7 +146,7 @@ def test_read_ahead_predicts_from_the_next_router(bundles):
     """Decode steps read the next MoE layer's predicted experts ahead; every prediction is either used
     by that layer or counted as wasted, and none is cached unless used."""
     bundle = bundles["deepseek_v3"]
-    b = backend(bundle, weight_bytes(bundle) - 1)
+    b = backend(bundle, weight_bytes(bundle) - 1, prefetch="on")
     cache = b.new_cache(1, 32)
     logits = b.forward(np.array([PROMPTS[1]]), cache)
     for _ in range(12):
@@ -156,6 +156,20 @@ def test_read_ahead_predicts_from_the_next_router(bundles):
     assert s.prefetch_hits + s.prefetch_wasted == s.prefetch_issued
     assert not b.pending
     assert s.uses == s.hits + s.prefetch_hits + s.misses
+    assert s.reads <= s.misses + s.prefetch_issued  # a read ahead cancelled before it started reads nothing
+
+
+def test_auto_read_ahead_stops_while_storage_is_the_limit(bundles):
+    """prefetch "auto": read ahead while steps rarely wait for reads, not once waiting dominates."""
+    bundle = bundles["deepseek_v3"]
+    b = backend(bundle, weight_bytes(bundle) - 1)
+    assert b._read_ahead()
+    b.wait_share = 0.6
+    assert not b._read_ahead()
+    b.wait_share = 0.4
+    assert b._read_ahead()
+    with pytest.raises(ConfigError, match="expert read-ahead 'maybe' is not 'auto', 'on' or 'off'"):
+        ExpertPagingOptions(1, prefetch="maybe")
 
 
 def test_speculative_greedy_on_the_paged_backend_equals_plain(bundles):

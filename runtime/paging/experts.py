@@ -51,6 +51,7 @@ log = logging.getLogger("edge_sdk.runtime")
 EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
 POLICIES = ("lru", "lfu")
 PREFETCH_MAX_TOKENS = 4  # steps of up to this many tokens predict the next layer's experts (decode, speculation)
+AUTO_PREFETCH_MAX_WAIT = 0.5  # prefetch "auto": read ahead while waiting for reads takes less of a step than this
 ORT_ELEM = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_, 11: np.float64}
 
 
@@ -59,7 +60,7 @@ class ExpertPagingOptions:
     budget_bytes: int  # every weight the runtime holds: resident part + expert cache + reads in flight
     read_bytes_per_s: float | None = None  # storage throttle (emulated boards); None = what the disk gives
     policy: str = "lfu"
-    prefetch: bool = True
+    prefetch: str = "auto"  # read-ahead of the next layer's predicted experts: "auto" | "on" | "off"
     io: str = "reader"  # "reader" | "mmap" (the naive baseline)
     loaders: int = 2  # threads that read and build experts
     direct_io: bool = True
@@ -67,6 +68,8 @@ class ExpertPagingOptions:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ConfigError(f"expert cache policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.prefetch not in ("auto", "on", "off"):
+            raise ConfigError(f"expert read-ahead {self.prefetch!r} is not 'auto', 'on' or 'off'")
         if self.io not in ("reader", "mmap"):
             raise ConfigError(f"paging io {self.io!r} is not 'reader' or 'mmap'")
         if self.loaders < 1:
@@ -305,6 +308,7 @@ class ExpertStats:
     hits: int = 0  # found in the cache
     prefetch_hits: int = 0  # found read ahead (in flight or done)
     misses: int = 0  # read on demand
+    reads: int = 0  # experts read from storage (demand and read-ahead)
     prefetch_issued: int = 0
     prefetch_wasted: int = 0  # read ahead, not used by the layer it was predicted for
     bytes_read: int = 0
@@ -382,7 +386,8 @@ class ExpertPagedBackend:
         # the bundle's QMoE node computes; 4, the default: int8 activations, ~3x faster per expert here)
         self.expert_level = accuracy_level
         self.graphs = {(m.alpha, m.beta): expert_graph(lay, self.expert_level, m.alpha, m.beta) for m in self.moe}
-        self.routers = self._routers() if options.prefetch and options.io != "mmap" else None
+        self.routers = self._routers() if options.prefetch != "off" and options.io != "mmap" else None
+        self.wait_share = 0.0  # moving average of the share of a step spent waiting for reads (prefetch "auto")
 
         self.stats = ExpertStats()
         self.cache = ExpertCache(self.capacity, options.policy)
@@ -450,6 +455,8 @@ class ExpertPagedBackend:
                 self.stats.bytes_read += length
                 self.stats.read_seconds += time.perf_counter() - t0
             out.append(buf[off - start:off - start + n])
+        with self._lock:
+            self.stats.reads += 1
         return out
 
     def _load(self, j: int, e: int):
@@ -577,7 +584,7 @@ class ExpertPagedBackend:
                 inflight.append((e, fut if fut is not None else self.pool.submit(self._load, j, e)))
 
         refill()
-        if self.routers is not None and j + 1 < len(self.moe) and x.shape[0] <= PREFETCH_MAX_TOKENS:
+        if self.routers is not None and j + 1 < len(self.moe) and x.shape[0] <= PREFETCH_MAX_TOKENS and self._read_ahead():
             nxt = self.moe[j + 1].layer
             for e in sorted(self._predict(j, x)):
                 key = (nxt, e)
@@ -595,6 +602,12 @@ class ExpertPagedBackend:
             self._apply(sess, e, x, w, out)
             self.cache.put((layer, e), sess, protected=keys)
         return out
+
+    def _read_ahead(self) -> bool:
+        """Whether to read ahead now. "auto": while storage is not the limit. Once the computing thread
+        spends over half of its steps waiting for reads, storage is busy all the time and a read ahead
+        only reorders reads, a wrong one costs storage time: only demand reads then."""
+        return self.options.prefetch == "on" or self.wait_share < AUTO_PREFETCH_MAX_WAIT
 
     def _drop_stale_prefetch(self, j: int) -> None:
         """Read-ahead for MoE layer j that layer j did not use: counted as wasted, not cached."""
@@ -620,6 +633,7 @@ class ExpertPagedBackend:
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, new_mask: np.ndarray | None = None) -> np.ndarray:
         ids, mask = check_step(input_ids, cache, new_mask)
+        start, waited = time.perf_counter(), self.stats.wait_seconds
         attn, pos = cache.step_inputs(mask)
         values = {"input_ids": ids, "attention_mask": attn, "position_ids": pos,
                   self.split.embedding: np.ascontiguousarray(self.embedding(ids, np.float32))}
@@ -654,6 +668,9 @@ class ExpertPagedBackend:
                 values[m.out] = self._experts(s, values[m.x], values[m.w])
                 self._drop_stale_prefetch(s)  # read ahead for this layer and not used by it
         cache.advance(mask)
+        if new <= PREFETCH_MAX_TOKENS:
+            share = (self.stats.wait_seconds - waited) / max(time.perf_counter() - start, 1e-9)
+            self.wait_share = 0.8 * self.wait_share + 0.2 * share
         return np.asarray(values["logits"], dtype=np.float32)
 
     def describe(self) -> dict:
@@ -662,7 +679,7 @@ class ExpertPagedBackend:
                 "io": "mmap" if self.mapped is not None else self.file.mode,
                 "read_bytes_per_s": self.options.read_bytes_per_s,
                 "paging": {"moe_layers": len(self.moe), "routed_experts": self.n_experts, "cache_experts": self.capacity,
-                           "policy": self.options.policy, "prefetch": self.routers is not None,
+                           "policy": self.options.policy, "prefetch": self.options.prefetch if self.routers is not None else "off",
                            "expert_bytes": self.layouts[0].nbytes, "expert_held_bytes": self.entry_bytes,
                            "resident_bytes": self.resident_bytes, "budget_bytes": self.options.budget_bytes,
                            "peak_bytes": self.plan.peak_bytes,
