@@ -13,8 +13,8 @@ cache's policy:
 Per MoE layer: the segment before it gives the routing weights; reads of the missing experts are
 issued at once (loader threads: read, then build), the cached ones compute meanwhile, each missing
 one computes when it arrives. Where the step is small (decode), the next MoE layer's experts are
-predicted by applying its router to the current hidden state and read ahead; a prediction that
-proves wrong costs a read and is dropped, never cached. Stats count hits, prefetch hits, misses and
+predicted by applying its router to the current hidden state and read ahead, while storage is not
+the limit (prefetch "auto"); a prediction that proves wrong costs a read and is dropped, never cached. Stats count hits, prefetch hits, misses and
 bytes read, so `bench` reports the hit rate and the storage bound the misses imply.
 
 `io="mmap"`: the naive baseline — every expert use builds its session from an mmap of the weights
