@@ -53,7 +53,8 @@ elif policy == "all-cached":  # every expert built and cached before the run: th
             b.cache.put((m.layer, e), b._load(j, e))
     budget = 1
 else:
-    b = edge_sdk.load(root, provider="cpu", graph="standard").backend
+    # huge pages off: their background conversion would still be running during a short run
+    b = edge_sdk.load(root, provider="cpu", graph="standard", huge_pages=False).backend
 load_s = time.perf_counter() - t0
 rng = np.random.default_rng(0)
 ids = rng.integers(100, mio.vocab_size, (1, prompt))
