@@ -259,7 +259,10 @@ def plan(
 
     paged = None
     if not fits:
-        paged = paged_estimate(s, wb, b, store, usable - kv - ws - overhead)
+        if s.spec.moe and q.bits == 4:
+            paged = expert_paged_estimate(s, q, b, store, usable - kv - ws - overhead)
+        else:
+            paged = paged_estimate(s, wb, b, store, usable - kv - ws - overhead)
     modes = []
     for m in b.power_modes:
         bw = b.mode_bandwidth_gbps(m) * 1e9
@@ -308,6 +311,66 @@ def fused_layer_bytes(s: ModelShape, q: QuantSpec) -> tuple[list[int], int] | No
              + mat(h, 2 * s.intermediate_size) + mat(s.intermediate_size, h) + pr(h * 4) + h * 4)  # the last norm unpadded
     head = mat(h, s.vocab_size) if q.lm_head_dtype == "int4" else pr(h * s.vocab_size * 2)
     return [layer] * s.num_layers, head + pr(h * 4)
+
+
+def _scales(q: QuantSpec, in_features: int, out_features: int) -> int:
+    return -(-in_features // q.group_size) * out_features * int(DTYPE_BYTES[q.scale_dtype])
+
+
+def _expert_held(q: QuantSpec, in_features: int, out_features: int) -> int:
+    """A paged expert's matrix as onnxruntime holds it: prepacked integers and its scales twice in fp32."""
+    return q.matrix_bytes(in_features, out_features) + 3 * _scales(q, in_features, out_features)
+
+
+def _resident_held(q: QuantSpec, in_features: int, out_features: int) -> int:
+    """A resident int4 matrix as onnxruntime holds it: as loaded and prepacked, its scales also in fp32 twice."""
+    return 2 * q.matrix_bytes(in_features, out_features) + 2 * _scales(q, in_features, out_features)
+
+
+def expert_paged_estimate(s: ModelShape, q: QuantSpec, b: Board, storage: str, budget_for_weights: int) -> dict:
+    """An MoE model over the budget pages its routed experts (runtime/paging/experts.py): attention,
+    routers, shared experts, dense layers and lm_head resident as onnxruntime holds them (each int4
+    matrix as loaded and prepacked, scales also in fp32 twice; fp16 tensors also as their fp32 copies),
+    embedding rows read on demand, reads in flight, and a cache of experts in the rest. Routing is taken
+    as uniform, the worst case for a cache: each token misses its k experts of a MoE layer at the rate
+    of the experts not cached. The same sizes as the runtime's (tests/test_expert_paging.py)."""
+    bw = b.storage[storage].read_mbps * 1e6
+    h, mi, k = s.hidden_size, s.moe_intermediate_size, s.num_experts_per_tok
+    other = int(DTYPE_BYTES[q.other_dtype])
+    expert = 2 * _expert_held(q, h, mi) + _expert_held(q, mi, h)
+    expert_read = 2 * q.matrix_bytes(h, mi) + q.matrix_bytes(mi, h)
+    moe_layers = [i for i in range(s.num_layers) if s.is_moe_layer(i)]
+    n_experts = len(moe_layers) * s.n_routed_experts
+    resident = 0
+    for i in range(s.num_layers):
+        resident += sum(_resident_held(q, lin.in_features, lin.out_features) + (3 * lin.out_features * other if lin.bias else 0)
+                        for lin in attention_linears(s))
+        resident += sum(lin.count * _resident_held(q, lin.in_features, lin.out_features)
+                        for lin in mlp_linears(s, i) if not lin.name.startswith("experts."))
+        bias = s.n_routed_experts if s.router_bias and s.is_moe_layer(i) else 0
+        resident += 3 * (router_params(s, i) - bias) * other + 4 * bias + 3 * layer_norm_params(s) * other
+    resident += 3 * h * other  # final norm
+    if not (s.tie_word_embeddings and q.lm_head_dtype == q.embed_dtype):
+        resident += _resident_held(q, h, s.vocab_size) if q.lm_head_dtype == "int4" else 3 * s.vocab_size * h * other
+    in_flight = 2 * max(k, 4) * (expert + expert_read)  # demand reads and read-ahead: a buffer and a build each
+    cache = max(0, min(n_experts, (budget_for_weights - resident - in_flight) // expert))
+    feasible = cache >= k
+    share = cache / n_experts if n_experts else 1.0
+    per_token = int(len(moe_layers) * k * expert_read * (1 - share))
+    return {
+        "feasible": feasible,
+        "executor": "experts",
+        "storage": storage,
+        "storage_bytes_per_s": bw,
+        "resident_layers": s.num_layers,
+        "paged_layers": 0,
+        "resident_bytes": int(resident),
+        "cache_experts": int(cache),
+        "routed_experts": n_experts,
+        "bytes_paged_per_token": per_token,
+        "decode_tokens_per_s": (bw / per_token if per_token else None) if feasible else None,
+        "model": "routed experts cached, uniform routing",
+    }
 
 
 def paged_estimate(s: ModelShape, wb: WeightBytes, b: Board, storage: str, budget_for_weights: int,
@@ -466,7 +529,14 @@ def render(p: Plan) -> str:
     lines += _mode_table(p)
     if p.paged:
         pg = p.paged
-        if pg["feasible"]:
+        if pg["executor"] == "experts":
+            if pg["feasible"]:
+                tps = f"<= {pg['decode_tokens_per_s']:.3g} tok/s" if pg["decode_tokens_per_s"] else "no reads"
+                lines.append(f"  paged from {pg['storage']}: routed experts through a cache of {pg['cache_experts']} of "
+                             f"{pg['routed_experts']} (uniform routing), {_gib(pg['bytes_paged_per_token'])} read per token -> {tps}")
+            else:
+                lines.append("  paged: not feasible (the resident part + reads in flight + k experts exceed the budget)")
+        elif pg["feasible"]:
             lines.append(f"  paged from {pg['storage']}: {pg['resident_layers']} layers resident, {pg['paged_layers']} streamed, "
                          f"{_gib(pg['bytes_paged_per_token'])} read per token -> <= {pg['decode_tokens_per_s']:.3g} tok/s")
         else:

@@ -329,3 +329,34 @@ def test_serve_pages_experts_and_answers_as_the_runtime(bundles):
         r = c.completions.create(model=s.state.model_id, prompt=prompt, max_tokens=10, temperature=0)
     assert r.choices[0].text == want
     b.close()
+
+
+def test_the_planner_sizes_the_expert_cache_as_the_runtime_does(bundles):
+    """`edge-sdk plan` for an MoE model that does not fit: the same resident bytes and expert-cache size
+    as the runtime's executor at the same budget, for V2 and V3 (router bias) bundles."""
+    from edge_sdk.boards import get_board
+    from edge_sdk.bundle import bundle_quant_fields
+    from edge_sdk.modelspec import shape_from_config
+    from edge_sdk.planner import QuantSpec, expert_paged_estimate
+
+    board = get_board("orin-nano-8gb")
+    for arch, bundle in bundles.items():
+        m = manifest(bundle)
+        s = shape_from_config(m["source"]["config"])
+        q = QuantSpec(**bundle_quant_fields(bundle))
+        for budget in (weight_bytes(bundle) - 1, 3 * weight_bytes(bundle) // 4, 10 * weight_bytes(bundle)):
+            b = backend(bundle, budget)
+            est = expert_paged_estimate(s, q, board, board.default_storage, budget)
+            assert (est["resident_bytes"], est["cache_experts"], est["routed_experts"]) == (b.resident_bytes, b.capacity, 64), arch
+            k = s.num_experts_per_tok
+            assert est["bytes_paged_per_token"] == int(2 * k * b.layouts[0].nbytes * (1 - b.capacity / 64))
+            b.close()
+
+
+def test_plan_of_v2_lite_on_an_8gb_board_pages_experts():
+    from edge_sdk.planner import plan, render
+
+    p = plan("deepseek-v2-lite-chat", "orin-nano-8gb")
+    assert not p.fits and p.paged["executor"] == "experts" and p.paged["feasible"]
+    assert 0 < p.paged["cache_experts"] < p.paged["routed_experts"] == 26 * 64
+    assert "routed experts through a cache of" in render(p)
