@@ -348,8 +348,14 @@ def test_huge_pages_can_be_collapsed_in_the_background():
 
     if hp.thp_mode() in ("never", "unavailable"):
         pytest.skip(f"transparent huge pages are {hp.thp_mode()} here")
+    import mmap
+
     before = hp.anonymous_regions()
-    block = np.ones(64 << 20, np.uint8)
+    # a fresh anonymous mapping: an earlier test in this process may have left glibc serving large
+    # allocations from memory it already holds (paging raises its mmap and trim thresholds)
+    mapping = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block = np.frombuffer(mapping, np.uint8)
+    block[:] = 1
     advice = hp.advise_new(before, background=True)
     assert advice.bytes > 0
     deadline = time.monotonic() + 60
