@@ -15,25 +15,13 @@ pytest.importorskip("onnx")
 pytest.importorskip("gptqmodel")
 
 import edge_sdk  # noqa: E402
+from test_deepseek_v2_streamed import convert as streamed_convert, manifest  # noqa: E402,F401
 
 CONVERT = dict(method="gptq", nsamples=2, seqlen=64, eval_tokens=128, progress=False)
 
 
 def convert(model_dir, out, streamed: bool, **over):
-    from edge_sdk.converters import deepseek_v2
-
-    with pytest.MonkeyPatch.context() as mp:
-        if streamed:
-            mp.setattr(deepseek_v2, "WHOLE_MODEL_PARAMS", 0)
-        else:  # a streamed run would raise here
-            from edge_sdk.converters import deepseek_v2_streamed
-
-            mp.setattr(deepseek_v2_streamed, "run", None)
-        return edge_sdk.convert(model_dir, out, **(CONVERT | over))
-
-
-def manifest(bundle) -> dict:
-    return json.loads((bundle / "manifest.json").read_text())
+    return streamed_convert(model_dir, out, streamed, **(CONVERT | over))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from edge_sdk.paging_model import PAGE, page_round
 from edge_sdk.runtime.backends.base import can_rollback
 from edge_sdk.runtime.backends.kv_cache import SharedKVCache
 from edge_sdk.runtime.paging.backend import PagedBackend, fixed_bytes, layer_table
+from test_speculative import _Skewed  # noqa: E402
 from edge_sdk.runtime.paging.fused import FusedPagedBackend
 
 pytest.importorskip("onnxruntime")
@@ -57,21 +58,6 @@ def models(paged_bundle):
     yield out
     for _, paged in out.values():
         paged.backend.close()
-
-
-class _Skewed:
-    """A draft backend: another backend with a fixed bias on its logits, so that drafts are partly accepted."""
-
-    def __init__(self, backend, scale=0.5):
-        self.inner, self.io, self.provider = backend, backend.io, backend.provider
-        self.kv_copies = getattr(backend, "kv_copies", 2)
-        self.bias = np.random.default_rng(5).normal(size=backend.io.vocab_size).astype(np.float32) * scale
-
-    def new_cache(self, batch, capacity):
-        return self.inner.new_cache(batch, capacity)
-
-    def forward(self, ids, cache, new_mask=None):
-        return self.inner.forward(ids, cache, new_mask) + self.bias
 
 
 @pytest.mark.parametrize("graph", list(EXECUTORS))
