@@ -31,7 +31,7 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +44,14 @@ from ..backends.fused.weights import EmbeddingRows
 from ..backends.kv_cache import KVCache, ModelIO
 from ..token_bucket import TokenBucket
 from .moe_split import EMBED, MoENode, MoESplit, split
+from .backend import EXTERNAL_DIR_KEY
 from .reader import READ_BURST, WeightsFile
 
 log = logging.getLogger("edge_sdk.runtime")
 
-EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
 POLICIES = ("lru", "lfu")
 PREFETCH_MAX_TOKENS = 4  # steps of up to this many tokens predict the next layer's experts (decode, speculation)
 AUTO_PREFETCH_MAX_WAIT = 0.5  # prefetch "auto": read ahead while waiting for reads takes less of a step than this
-ORT_ELEM = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_, 11: np.float64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +197,8 @@ class ExpertLayout:
     def held_bytes(self) -> int:
         """What an expert costs in memory once built: its int4 matrices as MatMulNBits prepacks them and
         twice its scales in fp32 (kept for the kernel, and the prepacked per-block data beside them):
-        5.41 MB for a V2-Lite expert, against 5.18 MB measured per session (RSS, onnxruntime 1.32 CPU,
-        accuracy level 4, no arena)."""
+        5.41 MB for a V2-Lite expert (benchmarks/bench_expert_paging.py prints the peak RSS against the
+        budget)."""
         (_, gq, _), (_, gs, _), (_, dq, _), (_, ds, _) = self.spans
         return gq + 4 * gs + dq + 4 * ds
 
@@ -207,8 +206,8 @@ class ExpertLayout:
 def resident_held_bytes(tensors: dict) -> int:
     """What onnxruntime's CPU provider holds for the resident segments' tensors, as measured (RssAnon,
     onnxruntime 1.32): each int4 matrix twice (as loaded, and prepacked into MatMulNBits), its scales
-    in fp32 twice, every other fp16 tensor also as the fp32 copy its Cast folds into. A V2-Lite cut of
-    5 layers: 470 MB by this count, ~420 MB measured."""
+    in fp32 twice, every other fp16 tensor also as the fp32 copy its Cast folds into (470 MB for a
+    V2-Lite cut of 5 layers; benchmarks/bench_expert_paging.py prints the peak RSS against the budget)."""
     total = 0
     for name, t in tensors.items():
         n = int(t["nbytes"])
@@ -338,7 +337,8 @@ class ExpertPagedBackend:
         where = str(self.root)
         self.split: MoESplit = split(graph_path, where)
         moe_cfg = (manifest.get("architecture") or {}).get("moe") or {}
-        self.n_experts = int(moe_cfg.get("n_routed_experts") or 0)
+        n = moe_cfg.get("n_routed_experts")
+        self.n_experts = n if isinstance(n, int) and not isinstance(n, bool) else 0
         if self.n_experts < 1:
             raise BundleError(f"{where}: the manifest does not say how many routed experts the model has", hint="re-convert the model")
         self.moe = self.split.moe
@@ -609,15 +609,6 @@ class ExpertPagedBackend:
         only reorders reads, a wrong one costs storage time: only demand reads then."""
         return self.options.prefetch == "on" or self.wait_share < AUTO_PREFETCH_MAX_WAIT
 
-    def _drop_stale_prefetch(self, j: int) -> None:
-        """Read-ahead for MoE layer j that layer j did not use: counted as wasted, not cached."""
-        layer = self.moe[j].layer
-        for key in [k for k in self.pending if k[0] == layer]:
-            fut = self.pending.pop(key)
-            self.stats.prefetch_wasted += 1
-            if not fut.done():
-                fut.cancel()
-
     def _apply(self, sess, e: int, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
         rows = np.nonzero(w[:, e] > 0)[0]
         try:
@@ -666,7 +657,6 @@ class ExpertPagedBackend:
             if s < len(self.moe):
                 m = self.moe[s]
                 values[m.out] = self._experts(s, values[m.x], values[m.w])
-                self._drop_stale_prefetch(s)  # read ahead for this layer and not used by it
         cache.advance(mask)
         if new <= PREFETCH_MAX_TOKENS:
             share = (self.stats.wait_seconds - waited) / max(time.perf_counter() - start, 1e-9)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from edge_sdk.errors import BundleError, require
 
-EMBED = "model.embed_tokens.weight"
+from .surgery import EMBED
+
 QMOE_LAYER = re.compile(r"layers\.(\d+)/")
 # what experts.py computes; anything else in a QMoE node is refused before a session is built
 QMOE_ATTRS = {"expert_weight_bits": 4, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 0,
