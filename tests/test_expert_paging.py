@@ -205,8 +205,10 @@ def test_too_small_a_budget_is_refused_with_the_size_needed(bundles):
 
 
 def test_unknown_expert_cache_policy_refused():
+    from edge_sdk.runtime.options import RuntimeOptions
+
     with pytest.raises(ConfigError, match="expert_cache 'fifo' is not 'lfu' or 'lru'"):
-        edge_sdk.runtime.options.RuntimeOptions(expert_cache="fifo")
+        RuntimeOptions(expert_cache="fifo")
 
 
 @pytest.mark.parametrize("attr, value, words", [
@@ -302,7 +304,13 @@ def test_policies_are_what_they_claim_on_a_skewed_trace():
                 c.put(k, k)
         hits[policy] = h
     assert hits["lfu"] > 1.3 * hits["lru"]
-    assert isinstance(LRUPolicy().victim(frozenset()), type(None)) and LFUPolicy().victim(frozenset()) is None
+
+
+def test_an_empty_or_fully_protected_policy_names_no_victim():
+    for policy in (LRUPolicy(), LFUPolicy()):
+        assert policy.victim(frozenset()) is None
+        policy.touch("a")
+        assert policy.victim(frozenset({"a"})) is None and policy.victim(frozenset()) == "a"
 
 
 def test_serve_pages_experts_and_answers_as_the_runtime(bundles):
@@ -360,3 +368,40 @@ def test_plan_of_v2_lite_on_an_8gb_board_pages_experts():
     assert not p.fits and p.paged["executor"] == "experts" and p.paged["feasible"]
     assert 0 < p.paged["cache_experts"] < p.paged["routed_experts"] == 26 * 64
     assert "routed experts through a cache of" in render(p)
+
+
+@pytest.mark.parametrize("value, words", [
+    (16, "not the stacked uint8 experts expected"),  # the manifest disagrees with the stacked tensors
+    ("32", "does not say how many routed experts"), (0, "does not say how many routed experts"),
+    (True, "does not say how many routed experts"), (None, "does not say how many routed experts"),
+])
+def test_a_manifest_whose_expert_count_is_wrong_is_refused(bundles, value, words):
+    bundle = bundles["deepseek_v2"]
+    m = manifest(bundle)
+    m["architecture"]["moe"]["n_routed_experts"] = value
+    with pytest.raises(BundleError, match=words) as e:
+        ExpertPagedBackend(bundle, m, bundle / "model.onnx", ModelIO.from_manifest(m), ExpertPagingOptions(weight_bytes(bundle) - 1),
+                           threads=1)
+    assert "\n" not in str(e.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.fixed_dictionaries({k: st.one_of(st.just(v), st.integers(-2, 9), st.sampled_from(["swiglu", "gelu", "", "silu"]))
+                              for k, v in (("expert_weight_bits", 4), ("activation_type", "swiglu"), ("swiglu_fusion", 1),
+                                           ("normalize_routing_weights", 0), ("use_sparse_mixer", 0))}))
+def test_qmoe_attributes_are_accepted_only_as_computed(bundles, attrs):
+    """Any value of the attributes the host computes from: accepted exactly when every one is the value it
+    computes, otherwise one line naming the attribute."""
+    from edge_sdk.runtime.paging.moe_split import QMOE_ATTRS
+
+    g = onnx.load(str(bundles["deepseek_v2"] / "model.onnx"), load_external_data=False).graph
+    for node in (n for n in g.node if n.op_type == "QMoE"):
+        for a in [a for a in node.attribute if a.name in attrs]:
+            node.attribute.remove(a)
+        node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attrs.items())
+    if attrs == QMOE_ATTRS:
+        assert len(moe_nodes(g, "b")) == 2
+    else:
+        with pytest.raises(BundleError) as e:
+            moe_nodes(g, "b")
+        assert "\n" not in str(e.value) and any(f"{k}=" in str(e.value) for k in attrs)
