@@ -22,7 +22,8 @@ from edge_sdk.cli.main import main  # noqa: E402
 from edge_sdk.errors import BundleError, ConfigError, MemoryBudgetError  # noqa: E402
 from edge_sdk.paging_model import PAGE  # noqa: E402
 from edge_sdk.runtime.backends.kv_cache import ModelIO  # noqa: E402
-from edge_sdk.runtime.paging.experts import ExpertCache, ExpertPagedBackend, ExpertPagingOptions, LFUPolicy, LRUPolicy  # noqa: E402
+from edge_sdk.runtime.paging.expert_cache import ExpertCache, LFUPolicy, LRUPolicy  # noqa: E402
+from edge_sdk.runtime.paging.experts import ExpertPagedBackend, ExpertPagingOptions  # noqa: E402
 from edge_sdk.runtime.paging.moe_split import moe_nodes, split  # noqa: E402
 from test_generation_e2e import runtime_greedy  # noqa: E402
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
 import logging
 import mmap
 import os
@@ -45,11 +44,11 @@ from ..backends.kv_cache import KVCache, ModelIO
 from ..token_bucket import TokenBucket
 from .moe_split import EMBED, MoENode, MoESplit, split
 from .backend import EXTERNAL_DIR_KEY
+from .expert_cache import POLICIES, ExpertCache
 from .reader import READ_BURST, WeightsFile
 
 log = logging.getLogger("edge_sdk.runtime")
 
-POLICIES = ("lru", "lfu")
 PREFETCH_MAX_TOKENS = 4  # steps of up to this many tokens predict the next layer's experts (decode, speculation)
 AUTO_PREFETCH_MAX_WAIT = 0.5  # prefetch "auto": read ahead while waiting for reads takes less of a step than this
 
@@ -73,105 +72,6 @@ class ExpertPagingOptions:
             raise ConfigError(f"paging io {self.io!r} is not 'reader' or 'mmap'")
         if self.loaders < 1:
             raise ConfigError(f"expert loaders must be >= 1, got {self.loaders}")
-
-
-# --- cache policies -------------------------------------------------------------------------------------------
-
-
-class LRUPolicy:
-    def __init__(self):
-        self.order: collections.OrderedDict = collections.OrderedDict()
-
-    def touch(self, key) -> None:
-        self.order[key] = None
-        self.order.move_to_end(key)
-
-    def remove(self, key) -> None:
-        self.order.pop(key, None)
-
-    def victim(self, protected) -> object | None:
-        return next((k for k in self.order if k not in protected), None)
-
-
-class LFUPolicy:
-    """Least frequently used with dynamic aging (LFU-DA): an expert's priority is the cache's age plus
-    how often it has been used (counted across evictions), the lowest goes first, and the age rises to
-    each evicted priority, so experts popular long ago do not stay forever. Ties: least recently used."""
-
-    def __init__(self):
-        self.count: dict = {}  # uses of every expert seen, cached or not
-        self.priority: dict = {}  # cached experts only
-        self.age = 0.0
-        self.clock = 0
-        self.heap: list = []
-
-    def touch(self, key) -> None:
-        self.clock += 1
-        self.count[key] = self.count.get(key, 0) + 1
-        self.priority[key] = (self.age + self.count[key], self.clock)
-        heapq.heappush(self.heap, (*self.priority[key], key))
-        if len(self.heap) > 4 * len(self.priority) + 64:
-            self.heap = [(*p, k) for k, p in self.priority.items()]
-            heapq.heapify(self.heap)
-
-    def remove(self, key) -> None:
-        p = self.priority.pop(key, None)
-        if p is not None:
-            self.age = max(self.age, p[0])
-
-    def victim(self, protected) -> object | None:
-        held, found = [], None
-        while self.heap:
-            pri, t, k = item = heapq.heappop(self.heap)
-            if self.priority.get(k) != (pri, t):
-                continue  # stale entry
-            held.append(item)
-            if k not in protected:
-                found = k
-                break
-        for h in held:
-            heapq.heappush(self.heap, h)
-        return found
-
-
-def make_policy(name: str):
-    return LRUPolicy() if name == "lru" else LFUPolicy()
-
-
-class ExpertCache:
-    """At most `capacity` expert sessions, evicted by `policy`; keys are (layer, expert)."""
-
-    def __init__(self, capacity: int, policy: str):
-        self.capacity = capacity
-        self.policy = make_policy(policy)
-        self.entries: dict = {}
-
-    def __contains__(self, key) -> bool:
-        return key in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def get(self, key):
-        e = self.entries.get(key)
-        if e is not None:
-            self.policy.touch(key)
-        return e
-
-    def put(self, key, entry, protected=frozenset()) -> list:
-        """Insert (counted as a use); returns the evicted keys."""
-        evicted = []
-        while len(self.entries) >= self.capacity and key not in self.entries:
-            v = self.policy.victim(protected | {key})
-            if v is None:
-                break
-            self.entries.pop(v, None)
-            self.policy.remove(v)
-            evicted.append(v)
-        if len(self.entries) < self.capacity or key in self.entries:
-            self.entries[key] = entry
-            self.policy.touch(key)
-        return evicted
 
 
 # --- one expert: where it is in the weights file, its graph --------------------------------------------------
@@ -503,19 +403,23 @@ class ExpertPagedBackend:
     # --- read-ahead --------------------------------------------------------------------------------------------
 
     def _routers(self) -> list | None:
-        """Per MoE layer: (router weight [hidden, E] fp32, its post-attention norm weight, bias or None,
-        sigmoid?) for predicting its experts from an earlier layer's hidden state."""
-        out = []
+        """Per MoE layer j but the last: (the router weight of layer j + 1 [hidden, E] with its norm weight
+        over layer j's folded in, its correction bias or None), so that a prediction is one matmul on
+        layer j's normalised input."""
+        layers = []
         for m in self.moe:
             p = f"model.layers.{m.layer}"
             w = self._tensor(f"{p}.mlp.gate.weight")
             ln = self._tensor(f"{p}.post_attention_layernorm.weight")
             if w is None or ln is None:
                 return None
-            bias = self._tensor(f"{p}.mlp.gate.e_score_correction_bias")
             if w.shape[0] != self.layouts[0].hidden:
                 w = w.T
-            out.append((np.ascontiguousarray(w, np.float32), ln.astype(np.float32), bias))
+            layers.append((w, ln, self._tensor(f"{p}.mlp.gate.e_score_correction_bias")))
+        out = []
+        for (_, ln0, _), (w1, ln1, bias) in zip(layers, layers[1:]):
+            scale = np.divide(ln1, ln0, out=np.zeros_like(ln1), where=ln0 != 0)
+            out.append((np.ascontiguousarray(scale[:, None] * w1, np.float32), bias))
         return out
 
     def _tensor(self, name: str) -> np.ndarray | None:
@@ -529,10 +433,8 @@ class ExpertPagedBackend:
         """Experts of MoE layer j + 1 predicted from layer j's normalised input x: the residual stream
         changes little from one layer to the next, so its router applied to x (renormalised with its own
         norm weight) picks most of the experts it will pick."""
-        w1, ln1, bias = self.routers[j + 1]
-        ln0 = self.routers[j][1]
-        scale = np.divide(ln1, ln0, out=np.zeros_like(ln1), where=ln0 != 0)
-        logits = (x * scale) @ w1  # [N, E]
+        w, bias = self.routers[j]
+        logits = x @ w  # [N, E]
         if bias is not None:
             logits = 1 / (1 + np.exp(-logits)) + bias
         k = self.moe[j + 1].k
