@@ -37,6 +37,7 @@ from edge_sdk.runtime.paging.experts import ExpertPagedBackend, ExpertPagingOpti
 from edge_sdk.runtime.backends.kv_cache import ModelIO
 from edge_sdk.runtime.generate.bench import peak_rss_bytes
 bundle, budget, mbps, policy, prefetch, io, prompt, new = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
+level = int(sys.argv[9])
 from pathlib import Path
 root = Path(bundle)
 man = json.loads((root / "manifest.json").read_text())
@@ -44,17 +45,17 @@ mio = ModelIO.from_manifest(man)
 t0 = time.perf_counter()
 if budget:
     b = ExpertPagedBackend(root, man, root / "model.onnx", mio, ExpertPagingOptions(budget, mbps * 1e6 or None, policy=policy,
-                           prefetch=prefetch, io=io), threads=len(os.sched_getaffinity(0)), accuracy_level=4)
+                           prefetch=prefetch, io=io), threads=len(os.sched_getaffinity(0)), accuracy_level=level)
 elif policy == "all-cached":  # every expert built and cached before the run: this executor's compute bound
     b = ExpertPagedBackend(root, man, root / "model.onnx", mio, ExpertPagingOptions(1 << 60, prefetch="off"),
-                           threads=len(os.sched_getaffinity(0)), accuracy_level=4)
+                           threads=len(os.sched_getaffinity(0)), accuracy_level=level)
     for j, m in enumerate(b.moe):
         for e in range(b.n_experts):
             b.cache.put((m.layer, e), b._load(j, e))
     budget = 1
 else:
     # huge pages off: their background conversion would still be running during a short run
-    b = edge_sdk.load(root, provider="cpu", graph="standard", huge_pages=False).backend
+    b = edge_sdk.load(root, provider="cpu", graph="standard", huge_pages=False, accuracy_level=level).backend
 load_s = time.perf_counter() - t0
 rng = np.random.default_rng(0)
 ids = rng.integers(100, mio.vocab_size, (1, prompt))
@@ -78,14 +79,15 @@ if budget:
     out["hit_rate"] = round(d["hits"] / d["uses"], 4) if d["uses"] else None
     out["bytes_read_per_token"] = d["bytes_read"] // new
     out["read_mb_per_s"] = round(d["bytes_read"] / d["read_seconds"] / 1e6, 1) if d["read_seconds"] else None
+    out["build_ms_per_expert"] = round(d["build_seconds"] / d["reads"] * 1e3, 1) if d["reads"] else None
     b.close()
 print(json.dumps(out))
 """
 
 
-def run(args, budget: int, mbps: float, policy: str, prefetch: str, io: str) -> dict:
+def run(args, budget: int, mbps: float, policy: str, prefetch: str, io: str, level: int = 4) -> dict:
     r = subprocess.run([sys.executable, "-c", CHILD, str(args.bundle), str(budget), str(mbps), policy, prefetch, io,
-                        str(args.prompt), str(args.new)], stdout=subprocess.PIPE, text=True)
+                        str(args.prompt), str(args.new), str(level)], stdout=subprocess.PIPE, text=True)
     if r.returncode:
         return {"error": f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -159,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--no-resident", action="store_true")
+    ap.add_argument("--compare-only", action="store_true",
+                    help="only the resident QMoE graph against the expert executor with every expert built, at levels 1 and 4")
     ap.add_argument("--full-layers", type=int, default=0,
                     help="budgets as the whole model of this many layers gets them (the same expert-cache share); "
                          "0: percent of this bundle's weights")
@@ -169,6 +173,15 @@ def main(argv=None) -> int:
     results = {"bundle": str(args.bundle), "weight_bytes": weights, "runs": []}
     disk = cold_read_mb_per_s(args.bundle)
     results["disk_cold_read_mb_per_s"] = round(disk, 1)
+    if args.compare_only:  # the resident QMoE graph against the expert executor with every expert built, per level
+        for level in (1, 4):
+            a, b = run(args, 0, 0, "lfu", "off", "reader", level), run(args, 0, 0, "all-cached", "off", "reader", level)
+            results[f"level{level}"] = {"resident_qmoe": a, "all_cached_experts": b}
+            print(f"accuracy level {level}: resident QMoE graph {a.get('decode_tokens_per_s')} tok/s (prefill "
+                  f"{a.get('prefill_tokens_per_s')}), expert executor all cached {b.get('decode_tokens_per_s')} tok/s "
+                  f"(prefill {b.get('prefill_tokens_per_s')})  load {a.get('loadavg')} {b.get('loadavg')}", flush=True)
+        print(json.dumps(results, indent=1))
+        return 0
     if not args.no_resident:
         results["resident"] = run(args, 0, 0, "lfu", "off", "reader")
     # the same executor with every expert cached: what it computes per token when storage costs nothing
@@ -211,7 +224,8 @@ def main(argv=None) -> int:
                           f"hit {r.get('hit_rate')}  read/token {r.get('bytes_read_per_token', 0) / 1e6:.1f} MB  "
                           f"bound {r.get('storage_bound_tokens_per_s')}  share {r.get('share_of_storage_bound')} "
                           f"(of min(storage, all cached): {r.get('share_of_lower_bound')})  "
-                          f"reads at {r.get('read_mb_per_s')} MB/s  load {r.get('loadavg')}", flush=True)
+                          f"reads at {r.get('read_mb_per_s')} MB/s  build ms {r.get('build_ms_per_expert')}  load {r.get('loadavg')}",
+                          flush=True)
     print(json.dumps(results, indent=1))
     return 0
 
